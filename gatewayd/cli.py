@@ -1,0 +1,76 @@
+"""`gatewayd`: run one daemon in the foreground, or validate the configuration."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+
+from gatewayd import __version__
+from gatewayd.config import EX_CONFIG, ConfigError, load, render_toml
+
+DAEMONS = ("bridge", "forwarder", "supervisor")
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="gatewayd", description="Self-healing edge gateway for ThingsBoard.")
+    p.add_argument("--config", help="main config file (default: $GATEWAYD_CONFIG or /etc/gatewayd/gatewayd.toml)")
+    p.add_argument("--check-config", action="store_true",
+                   help="validate and print the resolved config (secrets masked); exit 78 on problems")
+    p.add_argument("--version", action="version", version=f"gatewayd {__version__}")
+    sub = p.add_subparsers(dest="daemon", metavar="{bridge,forwarder,supervisor}")
+    for name in DAEMONS:
+        sp = sub.add_parser(name, help=f"run the {name} in the foreground")
+        sp.add_argument("--config", dest="sub_config", help=argparse.SUPPRESS)
+    return p
+
+
+def _config_problems(e: ConfigError) -> None:
+    for line in e.problems:
+        print(f"<3>gatewayd: config: {line}", file=sys.stderr)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    path = getattr(args, "sub_config", None) or args.config
+    if args.check_config:
+        try:
+            cfg = load(path)
+        except ConfigError as e:
+            _config_problems(e)
+            return EX_CONFIG
+        for w in cfg.warnings:
+            print(f"<4>gatewayd: config: {w}", file=sys.stderr)
+        print(f"# sources: {', '.join(cfg.sources) or '(defaults only)'}")
+        print(render_toml(cfg.masked()), end="")
+        return 0
+    if not args.daemon:
+        _parser().print_usage(sys.stderr)
+        return 2
+    try:
+        cfg = load(path)
+    except ConfigError as e:
+        _config_problems(e)
+        return EX_CONFIG
+    from gatewayd import log as gwlog
+    from gatewayd.daemon import AlreadyRunning
+
+    logger = gwlog.setup(f"gatewayd.{args.daemon}", cfg["logging"]["level"])
+    for w in cfg.warnings:
+        logger.warning("config: %s", w)
+    module = importlib.import_module(f"gatewayd.{args.daemon}.main")
+    try:
+        return int(module.run(cfg))
+    except AlreadyRunning as e:
+        logger.error("%s", e)
+        return 1
+    except KeyboardInterrupt:
+        return 0
+    except Exception:
+        logging.getLogger(f"gatewayd.{args.daemon}").critical("fatal error", exc_info=True)
+        return 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

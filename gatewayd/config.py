@@ -1,0 +1,393 @@
+"""Configuration: TOML main file + conf.d drop-ins, ${VAR} expansion, env overrides, validation.
+
+Every daemon and gatewayctl resolve their configuration here, so that what
+`gatewayd --check-config` prints is exactly what the daemons run with.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import re
+import socket
+import tomllib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+DEFAULT_CONFIG_PATH = "/etc/gatewayd/gatewayd.toml"
+EX_CONFIG = 78
+MASK = "********"
+
+
+class ConfigError(Exception):
+    """Raised with every problem found, one line each, so an operator fixes them all at once."""
+
+    def __init__(self, problems: list[str]):
+        super().__init__("\n".join(problems))
+        self.problems = problems
+
+
+@dataclass(frozen=True)
+class Key:
+    type: type | tuple[type, ...]
+    default: Any
+    check: Callable[[Any], str | None] | None = None
+    secret: bool = False
+    doc: str = ""
+
+
+def _port(v: int) -> str | None:
+    return None if 1 <= v <= 65535 else "must be between 1 and 65535"
+
+
+def _positive(v: float) -> str | None:
+    return None if v > 0 else "must be greater than 0"
+
+
+def _non_negative(v: float) -> str | None:
+    return None if v >= 0 else "must be 0 or greater"
+
+
+def _one_of(*choices: str) -> Callable[[Any], str | None]:
+    def check(v: Any) -> str | None:
+        return None if v in choices else "must be one of " + ", ".join(repr(c) for c in choices)
+
+    return check
+
+
+def _str_list(v: list[Any]) -> str | None:
+    return None if all(isinstance(x, str) for x in v) else "must be a list of strings"
+
+
+def _min(n: int) -> Callable[[Any], str | None]:
+    def check(v: Any) -> str | None:
+        return None if v >= n else f"must be at least {n}"
+
+    return check
+
+
+MIB = 1024 * 1024
+
+SCHEMA: dict[str, dict[str, Key]] = {
+    "thingsboard": {
+        "host": Key(str, "localhost"),
+        "port": Key(int, 1883, _port),
+        "tls": Key(bool, False),
+        "ca_cert": Key(str, ""),
+        "client_cert": Key(str, "", doc="X.509 device certificate (PEM)"),
+        "client_key": Key(str, "", secret=True),
+        "access_token": Key(str, "", secret=True),
+        "device_name": Key(str, ""),
+        "provision_device_key": Key(str, "", secret=True),
+        "provision_device_secret": Key(str, "", secret=True),
+        "mqtt_version": Key(str, "3.1.1", _one_of("3.1.1", "5")),
+        "keepalive_s": Key(int, 60, _min(5)),
+        "reconnect_max_s": Key((int, float), 5.0, _positive),
+        "auth_backoff_s": Key((int, float), 300.0, _positive),
+        "stall_timeout_s": Key((int, float), 60.0, _positive),
+        "max_packet_bytes": Key(int, 65536, _min(1024)),
+        "max_inflight": Key(int, 20, _min(1)),
+        "rate_limit_per_s": Key((int, float), 0.0, _non_negative, doc="publishes per second, 0 = off"),
+        "shared_keys": Key(list, [], _str_list),
+        "client_keys": Key(list, [], _str_list),
+    },
+    "paths": {
+        "state_dir": Key(str, "/var/lib/gatewayd"),
+        "runtime_dir": Key(str, "/run/gatewayd"),
+        "controller_data_dir": Key(str, "/var/lib/gatewayd/controller"),
+    },
+    "controller": {
+        "enabled": Key(bool, True),
+        "container_name": Key(str, "gatewayd-controller"),
+        "image": Key(str, ""),
+        "repository": Key(str, "", doc="local git repository built with docker build"),
+        "dockerfile": Key(str, "Dockerfile"),
+        "command": Key(list, [], _str_list),
+        "environment": Key(dict, {}),
+        "mounts": Key(list, [], _str_list),
+        "network_mode": Key(str, "host"),
+        "data_mount_target": Key(str, "/data"),
+        "health_check_max_age_s": Key((int, float), 6 * 3600.0, _positive),
+        "restart_backoff_initial_s": Key((int, float), 10.0, _positive),
+        "restart_backoff_max_s": Key((int, float), 300.0, _positive),
+        "update_grace_s": Key((int, float), 60.0, _positive),
+        "restart_on_device": Key(list, [], _str_list),
+    },
+    "forwarder": {
+        "batch_size": Key(int, 5000, _min(1)),
+        "poll_interval_ms": Key(int, 20, _min(1)),
+    },
+    "outbox": {
+        "max_rows": Key(int, 5_000_000, _min(1)),
+        "max_bytes": Key(int, 1024 * MIB, _min(4096)),
+    },
+    "archive": {
+        "enabled": Key(bool, True),
+        "max_bytes": Key(int, 2048 * MIB, _min(4096)),
+        "retention_days": Key((int, float), 90.0, _positive),
+    },
+    "supervisor": {
+        "telemetry_interval_s": Key((int, float), 20.0, _positive),
+        "run_command_allow": Key(list, [], _str_list, doc="argv[0] allowed for run_command"),
+        "run_command_timeout_s": Key((int, float), 30.0, _positive),
+    },
+    "files": {
+        "allowed_roots": Key(list, [], _str_list, doc="default: the controller data directory"),
+    },
+    "logging": {
+        "level": Key(str, "info", _one_of("debug", "info", "warning", "error")),
+    },
+}
+
+ENV_OVERRIDES: dict[str, tuple[str, str]] = {
+    "THINGSBOARD_HOST": ("thingsboard", "host"),
+    "THINGSBOARD_PORT": ("thingsboard", "port"),
+    "THINGSBOARD_ACCESS_TOKEN": ("thingsboard", "access_token"),
+    "THINGSBOARD_PROVISION_DEVICE_KEY": ("thingsboard", "provision_device_key"),
+    "THINGSBOARD_PROVISION_DEVICE_SECRET": ("thingsboard", "provision_device_secret"),
+    "THINGSBOARD_DEVICE_NAME": ("thingsboard", "device_name"),
+    "THINGSBOARD_CA_CERT": ("thingsboard", "ca_cert"),
+    "GATEWAYD_STATE_DIR": ("paths", "state_dir"),
+}
+
+_VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+
+
+@dataclass
+class Config:
+    """The resolved configuration: `data[section][key]`, plus where it came from."""
+
+    data: dict[str, dict[str, Any]]
+    sources: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+
+    def __getitem__(self, section: str) -> dict[str, Any]:
+        return self.data[section]
+
+    @property
+    def state_dir(self) -> Path:
+        return Path(self.data["paths"]["state_dir"])
+
+    @property
+    def runtime_dir(self) -> Path:
+        return Path(self.data["paths"]["runtime_dir"])
+
+    @property
+    def controller_data_dir(self) -> Path:
+        return Path(self.data["paths"]["controller_data_dir"])
+
+    @property
+    def controller_db(self) -> Path:
+        return self.controller_data_dir / "communication_queue.db"
+
+    @property
+    def queues_db(self) -> Path:
+        return self.state_dir / "queues.db"
+
+    @property
+    def archive_db(self) -> Path:
+        return self.state_dir / "archive.db"
+
+    @property
+    def credentials_file(self) -> Path:
+        return self.state_dir / "credentials.json"
+
+    def device_name(self) -> str:
+        return self.data["thingsboard"]["device_name"] or socket.gethostname()
+
+    def allowed_roots(self) -> list[Path]:
+        roots = self.data["files"]["allowed_roots"] or [str(self.controller_data_dir)]
+        return [Path(r) for r in roots]
+
+    def masked(self) -> dict[str, dict[str, Any]]:
+        """A copy safe to print or ship in a support bundle."""
+        out = copy.deepcopy(self.data)
+        for section, keys in SCHEMA.items():
+            for name, key in keys.items():
+                if key.secret and out[section].get(name):
+                    out[section][name] = MASK
+        return out
+
+    def ensure_dirs(self) -> None:
+        for d in (self.state_dir, self.runtime_dir, self.controller_data_dir):
+            d.mkdir(parents=True, exist_ok=True)
+
+
+def _expand(value: Any, env: Mapping[str, str], where: str, problems: list[str]) -> Any:
+    if isinstance(value, str):
+
+        def repl(m: re.Match[str]) -> str:
+            name, default = m.group(1), m.group(2)
+            if name in env and (env[name] != "" or default is None):
+                return env[name]
+            if default is not None:
+                return default
+            problems.append(f"{where}: environment variable ${{{name}}} is not set")
+            return ""
+
+        return _VAR.sub(repl, value)
+    if isinstance(value, list):
+        return [_expand(v, env, where, problems) for v in value]
+    if isinstance(value, dict):
+        return {k: _expand(v, env, f"{where}.{k}", problems) for k, v in value.items()}
+    return value
+
+
+def _merge(base: dict[str, Any], over: Mapping[str, Any]) -> None:
+    for k, v in over.items():
+        if isinstance(v, dict) and isinstance(base.get(k), dict):
+            _merge(base[k], v)
+        else:
+            base[k] = v
+
+
+def _coerce_env(raw: str, key: Key) -> Any:
+    types = key.type if isinstance(key.type, tuple) else (key.type,)
+    if bool in types:
+        low = raw.strip().lower()
+        if low in ("1", "true", "yes", "on"):
+            return True
+        if low in ("0", "false", "no", "off"):
+            return False
+        raise ValueError("expected true or false")
+    if int in types and float not in types:
+        return int(raw.strip())
+    if float in types:
+        return float(raw.strip())
+    return raw
+
+
+def _type_name(t: type | tuple[type, ...]) -> str:
+    names = {int: "an integer", float: "a number", str: "a string", bool: "true or false",
+             list: "a list", dict: "a table"}
+    if isinstance(t, tuple):
+        return names[float] if float in t else " or ".join(names[x] for x in t)
+    return names[t]
+
+
+def _check_type(value: Any, key: Key) -> bool:
+    types = key.type if isinstance(key.type, tuple) else (key.type,)
+    if isinstance(value, bool) and bool not in types:
+        return False
+    return isinstance(value, types)
+
+
+def load(path: str | Path | None = None, env: Mapping[str, str] | None = None) -> Config:
+    """Resolve the configuration; raise ConfigError listing every problem found."""
+    env = os.environ if env is None else env
+    main = Path(path) if path else Path(env.get("GATEWAYD_CONFIG") or DEFAULT_CONFIG_PATH)
+    problems: list[str] = []
+    warnings: list[str] = []
+    merged: dict[str, Any] = {}
+    sources: list[str] = []
+
+    files: list[Path] = []
+    if main.exists():
+        files.append(main)
+    elif path is not None or "GATEWAYD_CONFIG" in env:
+        problems.append(f"{main}: config file not found")
+    confd = main.parent / "conf.d"
+    if confd.is_dir():
+        files.extend(sorted(p for p in confd.glob("*.toml") if p.is_file()))
+
+    for f in files:
+        try:
+            with open(f, "rb") as fh:
+                doc = tomllib.load(fh)
+        except tomllib.TOMLDecodeError as e:
+            problems.append(f"{f}: not valid TOML: {e}")
+            continue
+        except OSError as e:
+            problems.append(f"{f}: cannot read: {e.strerror}")
+            continue
+        sources.append(str(f))
+        _merge(merged, _expand(doc, env, str(f), problems))
+
+    data: dict[str, dict[str, Any]] = {}
+    for section, keys in SCHEMA.items():
+        given = merged.get(section, {})
+        if not isinstance(given, dict):
+            problems.append(f"[{section}]: must be a table")
+            given = {}
+        data[section] = {}
+        for name, key in keys.items():
+            data[section][name] = copy.deepcopy(key.default)
+        for name, value in given.items():
+            if name not in keys:
+                warnings.append(f"[{section}] {name}: unknown key, ignored")
+                continue
+            data[section][name] = value
+    for section in merged:
+        if section not in SCHEMA:
+            warnings.append(f"[{section}]: unknown section, ignored")
+
+    for var, (section, name) in ENV_OVERRIDES.items():
+        raw = env.get(var)
+        if raw is None or raw == "":
+            continue
+        try:
+            data[section][name] = _coerce_env(raw, SCHEMA[section][name])
+        except ValueError:
+            problems.append(f"${var}={raw!r}: {section}.{name} must be {_type_name(SCHEMA[section][name].type)}")
+        else:
+            sources.append(f"${var}")
+
+    for section, keys in SCHEMA.items():
+        for name, key in keys.items():
+            value = data[section][name]
+            if not _check_type(value, key):
+                problems.append(
+                    f"[{section}] {name} = {value!r}: must be {_type_name(key.type)}")
+                continue
+            if isinstance(key.type, tuple) and float in key.type:
+                data[section][name] = value = float(value)
+            if key.check is not None:
+                msg = key.check(value)
+                if msg:
+                    problems.append(f"[{section}] {name} = {value!r}: {msg}")
+
+    tb = data["thingsboard"]
+    if isinstance(tb.get("host"), str) and not tb["host"].strip():
+        problems.append("[thingsboard] host: must not be empty")
+    for name in ("ca_cert", "client_cert", "client_key"):
+        p = tb.get(name)
+        if isinstance(p, str) and p and not Path(p).is_file():
+            problems.append(f"[thingsboard] {name} = {p!r}: file not found")
+    if isinstance(tb.get("client_cert"), str) and bool(tb["client_cert"]) != bool(tb.get("client_key")):
+        problems.append("[thingsboard] client_cert and client_key: set both or neither")
+    if bool(tb.get("provision_device_key")) != bool(tb.get("provision_device_secret")):
+        problems.append("[thingsboard] provision_device_key and provision_device_secret: set both or neither")
+    for name in ("state_dir", "runtime_dir", "controller_data_dir"):
+        p = data["paths"].get(name)
+        if isinstance(p, str) and not os.path.isabs(p):
+            problems.append(f"[paths] {name} = {p!r}: must be an absolute path")
+
+    if problems:
+        raise ConfigError(problems)
+    return Config(data=data, sources=sources, warnings=warnings)
+
+
+def render_toml(data: Mapping[str, Mapping[str, Any]]) -> str:
+    """Print a resolved config as TOML (for --check-config and support bundles)."""
+
+    def val(v: Any) -> str:
+        if isinstance(v, bool):
+            return "true" if v else "false"
+        if isinstance(v, (int, float)):
+            return repr(v)
+        if isinstance(v, str):
+            return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
+        if isinstance(v, list):
+            return "[" + ", ".join(val(x) for x in v) + "]"
+        if isinstance(v, dict):
+            return "{" + ", ".join(f"{val(str(k))} = {val(x)}" for k, x in v.items()) + "}"
+        return val(str(v))
+
+    lines: list[str] = []
+    for section, keys in data.items():
+        lines.append(f"[{section}]")
+        lines.extend(f"{k} = {val(v)}" for k, v in keys.items())
+        lines.append("")
+    return "\n".join(lines)

@@ -1,0 +1,219 @@
+"""`gatewayctl`: the operator's view of a running gateway. Reads the stores; talks to no daemon."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from gatewayd.config import EX_CONFIG, Config, ConfigError, load
+from gatewayd.store import controller as controller_store
+from gatewayd.store import queues
+from gatewayd.store.db import corrupt_copies, now_ms
+
+DAEMONS = ("bridge", "forwarder", "supervisor")
+HEARTBEAT_MAX_AGE_S = 180.0
+
+EXIT_OK, EXIT_DEGRADED, EXIT_UNREADABLE = 0, 1, 2
+
+
+def _ro(path: Path) -> sqlite3.Connection:
+    conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=5)
+    conn.execute("PRAGMA busy_timeout = 5000")
+    return conn
+
+
+def _systemd_running() -> bool:
+    return os.path.isdir("/run/systemd/system") and shutil.which("systemctl") is not None
+
+
+def unit_states(cfg: Config) -> dict[str, str]:
+    """systemd's ActiveState of each unit; without systemd, judged from the heartbeat files."""
+    if _systemd_running():
+        units = [f"gatewayd-{d}.service" for d in DAEMONS]
+        try:
+            out = subprocess.run(["systemctl", "is-active", *units], capture_output=True, text=True,
+                                 timeout=10).stdout.split()
+        except (OSError, subprocess.TimeoutExpired):
+            out = []
+        if len(out) == len(units):
+            return dict(zip(DAEMONS, out, strict=True))
+    states = {}
+    for d in DAEMONS:
+        hb = cfg.runtime_dir / f"{d}.heartbeat"
+        try:
+            pid = int(hb.read_text().split()[1])
+            age = time.time() - hb.stat().st_mtime
+            os.kill(pid, 0)
+        except (OSError, ValueError, IndexError):
+            states[d] = "inactive"
+            continue
+        states[d] = "active" if age <= HEARTBEAT_MAX_AGE_S else "stale"
+    return states
+
+
+def collect(cfg: Config) -> dict[str, Any]:
+    """Everything `status` shows; raises sqlite3.Error / OSError when the state cannot be read."""
+    if not cfg.queues_db.exists():
+        raise FileNotFoundError(f"{cfg.queues_db} does not exist (has the forwarder ever run?)")
+    q = _ro(cfg.queues_db)
+    try:
+        c = queues.counters(q)
+        state = queues.all_state(q)
+        oldest = queues.oldest_created_ms(q)
+        inbound = queues.depth(q, "inbound")
+        dead = queues.depth(q, "dead_letters")
+    finally:
+        q.close()
+    controller_depth = 0
+    last_health = None
+    if cfg.controller_db.exists():
+        cc = _ro(cfg.controller_db)
+        try:
+            controller_depth = controller_store.depth(cc)
+            last_health = controller_store.last_health_check_ms(cc)
+        except sqlite3.OperationalError:
+            pass
+        finally:
+            cc.close()
+    mqtt = {"connected": False, "since_ms": None, "last_puback_ms": None, "last_error": None}
+    mqtt.update(state.get("bridge.mqtt") or {})
+    ledger = {k: c.get(k, 0) for k in ("ingested", "delivered", "queued", "dead_lettered", "dropped", "archived")}
+    ledger["balanced"] = ledger["ingested"] == (ledger["delivered"] + ledger["queued"]
+                                               + ledger["dead_lettered"] + ledger["dropped"])
+    controller = dict(state.get("supervisor.controller") or {})
+    controller.setdefault("enabled", cfg["controller"]["enabled"])
+    controller["last_health_check_ms"] = last_health
+    archive_bytes = cfg.archive_db.stat().st_size if cfg.archive_db.exists() else 0
+    return {
+        "units": unit_states(cfg),
+        "mqtt": mqtt,
+        "queues": {
+            "controller": controller_depth,
+            "outbox": c.get("outbox_rows", 0),
+            "outbox_bytes": c.get("outbox_bytes", 0),
+            "inbound": inbound,
+            "dead_letters": dead,
+            "oldest_queued_age_s": None if oldest is None else round((now_ms() - oldest) / 1000, 3),
+        },
+        "ledger": ledger,
+        "archive": {"bytes": archive_bytes},
+        "controller": controller,
+        "errors": {d: (state.get(f"{d}.last_error") or {}).get("message") for d in DAEMONS},
+        "corrupt_files": corrupt_copies(cfg.state_dir, cfg.controller_data_dir),
+    }
+
+
+def degraded_reasons(st: dict[str, Any]) -> list[str]:
+    reasons = [f"{d} is {s}" for d, s in st["units"].items() if s != "active"]
+    if not st["mqtt"]["connected"]:
+        reasons.append("MQTT disconnected" + (f" ({st['mqtt']['last_error']})" if st["mqtt"]["last_error"] else ""))
+    if st["queues"]["dead_letters"]:
+        reasons.append(f"{st['queues']['dead_letters']} dead letters")
+    if not st["ledger"]["balanced"]:
+        reasons.append("ledger does not add up")
+    if st["corrupt_files"]:
+        reasons.append(f"{len(st['corrupt_files'])} damaged database file(s) moved aside")
+    return reasons
+
+
+def _print_status(st: dict[str, Any], reasons: list[str]) -> None:
+    units = ", ".join(f"{d} {s}" for d, s in st["units"].items())
+    m = st["mqtt"]
+    q = st["queues"]
+    led = st["ledger"]
+    print(f"units:      {units}")
+    print(f"mqtt:       {'connected' if m['connected'] else 'disconnected'}"
+          + (f" since {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(m['since_ms'] / 1000))}"
+             if m["connected"] and m["since_ms"] else "")
+          + (f", last error: {m['last_error']}" if m["last_error"] else ""))
+    age = q["oldest_queued_age_s"]
+    print(f"queues:     controller {q['controller']}, outbox {q['outbox']}, inbound {q['inbound']}, "
+          f"dead letters {q['dead_letters']}" + (f", oldest {age:.1f} s" if age is not None else ""))
+    print(f"ledger:     ingested {led['ingested']} = delivered {led['delivered']} + queued {led['queued']} "
+          f"+ dead-lettered {led['dead_lettered']} + dropped {led['dropped']}"
+          f"{'' if led['balanced'] else '  (DOES NOT ADD UP)'}")
+    print(f"archive:    {st['archive']['bytes']} bytes")
+    ctl = st["controller"]
+    print(f"controller: {ctl.get('state', 'unknown') if ctl.get('enabled') else 'disabled'}")
+    for d, err in st["errors"].items():
+        if err:
+            print(f"last error: {d}: {err}")
+    for f in st["corrupt_files"]:
+        print(f"damaged:    {f}")
+    print("health:     " + ("ok" if not reasons else "DEGRADED: " + "; ".join(reasons)))
+
+
+def cmd_status(cfg: Config, args: argparse.Namespace) -> int:
+    try:
+        st = collect(cfg)
+    except (sqlite3.Error, OSError) as e:
+        if args.json:
+            print(json.dumps({"error": f"cannot read gateway state: {e}"}))
+        else:
+            print(f"gatewayctl: cannot read gateway state: {e}", file=sys.stderr)
+        return EXIT_UNREADABLE
+    reasons = degraded_reasons(st)
+    st["healthy"] = not reasons
+    st["degraded_reasons"] = reasons
+    if args.json:
+        print(json.dumps(st, indent=2))
+    else:
+        _print_status(st, reasons)
+    return EXIT_OK if not reasons else EXIT_DEGRADED
+
+
+def cmd_send(cfg: Config, args: argparse.Namespace) -> int:
+    try:
+        obj = json.loads(args.json_text)
+    except ValueError as e:
+        print(f"gatewayctl: not valid JSON: {e}", file=sys.stderr)
+        return 2
+    if isinstance(obj, dict) and not ("ts" in obj and "values" in obj):
+        obj = {"ts": now_ms(), "values": obj}
+    conn = controller_store.open_controller(cfg.controller_db, check=False)
+    try:
+        row_id = controller_store.enqueue(conn, args.type, json.dumps(obj))
+    finally:
+        conn.close()
+    print(f"queued as controller row {row_id}")
+    return 0
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="gatewayctl", description="Inspect and operate a gatewayd installation.")
+    p.add_argument("--config", help="main config file (default: $GATEWAYD_CONFIG or /etc/gatewayd/gatewayd.toml)")
+    sub = p.add_subparsers(dest="command", required=True)
+    s = sub.add_parser("status", help="units, MQTT, queues, ledger; exit 0 healthy, 1 degraded, 2 unreadable")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_status)
+    s = sub.add_parser("send", help="enqueue a record exactly as a controller would")
+    s.add_argument("--type", default="telemetry", choices=["telemetry", "attributes"])
+    s.add_argument("json_text", metavar="JSON",
+                   help='{"ts": ms, "values": {...}}, or a bare object of values stamped with the current time')
+    s.set_defaults(func=cmd_send)
+    for sp in sub.choices.values():
+        sp.add_argument("--config", dest="sub_config", help=argparse.SUPPRESS)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        cfg = load(getattr(args, "sub_config", None) or args.config)
+    except ConfigError as e:
+        for line in e.problems:
+            print(f"gatewayctl: config: {line}", file=sys.stderr)
+        return EX_CONFIG
+    return int(args.func(cfg, args))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,163 @@
+"""The main-loop runner every daemon shares: signals, readiness, progress-gated watchdog, heartbeat.
+
+A daemon supplies a `Service`; `run()` owns the loop. The watchdog is fed only when the
+service's `step()` reports progress, so a daemon that is alive but stuck is restarted by
+systemd (and, failing that, by the cron fallback, which reads the heartbeat file).
+"""
+
+from __future__ import annotations
+
+import faulthandler
+import logging
+import os
+import signal
+import threading
+import time
+import traceback
+from pathlib import Path
+from typing import Protocol
+
+from gatewayd.notify import Notifier
+
+log = logging.getLogger("gatewayd.daemon")
+
+HEARTBEAT_EVERY_S = 5.0
+SHUTDOWN_TIMEOUT_S = 10.0
+ERROR_BACKOFF_MAX_S = 5.0
+
+
+class Service(Protocol):
+    name: str
+
+    def start(self) -> None:
+        """Open databases and connections; READY=1 follows only if this returns."""
+
+    def step(self) -> tuple[bool, float]:
+        """One loop iteration: (made progress / healthy, seconds to wait before the next)."""
+
+    def status(self) -> str:
+        """One line for systemd's STATUS=."""
+
+    def report_error(self, text: str) -> None:
+        """Remember the last error where `gatewayctl status` can read it."""
+
+    def stop(self) -> None:
+        """Release resources; bounded by SHUTDOWN_TIMEOUT_S."""
+
+
+class Heartbeat:
+    """`<runtime_dir>/<name>.heartbeat`: its mtime is the time of the last progress."""
+
+    def __init__(self, runtime_dir: Path, name: str):
+        self.path = runtime_dir / f"{name}.heartbeat"
+
+    def beat(self) -> None:
+        try:
+            os.utime(self.path)
+        except FileNotFoundError:
+            tmp = self.path.with_suffix(".tmp")
+            tmp.write_text(f"pid {os.getpid()}\n")
+            os.replace(tmp, self.path)
+        except OSError as e:
+            log.warning("cannot update heartbeat %s: %s", self.path, e)
+
+    def clear(self) -> None:
+        try:
+            self.path.unlink()
+        except OSError:
+            pass
+
+
+class Runner:
+    def __init__(self, service: Service, runtime_dir: Path, notifier: Notifier | None = None):
+        self.service = service
+        self.notifier = notifier or Notifier()
+        self.heartbeat = Heartbeat(runtime_dir, service.name)
+        self.stop_event = threading.Event()
+        self._errors_in_row = 0
+
+    def _on_signal(self, signum: int, _frame: object) -> None:
+        if not self.stop_event.is_set():
+            log.info("received %s, stopping", signal.Signals(signum).name)
+        self.stop_event.set()
+
+    def install_signals(self) -> None:
+        signal.signal(signal.SIGTERM, self._on_signal)
+        signal.signal(signal.SIGINT, self._on_signal)
+        try:
+            faulthandler.register(signal.SIGUSR1, all_threads=True)
+        except (AttributeError, ValueError):
+            pass
+
+    def run(self) -> int:
+        self.service.start()
+        self.notifier.ready(self.service.status())
+        log.info("%s ready", self.service.name)
+        interval = min(self.notifier.watchdog_interval or HEARTBEAT_EVERY_S, HEARTBEAT_EVERY_S)
+        last_ping = float("-inf")
+        try:
+            while not self.stop_event.is_set():
+                healthy, wait = self._step()
+                now = time.monotonic()
+                if healthy and now - last_ping >= interval:
+                    self.notifier.watchdog()
+                    self.heartbeat.beat()
+                    last_ping = now
+                self.notifier.status(self.service.status())
+                if wait > 0:
+                    self.stop_event.wait(wait)
+        finally:
+            self._shutdown()
+        return 0
+
+    def _step(self) -> tuple[bool, float]:
+        try:
+            result = self.service.step()
+            self._errors_in_row = 0
+            return result
+        except Exception as e:  # noqa: BLE001 - a daemon's loop must survive any one failure
+            self._errors_in_row += 1
+            text = f"{type(e).__name__}: {e}"
+            log.error("%s loop failed (%d in a row): %s\n%s", self.service.name, self._errors_in_row, text,
+                      traceback.format_exc().rstrip())
+            try:
+                self.service.report_error(text)
+            except Exception:  # noqa: BLE001
+                pass
+            return False, min(ERROR_BACKOFF_MAX_S, 0.1 * 2 ** min(self._errors_in_row, 6))
+
+    def _shutdown(self) -> None:
+        self.notifier.stopping(f"{self.service.name} stopping")
+
+        def hard_exit(_sig: int, _frame: object) -> None:
+            log.critical("shutdown took longer than %.0f s, exiting hard", SHUTDOWN_TIMEOUT_S)
+            os._exit(1)
+
+        old = signal.signal(signal.SIGALRM, hard_exit)
+        signal.setitimer(signal.ITIMER_REAL, SHUTDOWN_TIMEOUT_S)
+        try:
+            self.service.stop()
+        finally:
+            signal.setitimer(signal.ITIMER_REAL, 0)
+            signal.signal(signal.SIGALRM, old)
+            self.heartbeat.clear()
+        log.info("%s stopped", self.service.name)
+
+
+class AlreadyRunning(Exception):
+    pass
+
+
+def single_instance(runtime_dir: Path, name: str) -> int:
+    """Hold an exclusive lock for the life of the process: two forwarders (or two bridges
+    fighting over one MQTT session) would break the exactly-once moves. Returns the fd."""
+    import fcntl
+
+    runtime_dir.mkdir(parents=True, exist_ok=True)
+    fd = os.open(runtime_dir / f"{name}.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise AlreadyRunning(f"another gatewayd {name} is running (lock {runtime_dir / (name + '.lock')})") from None
+    return fd

@@ -1,0 +1,1 @@
+"""The outbox forwarder: controller queue -> archive + outbox, exactly once (docs/DESIGN.md)."""

@@ -1,0 +1,54 @@
+"""Logging to stderr with syslog priority prefixes, so journald keeps each line's level."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import time
+
+_PRIORITY = {
+    logging.CRITICAL: 2,
+    logging.ERROR: 3,
+    logging.WARNING: 4,
+    logging.INFO: 6,
+    logging.DEBUG: 7,
+}
+
+
+def priority(levelno: int) -> int:
+    for level, prio in sorted(_PRIORITY.items(), reverse=True):
+        if levelno >= level:
+            return prio
+    return 7
+
+
+class SyslogPrefixFormatter(logging.Formatter):
+    """`<N>name: message`, every line of a traceback prefixed too (journald splits lines)."""
+
+    def __init__(self, timestamps: bool):
+        super().__init__()
+        self.timestamps = timestamps
+
+    def format(self, record: logging.LogRecord) -> str:
+        text = record.getMessage()
+        if record.exc_info:
+            text += "\n" + self.formatException(record.exc_info)
+        prefix = f"<{priority(record.levelno)}>"
+        if self.timestamps:
+            ms = int(record.msecs)
+            prefix += time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(record.created)) + f".{ms:03d} "
+        prefix += f"{record.name}: "
+        return "\n".join(prefix + line for line in text.splitlines() or [""])
+
+
+def setup(name: str, level: str = "info") -> logging.Logger:
+    """Configure the root logger once per process; journald adds its own timestamps."""
+    root = logging.getLogger()
+    for h in list(root.handlers):
+        root.removeHandler(h)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(SyslogPrefixFormatter(timestamps="JOURNAL_STREAM" not in os.environ))
+    root.addHandler(handler)
+    root.setLevel(getattr(logging, level.upper(), logging.INFO))
+    return logging.getLogger(name)

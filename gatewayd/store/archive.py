@@ -1,0 +1,62 @@
+"""The archive (`<state_dir>/archive.db`): every controller record except logs, for republishing."""
+
+from __future__ import annotations
+
+import sqlite3
+import time
+from pathlib import Path
+
+from gatewayd.store.db import open_db, transaction
+
+MIGRATIONS = [
+    """
+    CREATE TABLE archive(
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        ts INTEGER NOT NULL,
+        type TEXT NOT NULL,
+        message TEXT NOT NULL
+    );
+    CREATE INDEX archive_ts ON archive(ts);
+    CREATE TABLE marks(name TEXT PRIMARY KEY, epoch TEXT NOT NULL, value INTEGER NOT NULL) WITHOUT ROWID
+    """,
+]
+
+
+def open_archive(path: Path, check: bool = True) -> sqlite3.Connection:
+    return open_db(path, MIGRATIONS, check=check)
+
+
+def used_bytes(conn: sqlite3.Connection) -> int:
+    """Bytes held by live pages (free pages are reused, so they do not count against the cap)."""
+    pages = conn.execute("PRAGMA page_count").fetchone()[0]
+    free = conn.execute("PRAGMA freelist_count").fetchone()[0]
+    size = conn.execute("PRAGMA page_size").fetchone()[0]
+    return int((pages - free) * size)
+
+
+def enforce_limits(conn: sqlite3.Connection, max_bytes: int, retention_days: float, chunk: int = 10000) -> int:
+    """Delete records older than the retention, then the oldest until under the size cap."""
+    removed = 0
+    cutoff = int((time.time() - retention_days * 86400) * 1000)
+    while True:
+        with transaction(conn):
+            n = conn.execute("DELETE FROM archive WHERE id IN (SELECT id FROM archive WHERE ts < ? LIMIT ?)",
+                             (cutoff, chunk)).rowcount
+        removed += n
+        if n < chunk:
+            break
+    for _ in range(1000):
+        if used_bytes(conn) <= max_bytes:
+            break
+        with transaction(conn):
+            n = conn.execute("DELETE FROM archive WHERE id IN (SELECT id FROM archive ORDER BY id LIMIT ?)",
+                             (chunk,)).rowcount
+        removed += n
+        if not n:
+            break
+    return removed
+
+
+def count_range(conn: sqlite3.Connection, start_ms: int, end_ms: int) -> int:
+    return int(conn.execute("SELECT count(*) FROM archive WHERE ts >= ? AND ts < ?",
+                            (start_ms, end_ms)).fetchone()[0])

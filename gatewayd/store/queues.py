@@ -1,0 +1,239 @@
+"""The gateway's own queues (`<state_dir>/queues.db`): outbox, inbound, dead letters, ledger, state.
+
+Every write to the outbox goes through this module so that the counters kept beside it
+(`outbox_rows`, `outbox_bytes`, and the ledger's `queued`) change in the same transaction
+as the rows they count.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from gatewayd.store.db import now_ms, open_db, transaction
+
+TOPIC_TELEMETRY = "v1/devices/me/telemetry"
+TOPIC_ATTRIBUTES = "v1/devices/me/attributes"
+TOPIC_RPC_RESPONSE = "v1/devices/me/rpc/response/"
+
+KIND_TELEMETRY = "telemetry"
+KIND_ATTRIBUTES = "attributes"
+KIND_RPC_REPLY = "rpc_reply"
+KIND_RAW = "raw"
+
+PRIO_TELEMETRY = 0
+PRIO_ATTRIBUTES = 50
+PRIO_RPC_REPLY = 100
+
+LEDGER = ("ingested", "archived", "delivered", "dead_lettered", "dropped", "queued")
+STATS = ("outbox_rows", "outbox_bytes", "inbound_total", "published")
+
+MIGRATIONS = [
+    """
+    CREATE TABLE outbox(
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        priority INTEGER NOT NULL DEFAULT 0,
+        kind TEXT NOT NULL,
+        topic TEXT NOT NULL,
+        payload TEXT NOT NULL,
+        ts INTEGER,
+        created_ms INTEGER NOT NULL,
+        counted INTEGER NOT NULL DEFAULT 0
+    );
+    CREATE INDEX outbox_order ON outbox(priority DESC, id);
+    CREATE TABLE inbound(
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        topic TEXT NOT NULL,
+        payload BLOB NOT NULL,
+        received_ms INTEGER NOT NULL
+    );
+    CREATE TABLE dead_letters(
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        stage TEXT NOT NULL,
+        src_id INTEGER,
+        type TEXT,
+        message TEXT,
+        reason TEXT NOT NULL,
+        created_ms INTEGER NOT NULL
+    );
+    CREATE TABLE counters(name TEXT PRIMARY KEY, value INTEGER NOT NULL) WITHOUT ROWID;
+    CREATE TABLE marks(name TEXT PRIMARY KEY, epoch TEXT NOT NULL, value INTEGER NOT NULL) WITHOUT ROWID;
+    CREATE TABLE state(key TEXT PRIMARY KEY, value TEXT NOT NULL, updated_ms INTEGER NOT NULL) WITHOUT ROWID;
+    INSERT INTO counters(name, value) VALUES
+        ('ingested', 0), ('archived', 0), ('delivered', 0), ('dead_lettered', 0), ('dropped', 0),
+        ('queued', 0), ('outbox_rows', 0), ('outbox_bytes', 0), ('inbound_total', 0), ('published', 0)
+    """,
+]
+
+
+@dataclass(frozen=True)
+class OutboxRow:
+    id: int
+    priority: int
+    kind: str
+    topic: str
+    payload: str
+    counted: int
+
+
+# (priority, kind, topic, payload, ts, counted)
+NewRow = tuple[int, str, str, str, int | None, int]
+
+
+def open_queues(path: Path, check: bool = True) -> sqlite3.Connection:
+    return open_db(path, MIGRATIONS, check=check)
+
+
+def bump(conn: sqlite3.Connection, deltas: dict[str, int]) -> None:
+    """Add to counters; call inside the transaction that made the change being counted."""
+    conn.executemany("UPDATE counters SET value = value + ? WHERE name = ?",
+                     [(v, k) for k, v in deltas.items() if v])
+
+
+def counters(conn: sqlite3.Connection) -> dict[str, int]:
+    return {name: int(value) for name, value in conn.execute("SELECT name, value FROM counters")}
+
+
+def append(conn: sqlite3.Connection, rows: Sequence[NewRow], created_ms: int | None = None) -> None:
+    """Insert outbox rows; the caller holds the transaction."""
+    if not rows:
+        return
+    created = created_ms if created_ms is not None else now_ms()
+    conn.executemany(
+        "INSERT INTO outbox(priority, kind, topic, payload, ts, created_ms, counted) VALUES (?,?,?,?,?,?,?)",
+        [(p, k, t, pl, ts, created, c) for p, k, t, pl, ts, c in rows])
+    bump(conn, {
+        "outbox_rows": len(rows),
+        "outbox_bytes": sum(len(r[3]) for r in rows),
+        "queued": sum(r[5] for r in rows),
+    })
+
+
+def enqueue(conn: sqlite3.Connection, kind: str, topic: str, payload: str, priority: int,
+            ts: int | None = None) -> None:
+    """Queue one message of the gateway's own (an RPC reply, device telemetry) durably."""
+    with transaction(conn):
+        append(conn, [(priority, kind, topic, payload, ts, 0)])
+
+
+def peek(conn: sqlite3.Connection, limit: int, min_priority: int | None = None) -> list[OutboxRow]:
+    """The next rows to send: highest priority first, then oldest."""
+    if min_priority is None:
+        cur = conn.execute(
+            "SELECT id, priority, kind, topic, payload, counted FROM outbox ORDER BY priority DESC, id LIMIT ?",
+            (limit,))
+    else:
+        cur = conn.execute(
+            "SELECT id, priority, kind, topic, payload, counted FROM outbox WHERE priority >= ? "
+            "ORDER BY priority DESC, id LIMIT ?", (min_priority, limit))
+    return [OutboxRow(*r) for r in cur]
+
+
+def _delete(conn: sqlite3.Connection, ids: Iterable[int]) -> tuple[int, int, int]:
+    """Delete rows by id; (rows, bytes, counted rows) actually deleted."""
+    cur = conn.execute(
+        "DELETE FROM outbox WHERE id IN (SELECT value FROM json_each(?)) RETURNING length(payload), counted",
+        (json.dumps(list(ids)),))
+    n = size = counted = 0
+    for length, c in cur:
+        n += 1
+        size += length
+        counted += c
+    return n, size, counted
+
+
+def mark_delivered(conn: sqlite3.Connection, ids: Iterable[int]) -> int:
+    """Remove rows the broker acknowledged; returns how many were still there."""
+    with transaction(conn):
+        n, size, counted = _delete(conn, ids)
+        bump(conn, {"outbox_rows": -n, "outbox_bytes": -size, "queued": -counted,
+                    "delivered": counted, "published": n})
+    return n
+
+
+def dead_letter_outbox(conn: sqlite3.Connection, row: OutboxRow, reason: str, stage: str) -> None:
+    """Move an outbox row that can never be published to the dead letters, with why."""
+    with transaction(conn):
+        n, size, counted = _delete(conn, [row.id])
+        if not n:
+            return
+        conn.execute(
+            "INSERT INTO dead_letters(stage, src_id, type, message, reason, created_ms) VALUES (?,?,?,?,?,?)",
+            (stage, row.id, row.kind, row.payload, reason, now_ms()))
+        bump(conn, {"outbox_rows": -1, "outbox_bytes": -size, "queued": -counted, "dead_lettered": counted})
+
+
+def add_dead_letters(conn: sqlite3.Connection, stage: str,
+                     items: Sequence[tuple[int | None, str | None, str | None, str]]) -> None:
+    """(src_id, type, message, reason) rows; the caller holds the transaction and the counters."""
+    created = now_ms()
+    conn.executemany(
+        "INSERT INTO dead_letters(stage, src_id, type, message, reason, created_ms) VALUES (?,?,?,?,?,?)",
+        [(stage, s, t, m, r, created) for s, t, m, r in items])
+
+
+def enforce_caps(conn: sqlite3.Connection, max_rows: int, max_bytes: int, chunk: int = 5000) -> int:
+    """Drop the oldest telemetry until the outbox fits its caps; attributes and replies are kept.
+
+    Returns the number of rows dropped (each counted in `dropped` when it was a ledger row).
+    """
+    dropped = 0
+    with transaction(conn):
+        c = counters(conn)
+        rows, size = c["outbox_rows"], c["outbox_bytes"]
+        while rows > max_rows or size > max_bytes:
+            want = max(rows - max_rows, 1)
+            if size > max_bytes:
+                want = max(want, min(chunk, 1 + (size - max_bytes) // max(1, size // max(rows, 1))))
+            ids = [r[0] for r in conn.execute(
+                "SELECT id FROM outbox WHERE priority = ? AND kind = ? ORDER BY id LIMIT ?",
+                (PRIO_TELEMETRY, KIND_TELEMETRY, min(want, chunk)))]
+            if not ids:
+                break
+            n, nbytes, counted = _delete(conn, ids)
+            bump(conn, {"outbox_rows": -n, "outbox_bytes": -nbytes, "queued": -counted, "dropped": counted})
+            rows -= n
+            size -= nbytes
+            dropped += n
+    return dropped
+
+
+def set_state(conn: sqlite3.Connection, key: str, value: Any) -> None:
+    """Small JSON facts other processes read (connection state, last error)."""
+    conn.execute("INSERT INTO state(key, value, updated_ms) VALUES (?,?,?) "
+                 "ON CONFLICT(key) DO UPDATE SET value = excluded.value, updated_ms = excluded.updated_ms",
+                 (key, json.dumps(value), now_ms()))
+
+
+def get_state(conn: sqlite3.Connection, key: str, default: Any = None) -> Any:
+    row = conn.execute("SELECT value FROM state WHERE key = ?", (key,)).fetchone()
+    return json.loads(row[0]) if row else default
+
+
+def all_state(conn: sqlite3.Connection) -> dict[str, Any]:
+    return {k: json.loads(v) for k, v in conn.execute("SELECT key, value FROM state")}
+
+
+def put_inbound(conn: sqlite3.Connection, topic: str, payload: bytes) -> None:
+    """Keep one message from ThingsBoard durably; the bridge acknowledges it only after this."""
+    with transaction(conn):
+        conn.execute("INSERT INTO inbound(topic, payload, received_ms) VALUES (?,?,?)",
+                     (topic, payload, now_ms()))
+        bump(conn, {"inbound_total": 1})
+
+
+def depth(conn: sqlite3.Connection, table: str) -> int:
+    """Rows in the inbound or dead-letter table (small tables; the outbox has a counter)."""
+    if table not in ("inbound", "dead_letters"):
+        raise ValueError(table)
+    return int(conn.execute(f"SELECT count(*) FROM {table}").fetchone()[0])
+
+
+def oldest_created_ms(conn: sqlite3.Connection) -> int | None:
+    row = conn.execute("SELECT min(created_ms) FROM (SELECT created_ms FROM outbox ORDER BY id LIMIT 1)"
+                       ).fetchone()
+    return int(row[0]) if row and row[0] is not None else None

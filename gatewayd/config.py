@@ -286,7 +286,7 @@ def load(path: str | Path | None = None, env: Mapping[str, str] | None = None) -
     files: list[Path] = []
     if main.exists():
         files.append(main)
-    elif path is not None or "GATEWAYD_CONFIG" in env:
+    elif path is not None or env.get("GATEWAYD_CONFIG"):
         problems.append(f"{main}: config file not found")
     confd = main.parent / "conf.d"
     if confd.is_dir():

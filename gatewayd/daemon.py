@@ -129,17 +129,17 @@ class Runner:
     def _shutdown(self) -> None:
         self.notifier.stopping(f"{self.service.name} stopping")
 
-        def hard_exit(_sig: int, _frame: object) -> None:
+        def hard_exit() -> None:
             log.critical("shutdown took longer than %.0f s, exiting hard", SHUTDOWN_TIMEOUT_S)
             os._exit(1)
 
-        old = signal.signal(signal.SIGALRM, hard_exit)
-        signal.setitimer(signal.ITIMER_REAL, SHUTDOWN_TIMEOUT_S)
+        timer = threading.Timer(SHUTDOWN_TIMEOUT_S, hard_exit)
+        timer.daemon = True
+        timer.start()
         try:
             self.service.stop()
         finally:
-            signal.setitimer(signal.ITIMER_REAL, 0)
-            signal.signal(signal.SIGALRM, old)
+            timer.cancel()
             self.heartbeat.clear()
         log.info("%s stopped", self.service.name)
 

@@ -107,7 +107,10 @@ def _statements(script: str) -> list[str]:
 def migrate(conn: sqlite3.Connection, migrations: Sequence[str]) -> None:
     """Apply the missing steps, one transaction each; safe when several processes race."""
     target = len(migrations)
-    if conn.execute("PRAGMA user_version").fetchone()[0] >= target:
+    current = conn.execute("PRAGMA user_version").fetchone()[0]
+    if current > target:
+        raise RuntimeError(f"database schema version {current} is newer than this gatewayd ({target})")
+    if current == target:
         return
     with transaction(conn):
         version = conn.execute("PRAGMA user_version").fetchone()[0]

@@ -188,7 +188,7 @@ def enforce_caps(conn: sqlite3.Connection, max_rows: int, max_bytes: int, chunk:
         while rows > max_rows or size > max_bytes:
             want = max(rows - max_rows, 1)
             if size > max_bytes:
-                want = max(want, min(chunk, 1 + (size - max_bytes) // max(1, size // max(rows, 1))))
+                want = max(want, min(chunk, -(-(size - max_bytes) // max(1, size // max(rows, 1)))))
             ids = [r[0] for r in conn.execute(
                 "SELECT id FROM outbox WHERE priority = ? AND kind = ? ORDER BY id LIMIT ?",
                 (PRIO_TELEMETRY, KIND_TELEMETRY, min(want, chunk)))]

@@ -1,0 +1,120 @@
+"""Start gatewayd daemons as real processes in a temp dir, wait for "ready", stop them by PID."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def toml_value(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, (int, float)):
+        return repr(v)
+    if isinstance(v, str):
+        return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if isinstance(v, list):
+        return "[" + ", ".join(toml_value(x) for x in v) + "]"
+    if isinstance(v, dict):
+        return "{" + ", ".join(f"{k} = {toml_value(x)}" for k, x in v.items()) + "}"
+    raise TypeError(type(v))
+
+
+def write_config(base: Path, sections: dict[str, dict[str, Any]] | None = None) -> Path:
+    """A config whose every path lives under `base`; `sections` overrides/extends it."""
+    data: dict[str, dict[str, Any]] = {
+        "paths": {
+            "state_dir": str(base / "state"),
+            "runtime_dir": str(base / "run"),
+            "controller_data_dir": str(base / "controller"),
+        },
+        "controller": {"enabled": False},
+    }
+    for name, keys in (sections or {}).items():
+        data.setdefault(name, {}).update(keys)
+    text = "\n".join(f"[{s}]\n" + "".join(f"{k} = {toml_value(v)}\n" for k, v in keys.items())
+                     for s, keys in data.items())
+    path = base / "gatewayd.toml"
+    base.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    return path
+
+
+def wait_for(predicate: Callable[[], Any], timeout: float, interval: float = 0.05, what: str = "condition") -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out after {timeout:.0f} s waiting for {what}")
+        time.sleep(interval)
+
+
+class Daemon:
+    """One `python -m gatewayd <name>` process with its stderr captured to a file."""
+
+    def __init__(self, name: str, config: Path, python: str | None = None, env: dict[str, str] | None = None):
+        self.name = name
+        self.config = config
+        self.python = python or sys.executable
+        self.env = env or {}
+        self.log_path = config.parent / f"{name}.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self, wait_ready: bool = True, timeout: float = 20.0) -> Daemon:
+        env = dict(os.environ)
+        env.pop("NOTIFY_SOCKET", None)
+        env.update(self.env)
+        env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+        self._log_offset = self.log_path.stat().st_size if self.log_path.exists() else 0
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen([self.python, "-m", "gatewayd", self.name, "--config", str(self.config)],
+                                         stdout=log, stderr=subprocess.STDOUT, env=env, cwd=str(ROOT))
+        if wait_ready:
+            self.wait_log(f"{self.name} ready", timeout)
+        return self
+
+    def log(self) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")
+        except FileNotFoundError:
+            return ""
+
+    def wait_log(self, text: str, timeout: float = 20.0) -> None:
+        def seen() -> bool:
+            if self.proc is not None and self.proc.poll() is not None:
+                raise RuntimeError(f"{self.name} exited with {self.proc.returncode}:\n{self.log()[-3000:]}")
+            return text in self.log()[self._log_offset:]
+
+        wait_for(seen, timeout, what=f"{self.name} to log {text!r}")
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def kill9(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            os.kill(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(10)
+
+    def stop(self, timeout: float = 15.0) -> int | None:
+        if self.proc is None:
+            return None
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+        return self.proc.returncode

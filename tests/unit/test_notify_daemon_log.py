@@ -1,0 +1,145 @@
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+import time
+from pathlib import Path
+
+from gatewayd.daemon import Runner, single_instance, AlreadyRunning
+from gatewayd.log import SyslogPrefixFormatter
+from gatewayd.notify import Notifier
+
+import pytest
+
+
+def notify_socket(tmp_path: Path) -> tuple[socket.socket, str]:
+    path = str(tmp_path / "notify.sock")
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    s.bind(path)
+    s.settimeout(0.01)
+    return s, path
+
+
+def drain(s: socket.socket) -> list[str]:
+    out = []
+    while True:
+        try:
+            out.append(s.recv(4096).decode())
+        except (TimeoutError, BlockingIOError):
+            return out
+
+
+def test_notifier_without_socket_is_silent() -> None:
+    n = Notifier(env={})
+    assert not n.enabled and n.watchdog_interval is None
+    n.ready("x")
+    n.watchdog()
+
+
+def test_notifier_sends_and_halves_watchdog(tmp_path: Path) -> None:
+    s, path = notify_socket(tmp_path)
+    n = Notifier(env={"NOTIFY_SOCKET": path, "WATCHDOG_USEC": "30000000", "WATCHDOG_PID": str(os.getpid())})
+    assert n.watchdog_interval == 15.0
+    n.ready("up")
+    n.status("busy")
+    n.status("busy")  # unchanged status is not resent
+    n.watchdog()
+    msgs = drain(s)
+    assert msgs[0].startswith("READY=1\nSTATUS=up")
+    assert msgs[1:] == ["STATUS=busy", "WATCHDOG=1"]
+
+
+def test_watchdog_for_other_pid_ignored() -> None:
+    assert Notifier(env={"WATCHDOG_USEC": "1000", "WATCHDOG_PID": "1"}).watchdog_interval is None
+
+
+def test_abstract_socket(tmp_path: Path) -> None:
+    name = f"gatewayd-test-{os.getpid()}"
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    s.bind("\0" + name)
+    s.settimeout(1)
+    Notifier(env={"NOTIFY_SOCKET": "@" + name}).watchdog()
+    assert s.recv(100) == b"WATCHDOG=1"
+
+
+class FakeService:
+    name = "fake"
+
+    def __init__(self) -> None:
+        self.healthy = True
+        self.steps = 0
+        self.started = self.stopped = False
+        self.errors: list[str] = []
+        self.fail = False
+
+    def start(self) -> None:
+        self.started = True
+
+    def step(self) -> tuple[bool, float]:
+        self.steps += 1
+        if self.fail:
+            raise ValueError("boom")
+        return self.healthy, 0.01
+
+    def status(self) -> str:
+        return f"steps {self.steps}"
+
+    def report_error(self, text: str) -> None:
+        self.errors.append(text)
+
+    def stop(self) -> None:
+        self.stopped = True
+
+
+def test_runner_pings_only_while_progressing(tmp_path: Path) -> None:
+    s, path = notify_socket(tmp_path)
+    svc = FakeService()
+    runner = Runner(svc, tmp_path, Notifier(env={"NOTIFY_SOCKET": path, "WATCHDOG_USEC": "100000"}))
+    t = threading.Thread(target=runner.run)
+    t.start()
+    try:
+        time.sleep(0.5)
+        first = drain(s)
+        assert first[0].startswith("READY=1")
+        assert first.count("WATCHDOG=1") >= 3
+        assert (tmp_path / "fake.heartbeat").read_text().startswith("pid ")
+        svc.healthy = False
+        time.sleep(0.1)
+        drain(s)
+        time.sleep(0.5)
+        assert "WATCHDOG=1" not in drain(s)
+        svc.healthy = True
+        time.sleep(0.3)
+        assert "WATCHDOG=1" in drain(s)
+        svc.fail = True
+        time.sleep(0.3)
+        drain(s)
+        time.sleep(0.4)
+        assert "WATCHDOG=1" not in drain(s)
+        assert svc.errors and svc.errors[0] == "ValueError: boom"
+    finally:
+        runner.stop_event.set()
+        t.join(5)
+    assert svc.stopped
+    assert any(m.startswith("STOPPING=1") for m in drain(s))
+    assert not (tmp_path / "fake.heartbeat").exists()
+
+
+def test_single_instance(tmp_path: Path) -> None:
+    fd = single_instance(tmp_path, "x")
+    with pytest.raises(AlreadyRunning):
+        single_instance(tmp_path, "x")
+    os.close(fd)
+    os.close(single_instance(tmp_path, "x"))
+
+
+def test_log_prefixes_every_line() -> None:
+    f = SyslogPrefixFormatter(timestamps=False)
+    rec = logging.LogRecord("gatewayd.x", logging.WARNING, __file__, 1, "a\nb", None, None)
+    assert f.format(rec) == "<4>gatewayd.x: a\n<4>gatewayd.x: b"
+    rec = logging.LogRecord("g", logging.DEBUG, __file__, 1, "d", None, None)
+    assert f.format(rec).startswith("<7>")
+    rec = logging.LogRecord("g", logging.ERROR, __file__, 1, "e", None, None)
+    assert f.format(rec).startswith("<3>")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import faulthandler
 import logging
 import os
+import select
 import signal
 import threading
 import time
@@ -45,6 +46,12 @@ class Service(Protocol):
         """Release resources; bounded by SHUTDOWN_TIMEOUT_S."""
 
 
+def service_fds(service: Service) -> list[int]:
+    """File descriptors whose readiness should end the loop's wait early (optional `fds()`)."""
+    fds = getattr(service, "fds", None)
+    return list(fds()) if fds is not None else []
+
+
 class Heartbeat:
     """`<runtime_dir>/<name>.heartbeat`: its mtime is the time of the last progress."""
 
@@ -75,11 +82,19 @@ class Runner:
         self.heartbeat = Heartbeat(runtime_dir, service.name)
         self.stop_event = threading.Event()
         self._errors_in_row = 0
+        self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
 
     def _on_signal(self, signum: int, _frame: object) -> None:
         if not self.stop_event.is_set():
             log.info("received %s, stopping", signal.Signals(signum).name)
+        self.request_stop()
+
+    def request_stop(self) -> None:
         self.stop_event.set()
+        try:
+            os.write(self._wake_w, b"x")
+        except OSError:
+            pass
 
     def install_signals(self) -> None:
         signal.signal(signal.SIGTERM, self._on_signal)
@@ -105,10 +120,25 @@ class Runner:
                     last_ping = now
                 self.notifier.status(self.service.status())
                 if wait > 0:
-                    self.stop_event.wait(wait)
+                    if healthy:
+                        wait = min(wait, max(0.0, last_ping + interval - time.monotonic()))
+                    self._wait(wait)
         finally:
             self._shutdown()
         return 0
+
+    def _wait(self, timeout: float) -> None:
+        """Sleep until the timeout, a stop request, or one of the service's fds is readable."""
+        fds = [self._wake_r, *service_fds(self.service)]
+        try:
+            ready, _, _ = select.select(fds, [], [], timeout)
+        except InterruptedError:
+            return
+        if self._wake_r in ready:
+            try:
+                os.read(self._wake_r, 4096)
+            except BlockingIOError:
+                pass
 
     def _step(self) -> tuple[bool, float]:
         try:

@@ -12,6 +12,7 @@ import sqlite3
 import time
 
 from gatewayd.config import Config
+from gatewayd.inotify import DirectoryWatch
 from gatewayd.records import parse
 from gatewayd.store import archive as archive_store
 from gatewayd.store import controller as controller_store
@@ -22,6 +23,7 @@ log = logging.getLogger("gatewayd.forwarder")
 
 MARK = "controller"
 HOUSEKEEPING_EVERY_S = 60.0
+IDLE_WAIT_S = 5.0  # with inotify: the longest sleep between looks when nothing is written
 
 
 class Forwarder:
@@ -45,6 +47,7 @@ class Forwarder:
         self.dead_total = 0
         self.last_housekeeping = float("-inf")
         self._rate = 0.0
+        self.watch: DirectoryWatch | None = None
 
     # -- lifecycle -----------------------------------------------------------------------
     def start(self) -> None:
@@ -53,8 +56,18 @@ class Forwarder:
         if self.archive_enabled:
             self.archive = archive_store.open_archive(self.cfg.archive_db)
         self._open_controller()
+        try:
+            self.watch = DirectoryWatch(self.cfg.controller_data_dir)
+        except OSError as e:
+            log.warning("inotify unavailable (%s); polling the controller database every %.0f ms",
+                        e, self.poll_s * 1000)
+
+    def fds(self) -> list[int]:
+        return [self.watch.fd] if self.watch is not None else []
 
     def stop(self) -> None:
+        if self.watch is not None:
+            self.watch.close()
         for conn in (self.ctrl, self.archive, self.queues):
             if conn is not None:
                 conn.close()
@@ -109,9 +122,12 @@ class Forwarder:
         if now - self.last_housekeeping >= HOUSEKEEPING_EVERY_S:
             self.last_housekeeping = now
             self._housekeeping()
+        if self.watch is not None:
+            self.watch.drain()
+        idle_wait = IDLE_WAIT_S if self.watch is not None else self.poll_s
         version = data_version(self.ctrl)
         if version == self.seen_version:
-            return True, self.poll_s
+            return True, idle_wait
         t0 = time.perf_counter()
         moved = self.move_batch()
         if moved < self.batch_size:
@@ -119,7 +135,7 @@ class Forwarder:
         if moved:
             self._rate = moved / max(time.perf_counter() - t0, 1e-6)
             return True, 0.0
-        return True, self.poll_s
+        return True, idle_wait
 
     def move_batch(self) -> int:
         """Move up to batch_size rows; returns how many controller rows were consumed."""

@@ -44,7 +44,7 @@ MIGRATIONS = [
         created_ms INTEGER NOT NULL,
         counted INTEGER NOT NULL DEFAULT 0
     );
-    CREATE INDEX outbox_order ON outbox(priority DESC, id);
+    CREATE INDEX outbox_urgent ON outbox(priority DESC, id) WHERE priority > 0;
     CREATE TABLE inbound(
         id INTEGER PRIMARY KEY AUTOINCREMENT,
         topic TEXT NOT NULL,
@@ -66,6 +66,22 @@ MIGRATIONS = [
     INSERT INTO counters(name, value) VALUES
         ('ingested', 0), ('archived', 0), ('delivered', 0), ('dead_lettered', 0), ('dropped', 0),
         ('queued', 0), ('outbox_rows', 0), ('outbox_bytes', 0), ('inbound_total', 0), ('published', 0)
+    """,
+    # 2: the supervisor's RPC ledger. A request is marked 'started' before it runs and 'done'
+    # in the transaction that queues its reply and deletes its inbound row, so a reply is
+    # never lost nor sent twice, and a command cut short by a crash is not run again.
+    """
+    CREATE TABLE rpc_requests(
+        rpc_id TEXT NOT NULL,
+        digest TEXT NOT NULL,
+        method TEXT,
+        state TEXT NOT NULL,
+        reply TEXT,
+        received_ms INTEGER NOT NULL,
+        updated_ms INTEGER NOT NULL,
+        PRIMARY KEY (rpc_id, digest)
+    ) WITHOUT ROWID;
+    CREATE INDEX rpc_requests_updated ON rpc_requests(updated_ms)
     """,
 ]
 
@@ -121,16 +137,21 @@ def enqueue(conn: sqlite3.Connection, kind: str, topic: str, payload: str, prior
 
 
 def peek(conn: sqlite3.Connection, limit: int, min_priority: int | None = None) -> list[OutboxRow]:
-    """The next rows to send: highest priority first, then oldest."""
-    if min_priority is None:
-        cur = conn.execute(
-            "SELECT id, priority, kind, topic, payload, counted FROM outbox ORDER BY priority DESC, id LIMIT ?",
-            (limit,))
-    else:
-        cur = conn.execute(
-            "SELECT id, priority, kind, topic, payload, counted FROM outbox WHERE priority >= ? "
-            "ORDER BY priority DESC, id LIMIT ?", (min_priority, limit))
-    return [OutboxRow(*r) for r in cur]
+    """The next rows to send: highest priority first, then oldest.
+
+    Urgent rows (priority > 0) have a partial index of their own, so the telemetry stream,
+    read in rowid order, pays for no index on insert.
+    """
+    rows = [OutboxRow(*r) for r in conn.execute(
+        "SELECT id, priority, kind, topic, payload, counted FROM outbox WHERE priority > 0 "
+        "ORDER BY priority DESC, id LIMIT ?", (limit,))]
+    if min_priority is not None:
+        return [r for r in rows if r.priority >= min_priority]
+    if len(rows) < limit:
+        rows.extend(OutboxRow(*r) for r in conn.execute(
+            "SELECT id, priority, kind, topic, payload, counted FROM outbox WHERE priority <= 0 "
+            "ORDER BY id LIMIT ?", (limit - len(rows),)))
+    return rows
 
 
 def _delete(conn: sqlite3.Connection, ids: Iterable[int]) -> tuple[int, int, int]:
@@ -237,3 +258,59 @@ def oldest_created_ms(conn: sqlite3.Connection) -> int | None:
     row = conn.execute("SELECT min(created_ms) FROM (SELECT created_ms FROM outbox ORDER BY id LIMIT 1)"
                        ).fetchone()
     return int(row[0]) if row and row[0] is not None else None
+
+
+# -- the bridge's fast path (additive; see gatewayd/bridge) ------------------------------------
+
+def next_urgent_priority(conn: sqlite3.Connection, below: int | None = None) -> int | None:
+    """The highest urgent priority (> 0) present (below `below` when given): a partial-index seek."""
+    if below is None:
+        row = conn.execute("SELECT max(priority) FROM outbox WHERE priority > 0").fetchone()
+    else:
+        row = conn.execute("SELECT max(priority) FROM outbox WHERE priority > 0 AND priority < ?",
+                           (below,)).fetchone()
+    return None if row is None or row[0] is None else int(row[0])
+
+
+def max_urgent_id(conn: sqlite3.Connection, priority: int) -> int:
+    """The newest row id of one urgent priority (0 when none): a partial-index seek."""
+    row = conn.execute("SELECT max(id) FROM outbox WHERE priority > 0 AND priority = ?", (priority,)).fetchone()
+    return int(row[0]) if row and row[0] is not None else 0
+
+
+def peek_after(conn: sqlite3.Connection, priority: int | None, after_id: int,
+               limit: int) -> list[tuple[int, int, str, str, str]]:
+    """Rows with id > after_id, oldest first, as plain tuples `(id, priority, kind, topic, payload)`
+    (no per-row objects: the bridge reads millions): one urgent priority (> 0), or with
+    `priority=None` the bulk rows (priority <= 0) in rowid order, like `peek`."""
+    if priority is None:
+        return conn.execute(
+            "SELECT id, priority, kind, topic, payload FROM outbox WHERE priority <= 0 AND id > ? "
+            "ORDER BY id LIMIT ?", (after_id, limit)).fetchall()
+    return conn.execute(
+        "SELECT id, priority, kind, topic, payload FROM outbox WHERE priority > 0 AND priority = ? AND id > ? "
+        "ORDER BY priority DESC, id LIMIT ?", (priority, after_id, limit)).fetchall()
+
+
+def mark_delivered_ranges(conn: sqlite3.Connection, ranges: Iterable[tuple[int, int, int]]) -> int:
+    """Remove acknowledged rows given as `(priority, first_id, last_id)` ranges, in one transaction.
+
+    A range must cover exactly the rows of that priority that were sent together: ids are never
+    reused (AUTOINCREMENT), so no row can appear inside a range after it was read.
+    Returns how many rows were still there.
+    """
+    total = size = counted = 0
+    with transaction(conn):
+        for prio, first, last in ranges:
+            n, s, c = conn.execute(
+                "SELECT count(*), coalesce(sum(length(payload)), 0), coalesce(sum(counted), 0) FROM outbox "
+                "WHERE priority = ? AND id BETWEEN ? AND ?", (prio, first, last)).fetchone()
+            if n:
+                conn.execute("DELETE FROM outbox WHERE priority = ? AND id BETWEEN ? AND ?",
+                             (prio, first, last))
+            total += n
+            size += s
+            counted += c
+        bump(conn, {"outbox_rows": -total, "outbox_bytes": -size, "queued": -counted,
+                    "delivered": counted, "published": total})
+    return total

@@ -7,11 +7,11 @@ import threading
 import time
 from pathlib import Path
 
-from gatewayd.daemon import Runner, single_instance, AlreadyRunning
+import pytest
+
+from gatewayd.daemon import AlreadyRunning, Runner, single_instance
 from gatewayd.log import SyslogPrefixFormatter
 from gatewayd.notify import Notifier
-
-import pytest
 
 
 def notify_socket(tmp_path: Path) -> tuple[socket.socket, str]:
@@ -120,7 +120,7 @@ def test_runner_pings_only_while_progressing(tmp_path: Path) -> None:
         assert "WATCHDOG=1" not in drain(s)
         assert svc.errors and svc.errors[0] == "ValueError: boom"
     finally:
-        runner.stop_event.set()
+        runner.request_stop()
         t.join(5)
     assert svc.stopped
     assert any(m.startswith("STOPPING=1") for m in drain(s))

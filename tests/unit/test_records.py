@@ -30,6 +30,9 @@ def ok(type_: object, message: object) -> Record:
     ('{"ts": 1}', "'values' is missing"),
     ('{"ts": 1, "values": [1]}', "'values' must be a JSON object"),
     ('{"ts": 1, "values": {}}', "'values' is empty"),
+    ('{"ts": 1, "values": {"a": NaN}}', "NaN is not valid JSON"),
+    ('{"ts": 1, "values": {"a": -Infinity}}', "-Infinity is not valid JSON"),
+    ('{"ts": 1, "values": {"a": 1}} trailing', "extra data"),
 ])
 def test_invalid_rows_have_reasons(message: object, reason: str) -> None:
     result = parse("telemetry", message, MAX)
@@ -41,6 +44,12 @@ def test_telemetry_normalised() -> None:
     rec = ok("telemetry", '{ "ts": 5, "values": {"t": 21.5}, "extra": 1 }')
     assert rec.kind == KIND_TELEMETRY and rec.topic == TOPIC_TELEMETRY and rec.archive
     assert json.loads(rec.payload) == {"ts": 5, "values": {"t": 21.5}}
+
+
+def test_compact_controller_text_is_the_payload() -> None:
+    text = ' {"ts": 7, "values": {"a": 1}}\n'
+    rec = ok("telemetry", text)
+    assert rec.payload == text and json.loads("[" + rec.payload + "]") == [{"ts": 7, "values": {"a": 1}}]
 
 
 def test_unknown_and_null_type_is_telemetry() -> None:

@@ -1,0 +1,97 @@
+#!/usr/bin/env python3
+"""Forwarder benchmarks; prints one JSON object per line: {"name", "value", "unit", ...}.
+
+forwarder_records_per_s: 1,000,000 controller rows moved to the outbox and the archive by the
+real Forwarder (fsync'd per batch, default batch size) — timed from the first batch to the last.
+idle_cpu_percent_forwarder: CPU used by an idle `gatewayd forwarder` process over 60 s.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sqlite3
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from gatewayd.config import load  # noqa: E402
+from gatewayd.forwarder.service import Forwarder  # noqa: E402
+from gatewayd.store import queues  # noqa: E402
+from tests.helpers.daemons import Daemon, write_config  # noqa: E402
+
+
+def emit(name: str, value: float, unit: str, **extra: object) -> None:
+    print(json.dumps({"name": name, "value": round(value, 3), "unit": unit, **extra}), flush=True)
+
+
+def fill_controller(path: Path, n: int) -> None:
+    conn = sqlite3.connect(path)
+    conn.execute("PRAGMA journal_mode=WAL")
+    now = int(time.time() * 1000)
+    chunk = 100_000
+    for start in range(0, n, chunk):
+        conn.executemany("INSERT INTO messages(type, message) VALUES ('telemetry', ?)",
+                         ((f'{{"ts":{now + i},"values":{{"temperature":{20 + i % 10}.5,"seq":{i}}}}}',)
+                          for i in range(start, min(n, start + chunk))))
+        conn.commit()
+    conn.close()
+
+
+def bench_throughput(base: Path, n: int) -> None:
+    cfg = load(write_config(base), env={})
+    fwd = Forwarder(cfg)
+    fwd.start()  # creates the controller tables
+    fill_controller(cfg.controller_db, n)
+    t0 = time.perf_counter()
+    moved = 0
+    while True:
+        m = fwd.move_batch()
+        if not m:
+            break
+        moved += m
+    elapsed = time.perf_counter() - t0
+    c = queues.counters(fwd.queues)  # type: ignore[arg-type]
+    fwd.stop()
+    assert moved == n and c["queued"] == n and c["archived"] == n, (moved, c)
+    emit("forwarder_records_per_s", n / elapsed, "records/s", records=n, seconds=round(elapsed, 2),
+         batch_size=cfg["forwarder"]["batch_size"])
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def bench_idle(base: Path, seconds: float) -> None:
+    d = Daemon("forwarder", write_config(base))
+    d.python = "/usr/bin/python3" if Path("/usr/bin/python3").exists() else sys.executable
+    d.start()
+    try:
+        time.sleep(2)
+        c0, t0 = cpu_seconds(d.pid), time.monotonic()
+        time.sleep(seconds)
+        c1, t1 = cpu_seconds(d.pid), time.monotonic()
+    finally:
+        d.stop()
+    emit("idle_cpu_percent_forwarder", 100 * (c1 - c0) / (t1 - t0), "%", seconds=seconds)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--records", type=int, default=1_000_000)
+    ap.add_argument("--idle-seconds", type=float, default=60.0)
+    args = ap.parse_args()
+    with tempfile.TemporaryDirectory(prefix="gatewayd-bench-") as tmp:
+        bench_throughput(Path(tmp) / "throughput", args.records)
+        bench_idle(Path(tmp) / "idle", args.idle_seconds)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

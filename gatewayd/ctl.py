@@ -187,6 +187,80 @@ def cmd_send(cfg: Config, args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_check(cfg: Config, args: argparse.Namespace) -> int:
+    from gatewayd import diagnostics
+
+    results = diagnostics.run_all(cfg)
+    if args.json:
+        print(json.dumps(diagnostics.as_dicts(results), indent=2))
+    else:
+        marks = {diagnostics.OK: " ok ", diagnostics.WARN: "warn", diagnostics.FAIL: "FAIL"}
+        for r in results:
+            print(f"[{marks[r.outcome]}] {r.name}: {r.detail}")
+    return 1 if any(r.outcome == diagnostics.FAIL for r in results) else 0
+
+
+def _journal(lines: int) -> str:
+    if not shutil.which("journalctl"):
+        return "journalctl not available\n"
+    cmd = ["journalctl", "--no-pager", "-o", "short-iso-precise", "-n", str(lines),
+           *[f"--unit=gatewayd-{d}.service" for d in DAEMONS], "-t", "gatewayd-watchdog"]
+    try:
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        return f"journalctl failed: {e}\n"
+    return r.stdout + r.stderr
+
+
+def _dead_letter_sample(cfg: Config, limit: int = 200) -> list[dict[str, Any]]:
+    if not cfg.queues_db.exists():
+        return []
+    conn = _ro(cfg.queues_db)
+    try:
+        rows = conn.execute("SELECT id, stage, src_id, type, substr(message, 1, 2000), reason, created_ms "
+                            "FROM dead_letters ORDER BY id DESC LIMIT ?", (limit,)).fetchall()
+    finally:
+        conn.close()
+    keys = ("id", "stage", "src_id", "type", "message", "reason", "created_ms")
+    return [dict(zip(keys, r, strict=True)) for r in rows]
+
+
+def cmd_support_bundle(cfg: Config, args: argparse.Namespace) -> int:
+    """A tarball an operator can mail to support: nothing secret, everything useful."""
+    import io
+    import platform
+    import tarfile
+
+    from gatewayd import __version__, diagnostics
+    from gatewayd.config import render_toml
+
+    out = Path(args.output or f"gatewayd-support-{platform.node()}-{time.strftime('%Y%m%dT%H%M%S')}.tar.gz")
+    files: dict[str, str] = {}
+    try:
+        files["status.json"] = json.dumps(collect(cfg), indent=2)
+    except (sqlite3.Error, OSError) as e:
+        files["status.json"] = json.dumps({"error": f"cannot read gateway state: {e}"})
+    files["config.toml"] = f"# sources: {', '.join(cfg.sources)}\n" + render_toml(cfg.masked())
+    files["check.json"] = json.dumps(diagnostics.as_dicts(diagnostics.run_all(cfg)), indent=2)
+    files["journal.txt"] = _journal(args.journal_lines)
+    try:
+        files["dead_letters.json"] = json.dumps(_dead_letter_sample(cfg), indent=2)
+    except sqlite3.Error as e:
+        files["dead_letters.json"] = json.dumps({"error": str(e)})
+    files["version.txt"] = (f"gatewayd {__version__}\npython {platform.python_version()}\n"
+                            f"platform {platform.platform()}\n")
+    stamp = time.time()
+    with tarfile.open(out, "w:gz") as tar:
+        for name, text in files.items():
+            data = text.encode()
+            info = tarfile.TarInfo(f"gatewayd-support/{name}")
+            info.size, info.mtime, info.mode = len(data), int(stamp), 0o600
+            tar.addfile(info, io.BytesIO(data))
+    os.chmod(out, 0o600)
+    print(f"wrote {out}")
+    return 0
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="gatewayctl", description="Inspect and operate a gatewayd installation.")
     p.add_argument("--config", help="main config file (default: $GATEWAYD_CONFIG or /etc/gatewayd/gatewayd.toml)")
@@ -199,6 +273,13 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("json_text", metavar="JSON",
                    help='{"ts": ms, "values": {...}}, or a bare object of values stamped with the current time')
     s.set_defaults(func=cmd_send)
+    s = sub.add_parser("check", help="diagnostics: config, broker, TLS, credentials, Docker, disk, clock, journal")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_check)
+    s = sub.add_parser("support-bundle", help="tarball of status, masked config, journal, queue statistics")
+    s.add_argument("-o", "--output", help="file to write (default: gatewayd-support-<host>-<time>.tar.gz)")
+    s.add_argument("--journal-lines", type=int, default=5000)
+    s.set_defaults(func=cmd_support_bundle)
     for sp in sub.choices.values():
         sp.add_argument("--config", dest="sub_config", help=argparse.SUPPRESS)
     return p

@@ -7,6 +7,7 @@ Every daemon and gatewayctl resolve their configuration here, so that what
 from __future__ import annotations
 
 import copy
+import json
 import os
 import re
 import socket
@@ -398,25 +399,25 @@ def load(path: str | Path | None = None, env: Mapping[str, str] | None = None) -
     return Config(data=data, sources=sources, warnings=warnings)
 
 
+def toml_value(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, (int, float)):
+        return repr(v)
+    if isinstance(v, str):
+        return json.dumps(v, ensure_ascii=False)  # a JSON string is a valid TOML basic string
+    if isinstance(v, list):
+        return "[" + ", ".join(toml_value(x) for x in v) + "]"
+    if isinstance(v, dict):
+        return "{" + ", ".join(f"{toml_value(str(k))} = {toml_value(x)}" for k, x in v.items()) + "}"
+    return toml_value(str(v))
+
+
 def render_toml(data: Mapping[str, Mapping[str, Any]]) -> str:
-    """Print a resolved config as TOML (for --check-config and support bundles)."""
-
-    def val(v: Any) -> str:
-        if isinstance(v, bool):
-            return "true" if v else "false"
-        if isinstance(v, (int, float)):
-            return repr(v)
-        if isinstance(v, str):
-            return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
-        if isinstance(v, list):
-            return "[" + ", ".join(val(x) for x in v) + "]"
-        if isinstance(v, dict):
-            return "{" + ", ".join(f"{val(str(k))} = {val(x)}" for k, x in v.items()) + "}"
-        return val(str(v))
-
+    """Print a resolved config as TOML (for --check-config, support bundles and test configs)."""
     lines: list[str] = []
     for section, keys in data.items():
         lines.append(f"[{section}]")
-        lines.extend(f"{k} = {val(v)}" for k, v in keys.items())
+        lines.extend(f"{k} = {toml_value(v)}" for k, v in keys.items())
         lines.append("")
     return "\n".join(lines)

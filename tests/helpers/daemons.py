@@ -11,21 +11,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from gatewayd.config import render_toml
+
 ROOT = Path(__file__).resolve().parents[2]
-
-
-def toml_value(v: Any) -> str:
-    if isinstance(v, bool):
-        return "true" if v else "false"
-    if isinstance(v, (int, float)):
-        return repr(v)
-    if isinstance(v, str):
-        return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
-    if isinstance(v, list):
-        return "[" + ", ".join(toml_value(x) for x in v) + "]"
-    if isinstance(v, dict):
-        return "{" + ", ".join(f"{k} = {toml_value(x)}" for k, x in v.items()) + "}"
-    raise TypeError(type(v))
 
 
 def write_config(base: Path, sections: dict[str, dict[str, Any]] | None = None) -> Path:
@@ -40,8 +28,7 @@ def write_config(base: Path, sections: dict[str, dict[str, Any]] | None = None) 
     }
     for name, keys in (sections or {}).items():
         data.setdefault(name, {}).update(keys)
-    text = "\n".join(f"[{s}]\n" + "".join(f"{k} = {toml_value(v)}\n" for k, v in keys.items())
-                     for s, keys in data.items())
+    text = render_toml(data)
     path = base / "gatewayd.toml"
     base.mkdir(parents=True, exist_ok=True)
     path.write_text(text)

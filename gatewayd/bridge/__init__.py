@@ -1,0 +1,1 @@
+"""The MQTT bridge to ThingsBoard: the only process that talks MQTT."""

@@ -1,0 +1,283 @@
+"""Pure publishing logic of the bridge: packet sizing, batching, the in-flight window, rate limits.
+
+Nothing here touches MQTT or SQLite, so it is unit tested on its own.
+
+Outbox rows reach the batcher as tuples `(id, priority, kind, topic, payload)` in send order
+(one priority per run). Consecutive telemetry rows are joined into one JSON array:
+payloads are ready JSON objects, so the batch is `"[" + ",".join(payloads) + "]"`, with no
+JSON parsing per record.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from gatewayd.store.queues import KIND_TELEMETRY, TOPIC_TELEMETRY
+
+Row = tuple[int, int, str, str, str]  # id, priority, kind, topic, payload
+
+# MQTT PUBLISH framing: fixed header byte + remaining length (<= 4) + topic length (2) + packet id (2)
+PUBLISH_FRAMING = 1 + 4 + 2 + 2
+# MQTT 5 adds a property length (1 byte: we send no properties)
+MQTT5_EXTRA = 1
+
+
+def utf8_len(text: str) -> int:
+    """Bytes of `text` in UTF-8; O(1) for ASCII strings (CPython keeps that flag)."""
+    return len(text) if text.isascii() else len(text.encode("utf-8"))
+
+
+def packet_size(topic_bytes: int, payload_bytes: int, mqtt5: bool = False) -> int:
+    """Upper bound of the PUBLISH packet for this topic and payload."""
+    return PUBLISH_FRAMING + (MQTT5_EXTRA if mqtt5 else 0) + topic_bytes + payload_bytes
+
+
+def datapoints(payload: str) -> int:
+    """Cheap upper estimate of the data points in one telemetry record `{"ts":..,"values":{..}}`.
+
+    Every key is followed by `":`; `ts` and `values` are two of them. A string value that
+    itself contains `":` makes the estimate larger, never smaller (safe for rate limits).
+    """
+    return max(1, payload.count('":') - 2)
+
+
+@dataclass
+class Publish:
+    """One planned PUBLISH carrying rows[start:end] of the buffer."""
+
+    topic: str
+    payload: str
+    priority: int
+    first_id: int
+    last_id: int
+    count: int
+    size: int  # packet bytes (upper bound)
+    telemetry: bool
+    points: int = 0
+
+
+@dataclass
+class Oversized:
+    """A single row that can never fit in one packet."""
+
+    row: Row
+    size: int
+    limit: int
+
+    @property
+    def reason(self) -> str:
+        return (f"record needs a {self.size}-byte MQTT packet, more than the server's maximum of "
+                f"{self.limit} bytes")
+
+
+def plan(rows: Sequence[Row], start: int, max_packet: int, mqtt5: bool = False,
+         max_records: int = 0, max_points: int = 0) -> Publish | Oversized:
+    """The next PUBLISH from rows[start:] (start < len(rows)).
+
+    Telemetry rows to the telemetry topic are joined while the packet stays within
+    `max_packet` (and `max_records` / `max_points` when > 0); any other row goes alone.
+    A row that does not fit even alone is returned as Oversized.
+    """
+    first = rows[start]
+    rid, prio, kind, topic, payload = first
+    topic_b = utf8_len(topic)
+    first_b = utf8_len(payload)
+    single = packet_size(topic_b, first_b, mqtt5)
+    if single > max_packet:
+        return Oversized(first, single, max_packet)
+    if kind != KIND_TELEMETRY or topic != TOPIC_TELEMETRY:
+        return Publish(topic, payload, prio, rid, rid, 1, single, False, 0)
+
+    want_points = max_points > 0
+    points = datapoints(payload) if want_points else 0
+    base = packet_size(topic_b, 2, mqtt5)  # the brackets
+    total = base + first_b
+    end = start + 1
+    n = len(rows)
+    limit_records = max_records if max_records > 0 else n
+    while end < n and end - start < limit_records:
+        r = rows[end]
+        if r[2] != KIND_TELEMETRY or r[3] != TOPIC_TELEMETRY or r[1] != prio:
+            break
+        p = r[4]
+        size = total + 1 + (len(p) if p.isascii() else len(p.encode("utf-8")))
+        if size > max_packet:
+            break
+        if want_points:
+            dp = datapoints(p)
+            if points + dp > max_points:
+                break
+            points += dp
+        total = size
+        end += 1
+    count = end - start
+    if count == 1:
+        return Publish(topic, payload, prio, rid, rid, 1, single, True, points)
+    body = "[" + ",".join([r[4] for r in rows[start:end]]) + "]"
+    return Publish(topic, body, prio, rid, rows[end - 1][0], count, total, True, points)
+
+
+# -- rate limits ---------------------------------------------------------------------------
+
+@dataclass
+class TokenBucket:
+    """`capacity` tokens, refilled at `rate` per second."""
+
+    capacity: float
+    rate: float
+    tokens: float = -1.0
+    stamp: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.tokens < 0:
+            self.tokens = self.capacity
+
+    def _refill(self, now: float) -> None:
+        if now > self.stamp:
+            self.tokens = min(self.capacity, self.tokens + (now - self.stamp) * self.rate)
+        self.stamp = now
+
+    def wait_for(self, n: float, now: float) -> float:
+        """Seconds until `n` tokens are there (0 = now); more than the capacity waits for a full bucket."""
+        self._refill(now)
+        n = min(n, self.capacity)
+        if self.tokens >= n:
+            return 0.0
+        return (n - self.tokens) / self.rate if self.rate > 0 else math.inf
+
+    def take(self, n: float, now: float) -> None:
+        self._refill(now)
+        self.tokens -= min(n, self.capacity)
+
+
+def parse_rate_limits(text: object) -> list[tuple[float, float]]:
+    """ThingsBoard's "capacity:seconds,capacity:seconds" -> [(capacity, seconds)]; bad parts ignored."""
+    out: list[tuple[float, float]] = []
+    if not isinstance(text, str):
+        return out
+    for part in text.split(","):
+        cap, _, secs = part.strip().partition(":")
+        try:
+            c, s = float(cap), float(secs)
+        except ValueError:
+            continue
+        if c > 0 and s > 0:
+            out.append((c, s))
+    return out
+
+
+# Use a little less than the server allows: its windows and ours are not aligned.
+SERVER_LIMIT_MARGIN = 0.9
+
+
+@dataclass
+class RateLimiter:
+    """Token buckets for all publishes, telemetry publishes and telemetry data points."""
+
+    messages: list[TokenBucket] = field(default_factory=list)
+    telemetry: list[TokenBucket] = field(default_factory=list)
+    points: list[TokenBucket] = field(default_factory=list)
+
+    @classmethod
+    def build(cls, per_second: float, server: dict[str, object] | None = None) -> RateLimiter:
+        rl = cls()
+        if per_second > 0:
+            rl.messages.append(TokenBucket(max(1.0, per_second), per_second))
+        limits = server if isinstance(server, dict) else {}
+        for name, target in (("messages", rl.messages), ("telemetryMessages", rl.telemetry),
+                             ("telemetryDataPoints", rl.points)):
+            for cap, secs in parse_rate_limits(limits.get(name)):
+                c = max(1.0, math.floor(cap * SERVER_LIMIT_MARGIN))
+                target.append(TokenBucket(c, c / secs))
+        return rl
+
+    @property
+    def active(self) -> bool:
+        return bool(self.messages or self.telemetry or self.points)
+
+    @property
+    def max_points(self) -> int:
+        """Largest data-point count one publish may carry (0 = unlimited)."""
+        return int(min(b.capacity for b in self.points)) if self.points else 0
+
+    def wait_for(self, pub: Publish, now: float) -> float:
+        wait = 0.0
+        for b in self.messages:
+            wait = max(wait, b.wait_for(1, now))
+        if pub.telemetry:
+            for b in self.telemetry:
+                wait = max(wait, b.wait_for(1, now))
+            for b in self.points:
+                wait = max(wait, b.wait_for(pub.points, now))
+        return wait
+
+    def take(self, pub: Publish, now: float) -> None:
+        for b in self.messages:
+            b.take(1, now)
+        if pub.telemetry:
+            for b in self.telemetry:
+                b.take(1, now)
+            for b in self.points:
+                b.take(pub.points, now)
+
+
+# -- the in-flight window ------------------------------------------------------------------
+
+@dataclass
+class InFlight:
+    pub: Publish
+    sent_at: float
+
+
+class Window:
+    """Publishes sent and not yet acknowledged, by MQTT packet id."""
+
+    def __init__(self, size: int):
+        self.size = max(1, size)
+        self.items: dict[int, InFlight] = {}
+        self.records = 0
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    @property
+    def full(self) -> bool:
+        return len(self.items) >= self.size
+
+    def add(self, mid: int, pub: Publish, now: float) -> None:
+        self.items[mid] = InFlight(pub, now)
+        self.records += pub.count
+
+    def ack(self, mid: int) -> Publish | None:
+        item = self.items.pop(mid, None)
+        if item is None:
+            return None
+        self.records -= item.pub.count
+        return item.pub
+
+    def oldest_sent(self) -> float | None:
+        # dicts keep insertion order: the first item is the oldest still unacknowledged
+        for item in self.items.values():
+            return item.sent_at
+        return None
+
+    def clear(self) -> list[Publish]:
+        pubs = [i.pub for i in self.items.values()]
+        self.items.clear()
+        self.records = 0
+        return pubs
+
+
+def stalled(window: Window, last_ack: float, now: float, timeout: float) -> float:
+    """Seconds the broker has owed us a PUBACK beyond `timeout` (0 = not stalled).
+
+    Waiting starts at the later of the last PUBACK and the oldest unacknowledged publish, so
+    an idle period before new data arrives never counts as a stall.
+    """
+    oldest = window.oldest_sent()
+    if oldest is None:
+        return 0.0
+    waited = now - max(last_ack, oldest)
+    return waited if waited > timeout else 0.0

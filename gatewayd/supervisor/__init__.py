@@ -1,0 +1,1 @@
+"""`gatewayd supervisor`: the controller container, software updates, commands, remote files, health."""

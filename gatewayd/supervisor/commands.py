@@ -1,0 +1,425 @@
+"""RPC methods (SPEC §2.5). Each returns a reply object, a `Deferred` (work finishing in the
+background) or a `PowerAction` (reply first, act after)."""
+
+from __future__ import annotations
+
+import os
+import platform
+import shlex
+import shutil
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from gatewayd import __version__
+from gatewayd.config import Config
+from gatewayd.records import packet_size
+from gatewayd.store import archive as archive_store
+from gatewayd.store import queues
+from gatewayd.store.db import transaction
+from gatewayd.supervisor import runcmd
+from gatewayd.supervisor.docker_api import Docker
+from gatewayd.supervisor.jobs import Future, Job
+
+if TYPE_CHECKING:
+    from gatewayd.supervisor.service import Supervisor
+
+
+class BadRequest(Exception):
+    """Unknown method, bad params, or a request that cannot be carried out: an error reply."""
+
+
+@dataclass
+class Deferred:
+    """A reply that waits for background work; `to_reply(result)` builds it."""
+
+    waitable: Job | Future
+    to_reply: Callable[[Any], dict[str, Any]]
+    what: str
+
+
+@dataclass
+class PowerAction:
+    reply: dict[str, Any]
+    argv: list[str]
+    action: str
+
+
+Result = dict[str, Any] | Deferred | PowerAction
+
+
+@dataclass
+class Method:
+    fn: Callable[[Supervisor, Any], Result]
+    doc: str
+    params: dict[str, str] = field(default_factory=dict)
+
+
+# -- parameter helpers -------------------------------------------------------------------
+
+def _params(params: Any) -> dict[str, Any]:
+    if params is None or params == "" or params == []:
+        return {}
+    if not isinstance(params, dict):
+        raise BadRequest("params must be a JSON object")
+    return params
+
+
+def _int(p: dict[str, Any], name: str, required: bool = True, default: int | None = None,
+         lo: int | None = None, hi: int | None = None) -> int:
+    if name not in p or p[name] is None:
+        if required:
+            raise BadRequest(f"params.{name} is required")
+        assert default is not None
+        return default
+    v = p[name]
+    if isinstance(v, str) and v.strip().lstrip("-").isdigit():
+        v = int(v.strip())
+    if isinstance(v, bool) or not isinstance(v, int):
+        raise BadRequest(f"params.{name} must be an integer")
+    if lo is not None and v < lo:
+        raise BadRequest(f"params.{name} must be at least {lo}")
+    if hi is not None and v > hi:
+        raise BadRequest(f"params.{name} must be at most {hi}")
+    return v
+
+
+def _need_controller(sup: Supervisor) -> Any:
+    if sup.controller is None:
+        raise BadRequest("the controller is disabled ([controller] enabled = false)")
+    return sup.controller
+
+
+# -- methods -----------------------------------------------------------------------------
+
+def m_list(sup: Supervisor, params: Any) -> Result:
+    return {"methods": {name: ({"doc": m.doc, "params": m.params} if m.params else {"doc": m.doc})
+                        for name, m in sorted(METHODS.items())}}
+
+
+def m_ping(sup: Supervisor, params: Any) -> Result:
+    return {"pong": True, "ts": int(time.time() * 1000), "uptime_s": round(sup.uptime_s(), 1)}
+
+
+def m_status(sup: Supervisor, params: Any) -> Result:
+    return sup.status_report()
+
+
+def _controller_reply(sup: Supervisor, key: str) -> Callable[[Any], dict[str, Any]]:
+    def build(result: Any) -> dict[str, Any]:
+        snap = sup.controller.snapshot() if sup.controller is not None else {}
+        return {key: True, "state": snap.get("state"), "restarts": snap.get("restarts")}
+
+    return build
+
+
+def m_restart_controller(sup: Supervisor, params: Any) -> Result:
+    ctl = _need_controller(sup)
+    return Deferred(ctl.restart("requested by RPC restart_controller"), _controller_reply(sup, "restarted"),
+                    "restart_controller")
+
+
+def m_stop_controller(sup: Supervisor, params: Any) -> Result:
+    ctl = _need_controller(sup)
+    return Deferred(ctl.stop_container(), _controller_reply(sup, "stopped"), "stop_controller")
+
+
+def m_start_controller(sup: Supervisor, params: Any) -> Result:
+    ctl = _need_controller(sup)
+    return Deferred(ctl.start_container(), _controller_reply(sup, "started"), "start_controller")
+
+
+def _power(sup: Supervisor, action: str, key: str) -> Result:
+    argv = list(sup.cfg["supervisor"][key])
+    if not argv:
+        raise BadRequest(f"{action} is disabled ([supervisor] {key} is empty)")
+    if shutil.which(argv[0]) is None:
+        raise BadRequest(f"cannot {action}: {argv[0]} not found")
+    delay = sup.cfg["supervisor"]["power_action_delay_s"]
+    return PowerAction({"ok": True, "action": action, "command": argv,
+                        "note": f"acting after this reply is delivered (at most {delay:.0f} s)"}, argv, action)
+
+
+def m_reboot(sup: Supervisor, params: Any) -> Result:
+    return _power(sup, "reboot", "reboot_command")
+
+
+def m_shutdown(sup: Supervisor, params: Any) -> Result:
+    return _power(sup, "shutdown", "shutdown_command")
+
+
+def m_restart_gateway(sup: Supervisor, params: Any) -> Result:
+    return _power(sup, "restart_gateway", "restart_gateway_command")
+
+
+def allowed_argv(cfg: Config, command: Any) -> list[str]:
+    """The argv of an allowed command; BadRequest naming why not."""
+    if isinstance(command, str):
+        try:
+            argv = shlex.split(command)
+        except ValueError as e:
+            raise BadRequest(f"params.command cannot be parsed: {e}") from e
+    elif isinstance(command, list) and all(isinstance(a, str) for a in command):
+        argv = list(command)
+    else:
+        raise BadRequest("params.command must be a string or a list of strings")
+    if not argv or not argv[0]:
+        raise BadRequest("params.command is empty")
+    allow = list(cfg["supervisor"]["run_command_allow"])
+    if not allow:
+        raise BadRequest("run_command is disabled ([supervisor] run_command_allow is empty)")
+    prog = argv[0]
+    chosen = None
+    for entry in allow:
+        if prog == entry:
+            chosen = entry
+            break
+        if "/" not in prog and "/" in entry and os.path.basename(entry) == prog:
+            chosen = entry
+            break
+    if chosen is None:
+        raise BadRequest(f"command {prog!r} is not allowed ([supervisor] run_command_allow)")
+    resolved = chosen if "/" in chosen else shutil.which(chosen)
+    if not resolved:
+        raise BadRequest(f"command {prog!r} is allowed but not installed")
+    return [resolved, *argv[1:]]
+
+
+def m_run_command(sup: Supervisor, params: Any) -> Result:
+    p = _params(params)
+    if "command" not in p:
+        raise BadRequest("params.command is required")
+    argv = allowed_argv(sup.cfg, p["command"])
+    limit = sup.cfg["supervisor"]["run_command_timeout_s"]
+    timeout = float(limit)
+    if "timeout_s" in p:
+        t = p["timeout_s"]
+        if isinstance(t, bool) or not isinstance(t, (int, float)) or t <= 0:
+            raise BadRequest("params.timeout_s must be a positive number")
+        timeout = min(float(t), float(limit))
+    max_out = sup.cfg["supervisor"]["run_command_max_output_bytes"]
+    job = sup.jobs.submit(f"run {os.path.basename(argv[0])}", runcmd.run, argv, timeout, max_out)
+
+    def reply(result: Any) -> dict[str, Any]:
+        out = dict(result)
+        out["command"] = argv
+        out["job"] = job.id
+        return out
+
+    return Deferred(job, reply, "run_command")
+
+
+def m_job_status(sup: Supervisor, params: Any) -> Result:
+    p = _params(params)
+    job = sup.jobs.get(_int(p, "job", lo=1))
+    if job is None:
+        raise BadRequest("no such job (finished jobs are remembered for a while only)")
+    return job.summary()
+
+
+def m_init_files(sup: Supervisor, params: Any) -> Result:
+    return sup.files.init_files()
+
+
+def _range(params: Any) -> tuple[int, int]:
+    p = _params(params)
+    start = _int(p, "start_timestamp_ms")
+    end = _int(p, "end_timestamp_ms")
+    if end < start:
+        raise BadRequest("end_timestamp_ms must not be before start_timestamp_ms")
+    return start, end
+
+
+def _archive_enabled(sup: Supervisor) -> None:
+    if not sup.cfg["archive"]["enabled"]:
+        raise BadRequest("the archive is disabled ([archive] enabled = false)")
+
+
+def republish(cfg: Config, start: int, end: int, batch: int = 2000) -> dict[str, int]:
+    """Put archived records with start <= ts < end back into the outbox as telemetry."""
+    a = archive_store.open_archive(cfg.archive_db, check=False)
+    q = queues.open_queues(cfg.queues_db, check=False)
+    count = skipped = 0
+    last_ts, last_id = start, -1
+    try:
+        while True:
+            rows = a.execute("SELECT id, ts, type, message FROM archive WHERE ts < ? AND (ts, id) > (?, ?) "
+                             "ORDER BY ts, id LIMIT ?", (end, last_ts, last_id, batch)).fetchall()
+            if not rows:
+                break
+            new: list[queues.NewRow] = []
+            for rid, ts, _type, message in rows:
+                last_ts, last_id = ts, rid
+                payload = archived_to_telemetry(ts, message)
+                if payload is None:
+                    skipped += 1
+                    continue
+                new.append((queues.PRIO_TELEMETRY, queues.KIND_TELEMETRY, queues.TOPIC_TELEMETRY, payload, ts, 0))
+            with transaction(q):
+                queues.append(q, new)
+            count += len(new)
+    finally:
+        a.close()
+        q.close()
+    return {"count": count, "skipped": skipped}
+
+
+def archived_to_telemetry(ts: int, message: Any) -> str | None:
+    import json
+
+    try:
+        obj = json.loads(message)
+    except (TypeError, ValueError):
+        return None
+    if isinstance(obj, dict) and "values" in obj and isinstance(obj["values"], dict):
+        values = obj["values"]
+        ts = obj.get("ts", ts) if isinstance(obj.get("ts"), int) else ts
+    elif isinstance(obj, dict):
+        values = obj  # an attributes record: its values object
+    else:
+        return None
+    if not values:
+        return None
+    return json.dumps({"ts": ts, "values": values}, separators=(",", ":"), ensure_ascii=False)
+
+
+def discard(cfg: Config, start: int, end: int, batch: int = 10000) -> dict[str, int]:
+    a = archive_store.open_archive(cfg.archive_db, check=False)
+    count = 0
+    try:
+        while True:
+            with transaction(a):
+                n = a.execute("DELETE FROM archive WHERE id IN (SELECT id FROM archive WHERE ts >= ? AND ts < ? "
+                              "LIMIT ?)", (start, end, batch)).rowcount
+            count += n
+            if n < batch:
+                break
+    finally:
+        a.close()
+    return {"count": count}
+
+
+def count(cfg: Config, start: int, end: int) -> dict[str, int]:
+    a = archive_store.open_archive(cfg.archive_db, check=False)
+    try:
+        return {"count": archive_store.count_range(a, start, end)}
+    finally:
+        a.close()
+
+
+def _archive_job(sup: Supervisor, name: str, fn: Callable[..., dict[str, int]], params: Any) -> Result:
+    _archive_enabled(sup)
+    start, end = _range(params)
+    job = sup.jobs.submit(name, fn, sup.cfg, start, end)
+    return Deferred(job, lambda r: {**r, "start_timestamp_ms": start, "end_timestamp_ms": end}, name)
+
+
+def m_archive_republish(sup: Supervisor, params: Any) -> Result:
+    return _archive_job(sup, "archive_republish_messages", republish, params)
+
+
+def m_archive_discard(sup: Supervisor, params: Any) -> Result:
+    return _archive_job(sup, "archive_discard_messages", discard, params)
+
+
+def m_archive_count(sup: Supervisor, params: Any) -> Result:
+    return _archive_job(sup, "archive_count_messages", count, params)
+
+
+def fit_lines(lines: list[str], budget: int) -> tuple[list[str], bool]:
+    """The newest lines that fit in `budget` bytes of JSON."""
+    out: list[str] = []
+    used = 0
+    for line in reversed(lines):
+        cost = len(line.encode()) + 8
+        if used + cost > budget:
+            return list(reversed(out)), True
+        out.append(line)
+        used += cost
+    return list(reversed(out)), False
+
+
+def _logs(cfg: Config, name: str, lines: int) -> list[str]:
+    d = Docker(timeout_s=20)
+    try:
+        return d.logs(name, lines)
+    finally:
+        d.close()
+
+
+def m_controller_logs(sup: Supervisor, params: Any) -> Result:
+    _need_controller(sup)
+    p = _params(params)
+    lines = _int(p, "lines", required=False, default=100, lo=1, hi=5000)
+    name = sup.cfg["controller"]["container_name"]
+    job = sup.jobs.submit("controller_logs", _logs, sup.cfg, name, lines)
+    budget = sup.reply_budget() - 200
+
+    def reply(result: Any) -> dict[str, Any]:
+        kept, truncated = fit_lines(list(result), budget)
+        return {"container": name, "lines": kept, "truncated": truncated}
+
+    return Deferred(job, reply, "controller_logs")
+
+
+def m_sw_status(sup: Supervisor, params: Any) -> Result:
+    return sup.updates.report()
+
+
+def m_system_info(sup: Supervisor, params: Any) -> Result:
+    from gatewayd.supervisor.system import system_metrics
+
+    info: dict[str, Any] = {"gatewayd": __version__, "python": sys.version.split()[0],
+                            "platform": platform.platform(), "hostname": platform.node()}
+    info.update(system_metrics(sup.cfg.state_dir))
+    return info
+
+
+def m_devices(sup: Supervisor, params: Any) -> Result:
+    return {"devices": sup.devices.devices, "monitoring": sup.devices.enabled}
+
+
+METHODS: dict[str, Method] = {
+    "list": Method(m_list, "the RPC methods this gateway answers"),
+    "ping": Method(m_ping, "answers at once: is the supervisor alive"),
+    "status": Method(m_status, "controller, software version, queues, jobs"),
+    "restart_controller": Method(m_restart_controller, "restart the controller container"),
+    "stop_controller": Method(m_stop_controller, "stop the controller until start_controller"),
+    "start_controller": Method(m_start_controller, "start the controller after stop_controller"),
+    "reboot": Method(m_reboot, "reboot the device (after replying)"),
+    "shutdown": Method(m_shutdown, "power the device off (after replying)"),
+    "restart_gateway": Method(m_restart_gateway, "restart all gatewayd services (after replying)"),
+    "run_command": Method(m_run_command, "run an allow-listed program without a shell",
+                          {"command": "string or list", "timeout_s": "number (optional)"}),
+    "job_status": Method(m_job_status, "state and result of a background job", {"job": "integer"}),
+    "init_files": Method(m_init_files, "report all managed files again and fetch pending contents"),
+    "archive_republish_messages": Method(m_archive_republish, "send archived records again as telemetry",
+                                         {"start_timestamp_ms": "integer, inclusive",
+                                          "end_timestamp_ms": "integer, exclusive"}),
+    "archive_discard_messages": Method(m_archive_discard, "delete archived records",
+                                       {"start_timestamp_ms": "integer, inclusive",
+                                        "end_timestamp_ms": "integer, exclusive"}),
+    "archive_count_messages": Method(m_archive_count, "count archived records",
+                                     {"start_timestamp_ms": "integer, inclusive",
+                                      "end_timestamp_ms": "integer, exclusive"}),
+    "controller_logs": Method(m_controller_logs, "recent log lines of the controller container",
+                              {"lines": "integer (default 100)"}),
+    "sw_status": Method(m_sw_status, "software update state and current version"),
+    "system_info": Method(m_system_info, "versions and system metrics"),
+    "devices": Method(m_devices, "USB and serial devices"),
+}
+
+
+def dispatch(sup: Supervisor, method: Any, params: Any) -> Result:
+    if not isinstance(method, str) or not method:
+        raise BadRequest("'method' must be a non-empty string")
+    m = METHODS.get(method)
+    if m is None:
+        raise BadRequest(f"unknown method {method!r} (the 'list' method names all)")
+    return m.fn(sup, params)
+
+
+def reply_fits(payload: str, rpc_id: str, max_packet: int) -> bool:
+    return packet_size(queues.TOPIC_RPC_RESPONSE + rpc_id, payload) <= max_packet

@@ -1,0 +1,76 @@
+"""Provisioning answers, the saved credentials file and the backoff."""
+
+from __future__ import annotations
+
+import json
+import stat
+from pathlib import Path
+
+import pytest
+
+from gatewayd.bridge import provisioning
+from gatewayd.bridge.provisioning import Backoff, Credentials, ProvisioningError
+
+
+def test_request_payload() -> None:
+    assert json.loads(provisioning.request_payload("dev", "k", "s")) == {
+        "deviceName": "dev", "provisionDeviceKey": "k", "provisionDeviceSecret": "s"}
+    assert provisioning.client_id_for_provisioning() != "provision"
+
+
+def test_success_access_token() -> None:
+    c = provisioning.parse_response(b'{"status":"SUCCESS","credentialsType":"ACCESS_TOKEN",'
+                                    b'"credentialsValue":"tok123"}')
+    assert c == Credentials("tok123", source="provisioned")
+
+
+def test_success_mqtt_basic() -> None:
+    c = provisioning.parse_response(json.dumps({"status": "SUCCESS", "credentialsType": "MQTT_BASIC",
+                                                "credentialsValue": {"clientId": "c", "userName": "u",
+                                                                     "password": "p"}}).encode())
+    assert (c.username, c.password, c.client_id) == ("u", "p", "c")
+
+
+@pytest.mark.parametrize("payload, words", [
+    (b'{"status":"NOT_FOUND","errorMsg":"Provision data was not found!"}', ["NOT_FOUND", "not found"]),
+    (b'{"status":"FAILURE","errorMsg":"Failed to provision device!"}', ["FAILURE", "Failed"]),
+    (b"not json", ["not JSON"]),
+    (b"[1]", ["not a JSON object"]),
+    (b'{"status":"SUCCESS","credentialsType":"X509_CERTIFICATE","credentialsValue":"..."}', ["unsupported"]),
+])
+def test_refusals_are_clear(payload: bytes, words: list[str]) -> None:
+    with pytest.raises(ProvisioningError) as e:
+        provisioning.parse_response(payload)
+    for w in words:
+        assert w in str(e.value)
+
+
+def test_save_and_load_0600(tmp_path: Path) -> None:
+    path = tmp_path / "state" / "credentials.json"
+    provisioning.save(path, Credentials("tok", source="provisioned"), "dev")
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert provisioning.load(path) == Credentials("tok", source="file")
+    provisioning.save(path, Credentials("u", "p", "c"), "dev")
+    assert provisioning.load(path) == Credentials("u", "p", "c", source="file")
+    assert not list(path.parent.glob(".*tmp"))
+
+
+def test_load_missing_and_bad(tmp_path: Path) -> None:
+    assert provisioning.load(tmp_path / "nope.json") is None
+    bad = tmp_path / "bad.json"
+    bad.write_text("{")
+    with pytest.raises(ValueError):
+        provisioning.load(bad)
+    bad.write_text("{}")
+    with pytest.raises(ValueError):
+        provisioning.load(bad)
+
+
+def test_backoff_doubles_to_the_cap() -> None:
+    b = Backoff(30, 1800, jitter=0)
+    assert [b.next() for _ in range(8)] == [30, 60, 120, 240, 480, 960, 1800, 1800]
+    b.reset()
+    assert b.next() == 30
+    j = Backoff(0.5, 5, jitter=0.2)
+    for _ in range(20):
+        assert 0.4 <= j.next() <= 6.0

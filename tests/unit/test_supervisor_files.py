@@ -1,0 +1,227 @@
+"""Remote files: path confinement, atomic writes, the FILES / FILE_CONTENT / FILE_HASHES flow."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from gatewayd.supervisor import files as F
+from gatewayd.supervisor.files import FileManager, FileRefused, atomic_write, confine
+
+
+@pytest.fixture
+def root(tmp_path: Path) -> Path:
+    r = tmp_path / "root"
+    r.mkdir()
+    return r
+
+
+def test_confine_accepts_paths_inside(root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    assert confine(str(root / "a.txt"), [root]) == root / "a.txt"
+    assert confine("sub/b.txt", [root]) == root / "sub" / "b.txt"  # relative: under the first root
+    monkeypatch.setenv("GWTEST_DIR", str(root))
+    assert confine("${GWTEST_DIR}/c.txt", [root]) == root / "c.txt"
+    assert confine("$GWTEST_DIR/c.txt", [root]) == root / "c.txt"
+    (root / "inner").mkdir()
+    os.symlink(root / "inner", root / "link")
+    assert confine(str(root / "link" / "d"), [root]) == root / "inner" / "d"  # symlink inside: fine
+
+
+@pytest.mark.parametrize("bad, why", [
+    ("{root}/../escape.txt", "'..'"),
+    ("../escape.txt", "'..'"),
+    ("/etc/passwd", "outside the allowed roots"),
+    ("{root}", "allowed root itself"),
+    ("$GWTEST_UNSET_VAR/x", "environment variable"),
+])
+def test_confine_refuses(root: Path, bad: str, why: str) -> None:
+    with pytest.raises(FileRefused, match=why):
+        confine(bad.format(root=root), [root])
+
+
+def test_confine_refuses_symlink_escapes(root: Path, tmp_path: Path) -> None:
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    os.symlink(outside, root / "out")
+    os.symlink(tmp_path / "secret", root / "file-link")
+    with pytest.raises(FileRefused, match="symbolic link"):
+        confine(str(root / "out" / "x"), [root])
+    with pytest.raises(FileRefused, match="symbolic link"):
+        confine(str(root / "file-link"), [root])
+
+
+def test_atomic_write_replaces_keeps_mode_and_leaves_no_temp(root: Path) -> None:
+    target = root / "cfg.txt"
+    target.write_text("old")
+    os.chmod(target, 0o640)
+    atomic_write(target, b"new content", [root])
+    assert target.read_bytes() == b"new content"
+    assert (target.stat().st_mode & 0o777) == 0o640
+    assert sorted(p.name for p in root.iterdir()) == ["cfg.txt"]
+
+
+def test_atomic_write_failure_keeps_the_old_file(root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    target = root / "cfg.txt"
+    target.write_text("old")
+
+    def boom(*a: Any, **k: Any) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(F.os, "replace", boom)
+    with pytest.raises(OSError):
+        atomic_write(target, b"new", [root])
+    assert target.read_text() == "old"
+    assert sorted(p.name for p in root.iterdir()) == ["cfg.txt"]
+
+
+def test_atomic_write_refuses_a_directory_swapped_for_an_outside_link(root: Path, tmp_path: Path) -> None:
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    os.symlink(outside, root / "d")
+    with pytest.raises(OSError):  # O_NOFOLLOW on the directory: ELOOP / ENOTDIR
+        atomic_write(root / "d" / "x", b"data", [root])
+    assert not (outside / "x").exists()
+
+
+def test_encodings() -> None:
+    assert F.encode_content("héllo", "text") == "héllo".encode()
+    assert F.encode_content(base64.b64encode(b"\x00\x01").decode(), "base64") == b"\x00\x01"
+    assert json.loads(F.encode_content({"a": 1}, "json")) == {"a": 1}
+    assert F.encode_content('{"a": 1}', "json") == b'{"a": 1}'
+    for value, enc in ((1, "text"), ("@@@", "base64"), ("{nope", "json")):
+        with pytest.raises(FileRefused):
+            F.encode_content(value, enc)
+    assert F.decode_content(b'{"a":1}', "json") == {"a": 1}
+    assert F.decode_content(b"\x00", "base64") == "AA=="
+
+
+def test_parse_files() -> None:
+    defs, errors = F.parse_files(json.dumps({"a": {"path": "x"}, "b": {"nopath": 1}, "c": {"path": "y",
+                                                                                            "encoding": "xml"}}))
+    assert list(defs) == ["a"] and set(errors) == {"b", "c"}
+    with pytest.raises(FileRefused):
+        F.parse_files("[1, 2]")
+
+
+class Recorder:
+    def __init__(self) -> None:
+        self.published: list[dict[str, Any]] = []
+        self.requested: list[list[str]] = []
+        self.restarts: list[str] = []
+        self.saved: dict[str, Any] = {}
+
+    def manager(self, roots: list[Path]) -> FileManager:
+        return FileManager(roots, 60000, self.published.append, self.requested.append, self.restarts.append,
+                           self.saved.update)
+
+    def last(self, key: str) -> Any:
+        for p in reversed(self.published):
+            if key in p:
+                return p[key]
+        raise KeyError(key)
+
+
+def test_write_version_flow(root: Path) -> None:
+    rec = Recorder()
+    fm = rec.manager([root])
+    target = root / "app.conf"
+    target.write_text("v0")
+    fm.on_files({"app": {"path": str(target), "write_version": 1, "restart_controller_on_change": True}})
+    assert rec.requested == [["FILE_CONTENT_app"]]
+    assert rec.last("FILE_READ_app") == "v0"
+    assert rec.last("FILE_HASHES") == {"app": {"hash": hashlib.md5(b"v0").hexdigest(), "write_version": None}}
+    # the response arrives: written, reported, the controller restarted
+    assert fm.on_content("app", "v1", pushed=False)
+    assert target.read_text() == "v1"
+    assert rec.last("FILE_HASHES") == {"app": {"hash": hashlib.md5(b"v1").hexdigest(), "write_version": 1}}
+    assert rec.last("FILE_READ_app") == "v1"
+    assert rec.restarts == ["remote file app changed"]
+    # the same definitions again (attribute refresh after a reconnect): nothing requested, nothing written
+    rec.requested.clear()
+    fm.on_files({"app": {"path": str(target), "write_version": 1, "restart_controller_on_change": True}})
+    assert rec.requested == []
+    assert not fm.on_content("app", "v1", pushed=False)
+    assert rec.restarts == ["remote file app changed"]
+    # a new write_version asks again
+    fm.on_files({"app": {"path": str(target), "write_version": 2}})
+    assert rec.requested == [["FILE_CONTENT_app"]]
+    # a pushed content is written at once
+    assert fm.on_content("app", "pushed", pushed=True)
+    assert target.read_text() == "pushed"
+    assert rec.saved["applied"] == {"app": 2}
+
+
+def test_refusals_are_reported_and_write_nothing(root: Path, tmp_path: Path) -> None:
+    rec = Recorder()
+    fm = rec.manager([root])
+    os.symlink(tmp_path, root / "up")
+    fm.on_files({"dots": {"path": f"{root}/../x"}, "abs": {"path": "/etc/gatewayd-test-x"},
+                 "link": {"path": f"{root}/up/y"}, "missing": {"path": str(root / "m.txt")}})
+    for key, text in (("dots", "'..'"), ("abs", "outside"), ("link", "symbolic link")):
+        assert text in rec.last(f"FILE_ERROR_{key}")
+        assert not fm.on_content(key, "data", pushed=True)
+    assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
+    assert not Path("/etc/gatewayd-test-x").exists()
+    # a missing file is created only with create_if_not_exist
+    assert not fm.on_content("missing", "data", pushed=True)
+    assert "create_if_not_exist" in rec.last("FILE_ERROR_missing")
+    assert not (root / "m.txt").exists()
+    fm.on_files({"missing": {"path": str(root / "new" / "m.txt"), "create_if_not_exist": True}})
+    assert fm.on_content("missing", "data", pushed=True)
+    assert (root / "new" / "m.txt").read_text() == "data"
+    assert rec.last("FILE_ERROR_missing") == ""
+
+
+def test_change_detection_on_the_expanded_path(root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("GWTEST_DIR", str(root))
+    rec = Recorder()
+    fm = rec.manager([root])
+    target = root / "watched.json"
+    target.write_text('{"a": 1}')
+    fm.on_files({"w": {"path": "${GWTEST_DIR}/watched.json", "encoding": "json"}})
+    assert fm.check_changes() == []
+    target.write_text('{"a": 2}')
+    os.utime(target, ns=(1, 1))
+    assert fm.check_changes() == ["w"]
+    assert rec.last("FILE_READ_w") == {"a": 2}
+    assert rec.last("FILE_HASHES")["w"]["hash"] == hashlib.md5(b'{"a": 2}').hexdigest()
+
+
+def test_state_survives_a_restart(root: Path) -> None:
+    rec = Recorder()
+    fm = rec.manager([root])
+    (root / "a").write_text("x")
+    fm.on_files({"a": {"path": str(root / "a"), "write_version": 3}})
+    fm.on_content("a", "y", pushed=False)
+    rec2 = Recorder()
+    fm2 = rec2.manager([root])
+    fm2.load(rec.saved)
+    assert fm2.applied == {"a": 3} and "a" in fm2.defs
+    assert rec2.requested == []
+
+
+def test_init_files_reports_everything(root: Path) -> None:
+    rec = Recorder()
+    fm = rec.manager([root])
+    (root / "a").write_text("x")
+    fm.on_files({"a": {"path": str(root / "a")}})
+    rec.published.clear()
+    out = fm.init_files()
+    assert out["files"]["a"]["hash"] == hashlib.md5(b"x").hexdigest()
+    assert rec.last("FILE_READ_a") == "x"
+    assert ["FILES"] in rec.requested
+
+
+def test_too_large_to_report(root: Path) -> None:
+    rec = Recorder()
+    fm = FileManager([root], 100, rec.published.append, rec.requested.append, rec.restarts.append, rec.saved.update)
+    (root / "big").write_text("x" * 1000)
+    fm.on_files({"big": {"path": str(root / "big")}})
+    assert "too large" in rec.last("FILE_ERROR_big")
+    assert rec.last("FILE_HASHES")["big"]["hash"] == hashlib.md5(b"x" * 1000).hexdigest()

@@ -47,6 +47,7 @@ class Forwarder:
         self.dead_total = 0
         self.last_housekeeping = float("-inf")
         self._rate = 0.0
+        self._last_move = float("-inf")
         self.watch: DirectoryWatch | None = None
 
     # -- lifecycle -----------------------------------------------------------------------
@@ -73,7 +74,9 @@ class Forwarder:
                 conn.close()
 
     def status(self) -> str:
-        return f"forwarding: {self.moved_total} records moved ({self._rate:.0f}/s), {self.dead_total} dead-lettered"
+        busy = time.monotonic() - self._last_move < 2.0
+        return (f"{'forwarding at ' + format(self._rate, '.0f') + ' records/s' if busy else 'idle'}; "
+                f"{self.moved_total} moved, {self.dead_total} dead-lettered since start")
 
     def report_error(self, text: str) -> None:
         if self.queues is not None:
@@ -134,6 +137,7 @@ class Forwarder:
             self.seen_version = version
         if moved:
             self._rate = moved / max(time.perf_counter() - t0, 1e-6)
+            self._last_move = time.monotonic()
             return True, 0.0
         return True, idle_wait
 

@@ -101,7 +101,8 @@ cp "$scratch"/gatewayd_"${deb_version}"_*.buildinfo "$out/" 2>/dev/null || true
 if [[ $run_lintian -eq 1 ]]; then
     log "lintian"
     # Errors and warnings fail the build; info/pedantic tags are shown but allowed.
-    lintian --fail-on error,warning --info "$out/gatewayd_${deb_version}_all.deb" >&2
+    # (TMPDIR: lintian leaves its cache files behind in it.)
+    TMPDIR=$scratch lintian --fail-on error,warning --info "$out/gatewayd_${deb_version}_all.deb" >&2
 fi
 
 log "built $out/gatewayd_${deb_version}_all.deb"

@@ -13,7 +13,7 @@ echo "== lint"
 "$VENV/bin/mypy" gatewayd
 shellcheck watchdog/gatewayd-watchdog scripts/*.sh
 
-PYTEST_ARGS=(${PYTEST_ARGS:-})
+read -r -a PYTEST_ARGS <<< "${PYTEST_ARGS:-}"
 echo "== tests: Debian python3 $(/usr/bin/python3 -c 'import sys; print(sys.version.split()[0])'), paho-mqtt 1.6.1"
 /usr/bin/python3 -m pytest -p no:cacheprovider "${PYTEST_ARGS[@]}" tests
 echo "== tests: PyPI venv, paho-mqtt $("$VENV/bin/python" -c 'import paho.mqtt; print(paho.mqtt.__version__)')"

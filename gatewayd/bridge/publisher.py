@@ -73,12 +73,13 @@ class Oversized:
 
 
 def plan(rows: Sequence[Row], start: int, max_packet: int, mqtt5: bool = False,
-         max_records: int = 0, max_points: int = 0) -> Publish | Oversized:
+         max_records: int = 0, max_points: int = 0, alone_max: int = 0) -> Publish | Oversized:
     """The next PUBLISH from rows[start:] (start < len(rows)).
 
     Telemetry rows to the telemetry topic are joined while the packet stays within
     `max_packet` (and `max_records` / `max_points` when > 0); any other row goes alone.
-    A row that does not fit even alone is returned as Oversized.
+    A row larger than `max_packet` but within `alone_max` (when that is larger) goes alone;
+    a row that does not fit even then is returned as Oversized.
     """
     first = rows[start]
     rid, prio, kind, topic, payload = first
@@ -86,7 +87,11 @@ def plan(rows: Sequence[Row], start: int, max_packet: int, mqtt5: bool = False,
     first_b = utf8_len(payload)
     single = packet_size(topic_b, first_b, mqtt5)
     if single > max_packet:
-        return Oversized(first, single, max_packet)
+        if single > alone_max:
+            return Oversized(first, single, max(max_packet, alone_max))
+        return Publish(topic, payload, prio, rid, rid, 1, single,
+                       kind == KIND_TELEMETRY and topic == TOPIC_TELEMETRY,
+                       datapoints(payload) if max_points > 0 else 0)
     if kind != KIND_TELEMETRY or topic != TOPIC_TELEMETRY:
         return Publish(topic, payload, prio, rid, rid, 1, single, False, 0)
 
@@ -281,3 +286,143 @@ def stalled(window: Window, last_ack: float, now: float, timeout: float) -> floa
         return 0.0
     waited = now - max(last_ack, oldest)
     return waited if waited > timeout else 0.0
+
+
+# -- the packet limit of a server that closes the session instead of announcing it -----------
+
+MIN_PACKET = 1024          # never learn a limit below this; a record this small is never blamed
+LOSSES_TO_SHRINK = 2       # suspect sessions lost in a row (no PUBACK in between) before shrinking
+LOSSES_TO_DEAD_LETTER = 2  # ... with the same record sent alone as the largest packet in flight
+DISTRUST_AFTER_LOSSES = 5  # no PUBACK across this many lost sessions with publishes in flight ...
+DISTRUST_AFTER_S = 600.0   # ... and this long: sizes acknowledged before may no longer be accepted
+
+NOTHING, SHRINK, ISOLATE, DEAD_LETTER = "nothing", "shrink", "isolate", "dead-letter"
+
+
+@dataclass
+class LossVerdict:
+    """What to do about a session lost with publishes in flight (see `PacketLimit.lost`)."""
+
+    action: str          # NOTHING, SHRINK, ISOLATE or DEAD_LETTER
+    pub: Publish         # the suspect: the largest publish in flight
+    losses: int          # sessions lost in a row without a PUBACK
+    limit: int = 0       # SHRINK: the new packet limit
+    distrusted: int = 0  # > 0: the largest acknowledged size, forgotten because the server now refuses it
+
+    @property
+    def size(self) -> int:
+        return self.pub.size
+
+
+class PacketLimit:
+    """The packet limit learned from a server that closes the session on a too-large PUBLISH.
+
+    ThingsBoard closes the connection without PUBACK when a PUBLISH exceeds its maximum, and
+    before 3.8 it does not announce that maximum; under MQTT 3.1.1 there is no reason code
+    either. It reads the packets in order and closes at the first one that is too large, so
+    PUBACKs of earlier ones may be lost with the session; if a size caused the close, the
+    *largest* publish in flight (the suspect) is too large. Evidence, not guesses:
+
+    - a PUBACK for a packet of S bytes proves S is accepted (`acked_max`): the limit never
+      goes below it, and a session lost with no packet larger than that in flight proves
+      nothing (broker restart, network drop, rate limit);
+    - `LOSSES_TO_SHRINK` sessions lost in a row with a larger suspect and no PUBACK in
+      between halve the limit (never below `MIN_PACKET` nor `acked_max`);
+    - a suspect that is a single record sent alone (larger than the limit, or nothing else
+      fitted with it) lost `LOSSES_TO_DEAD_LETTER` times in a row is too large for this
+      server: DEAD_LETTER, and `ceiling` keeps records at least that large from being tried
+      again. Records of `MIN_PACKET` bytes or less are never blamed;
+    - a suspect batch at the floor: ISOLATE (send its records one by one);
+    - when no PUBACK at all has come for `DISTRUST_AFTER_S` across `DISTRUST_AFTER_LOSSES`
+      lost sessions, `acked_max` is forgotten: the server's limit may have been lowered.
+
+    `learned` and `ceiling` are what the bridge persists; `acked_max` lives in memory.
+    """
+
+    def __init__(self, floor: int = MIN_PACKET) -> None:
+        self.floor = floor
+        self.learned: int | None = None   # largest packet to build from several records
+        self.ceiling: int | None = None   # largest packet to try at all (one byte more was refused)
+        self.acked_max = 0
+        self.losses = 0                   # suspect sessions lost since the last PUBACK
+        self.streak = 0                   # sessions lost with publishes in flight since the last PUBACK
+        self.streak_since = 0.0
+        self.alone: tuple[int, int] | None = None  # (priority, id) of the record lost while sent alone
+        self.alone_losses = 0
+
+    def restore(self, learned: int | None, ceiling: int | None) -> None:
+        self.ceiling = max(self.floor, ceiling) if ceiling else None
+        self.learned = max(self.floor, learned) if learned else None
+        if self.learned is not None and self.ceiling is not None:
+            self.learned = min(self.learned, self.ceiling)
+
+    def forget(self) -> None:
+        self.learned = self.ceiling = None
+
+    @property
+    def active(self) -> bool:
+        return self.learned is not None or self.ceiling is not None
+
+    def limit(self, hard: int) -> int:
+        """Largest packet to build (`hard`: the announced or configured maximum)."""
+        return min(hard, self.learned) if self.learned is not None else hard
+
+    def alone_limit(self, hard: int) -> int:
+        """Largest packet to try for one record on its own."""
+        return min(hard, self.ceiling) if self.ceiling is not None else hard
+
+    def acked(self, size: int) -> bool:
+        """A PUBACK for a `size`-byte packet; True when `learned` / `ceiling` changed."""
+        self.losses = self.streak = self.alone_losses = 0
+        self.alone = None
+        if size <= self.acked_max:
+            return False
+        self.acked_max = size
+        changed = False
+        if self.learned is not None and size > self.learned:
+            self.learned = size
+            changed = True
+        if self.ceiling is not None and size > self.ceiling:
+            self.ceiling = None
+            changed = True
+        return changed
+
+    def lost(self, inflight: Sequence[Publish], limit: int, now: float) -> LossVerdict:
+        """The session ended with `inflight` (send order, not empty) unacknowledged; they were
+        built with the packet limit `limit`. Updates the limits and says what else to do."""
+        if self.streak == 0:
+            self.streak_since = now
+        self.streak += 1
+        suspect = inflight[0]
+        for p in inflight:
+            if p.size > suspect.size:
+                suspect = p
+        size = suspect.size
+        distrusted = 0
+        if size <= self.acked_max:
+            if self.streak < DISTRUST_AFTER_LOSSES or now - self.streak_since < DISTRUST_AFTER_S:
+                return LossVerdict(NOTHING, suspect, self.streak)
+            distrusted, self.acked_max = self.acked_max, 0
+        self.losses += 1
+        if suspect.count == 1 and size > self.floor:
+            key = (suspect.priority, suspect.first_id)
+            if key != self.alone:
+                self.alone, self.alone_losses = key, 0
+            self.alone_losses += 1
+            if self.alone_losses >= LOSSES_TO_DEAD_LETTER:
+                self.alone, self.alone_losses = None, 0
+                self.ceiling = size - 1 if self.ceiling is None else min(self.ceiling, size - 1)
+                if limit > self.ceiling:
+                    self.learned = self.ceiling if self.learned is None else min(self.learned, self.ceiling)
+                return LossVerdict(DEAD_LETTER, suspect, self.streak, distrusted=distrusted)
+            if size > limit:  # sent alone beyond the limit: only its own fate is in question
+                return LossVerdict(NOTHING, suspect, self.streak, distrusted=distrusted)
+        if self.losses < LOSSES_TO_SHRINK:
+            return LossVerdict(NOTHING, suspect, self.streak, distrusted=distrusted)
+        target = max(self.floor, self.acked_max, min(limit, size) // 2)
+        if target < limit:
+            self.learned = target
+            return LossVerdict(SHRINK, suspect, self.streak, limit=target, distrusted=distrusted)
+        if suspect.count > 1:
+            return LossVerdict(ISOLATE, suspect, self.streak, distrusted=distrusted)
+        return LossVerdict(NOTHING, suspect, self.streak, distrusted=distrusted)

@@ -31,7 +31,20 @@ from typing import Any
 from gatewayd.bridge import provisioning
 from gatewayd.bridge.mqtt_compat import PAHO_VERSION, Connection, is_auth_failure
 from gatewayd.bridge.provisioning import Backoff, Credentials, ProvisioningError
-from gatewayd.bridge.publisher import Oversized, Publish, RateLimiter, Row, Window, plan, stalled
+from gatewayd.bridge.publisher import (
+    DEAD_LETTER,
+    ISOLATE,
+    SHRINK,
+    LossVerdict,
+    Oversized,
+    PacketLimit,
+    Publish,
+    RateLimiter,
+    Row,
+    Window,
+    plan,
+    stalled,
+)
 from gatewayd.config import Config
 from gatewayd.inotify import DirectoryWatch
 from gatewayd.store import queues
@@ -66,6 +79,7 @@ LIMITS_TIMEOUT_S = 10.0
 FETCH_ROWS = 8192
 NO_CREDENTIALS_RECHECK_S = 60.0
 STATE_EVERY_S = 1.0
+PACKET_LIMIT_KEY = "bridge.packet_limit"  # the limit learned from lost sessions, per server
 # MQTT 5 PUBACK reason codes that will never succeed for this payload
 RC_PACKET_TOO_LARGE = 0x95
 PERMANENT_FAILURES = {0x90: "topic name invalid", 0x99: "payload format invalid", 0x95: "packet too large"}
@@ -118,6 +132,8 @@ class Bridge:
         self.limits_deadline = 0.0
         self.limits_answer: bytes | None = None
         self.limit_override: int | None = None
+        self.packet = PacketLimit()               # learned from sessions the server closed
+        self.packet_announced: int | None = None  # the server's announced maximum when it was learned
         self.limiter = RateLimiter.build(self.cfg_rate)
         self.req_seq = int(time.time()) % 100000 * 100
 
@@ -161,6 +177,7 @@ class Bridge:
         saved = queues.get_state(self.db, "bridge.session_limits")
         if isinstance(saved, dict) and saved.get("server") == self.server:
             self._apply_limits(saved.get("limits") or {}, persist=False)
+        self._load_packet_limit()
         log.info("bridge for device '%s' to %s (MQTT %s, TLS %s, paho-mqtt %s)", self.device_name,
                  self.server, self._version, "on" if self.cfg["thingsboard"]["tls"] else "off", PAHO_VERSION)
         self._write_state(force=True)
@@ -511,9 +528,9 @@ class Bridge:
                 return None
             head = self.buf[self.buf_i]
             single = head[0] <= self.isolate_upto.get(head[1], 0)
-            p = plan(self.buf, self.buf_i, limit, self.mqtt5, 1 if single else 0, max_points)
+            p = plan(self.buf, self.buf_i, limit, self.mqtt5, 1 if single else 0, max_points, self._alone_max())
             if isinstance(p, Oversized):
-                self._dead_letter(p.row, p.reason)
+                self._dead_letter(p.row, self._oversized_reason(p))
                 self.buf_i += 1
                 self.cursor[self.buf_class] = p.row[0]
                 continue
@@ -581,6 +598,7 @@ class Bridge:
         ranges: list[tuple[int, int, int]] = []
         delivered = 0
         failed: list[tuple[Publish, int]] = []
+        learned = 0
         for mid, reason in self.acks:
             pub = self.window.ack(mid)
             if pub is None:
@@ -590,6 +608,8 @@ class Bridge:
                 continue
             ranges.append((pub.priority, pub.first_id, pub.last_id))
             delivered += pub.count
+            if self.packet.acked(pub.size):
+                learned = max(learned, pub.size)
         self.acks.clear()
         if ranges:
             try:
@@ -600,6 +620,13 @@ class Bridge:
             self.delivered_records += delivered
             self.retry_backoff.reset()
             self.state_dirty = True
+        if learned:
+            log.info("%s acknowledged a %d-byte publish: publishing up to %d bytes per packet, a single record "
+                     "up to %d bytes", self.server, learned, self._max_packet(), self._alone_max())
+            try:
+                self._save_packet_limit()
+            except sqlite3.Error as e:  # kept in memory; saved with the next change
+                log.warning("cannot save the learned packet limit: %s", e)
         for pub, reason in failed:
             self._publish_refused(pub, reason)
 
@@ -650,6 +677,12 @@ class Bridge:
     def _apply_limits(self, data: dict[str, Any], persist: bool) -> None:
         mps, mim, rates = data.get("maxPayloadSize"), data.get("maxInflightMessages"), data.get("rateLimits")
         self.server_max_packet = _positive_int(mps)
+        if persist and self.packet.active and self.server_max_packet != self.packet_announced:
+            # the server says what it accepts: that beats what we guessed from closed sessions
+            log.info("%s announced its session limits: forgetting the packet limit learned from closed "
+                     "sessions (%s bytes)", self.server, self.packet.learned)
+            self.packet.forget()
+            self._save_packet_limit()
         self.server_inflight = _positive_int(mim)
         self.server_rates = rates if isinstance(rates, dict) else None
         self.limiter = RateLimiter.build(self.cfg_rate, self.server_rates)
@@ -663,11 +696,96 @@ class Bridge:
                     "maxPayloadSize": self.server_max_packet, "maxInflightMessages": self.server_inflight,
                     "rateLimits": self.server_rates}})
 
-    def _max_packet(self) -> int:
+    def _hard_max_packet(self) -> int:
+        """The announced (or configured) maximum, and what MQTT 5 "packet too large" taught us."""
         limit = self.server_max_packet or self.cfg_max_packet
         if self.limit_override:
             limit = min(limit, self.limit_override)
         return limit
+
+    def _max_packet(self) -> int:
+        """Largest packet to build from several records."""
+        return self.packet.limit(self._hard_max_packet())
+
+    def _alone_max(self) -> int:
+        """Largest packet to try for a single record on its own."""
+        return self.packet.alone_limit(self._hard_max_packet())
+
+    def _oversized_reason(self, p: Oversized) -> str:
+        if self.packet.ceiling is None or p.limit >= self._hard_max_packet():
+            return p.reason
+        return (f"record needs a {p.size}-byte MQTT packet; {self.server} closed the connection on every "
+                f"attempt to publish a {self.packet.ceiling + 1}-byte record (its limit appears to be below "
+                f"{self.packet.ceiling + 1} bytes)")
+
+    # -- the packet limit learned from closed sessions ---------------------------------------
+    def _load_packet_limit(self) -> None:
+        assert self.db is not None
+        saved = queues.get_state(self.db, PACKET_LIMIT_KEY)
+        if not isinstance(saved, dict) or saved.get("server") != self.server:
+            return
+        if saved.get("configured") != self.cfg_max_packet:
+            log.info("thingsboard.max_packet_bytes changed: forgetting the packet limit learned from %s",
+                     self.server)
+            return
+        self.packet.restore(_positive_int(saved.get("limit")), _positive_int(saved.get("ceiling")))
+        self.packet_announced = _positive_int(saved.get("announced"))
+        if self.packet.active:
+            log.info("using the packet limit learned from %s: %s bytes per packet, a single record up to %s bytes",
+                     self.server, self._max_packet(), self._alone_max())
+
+    def _save_packet_limit(self) -> None:
+        assert self.db is not None
+        value: dict[str, Any] | None = None
+        if self.packet.active:
+            self.packet_announced = self.server_max_packet
+            value = {"server": self.server, "configured": self.cfg_max_packet,
+                     "announced": self.server_max_packet, "limit": self.packet.learned,
+                     "ceiling": self.packet.ceiling, "acked": self.packet.acked_max, "ms": now_ms()}
+        with transaction(self.db):
+            queues.set_state(self.db, PACKET_LIMIT_KEY, value)
+        self.state_dirty = True
+
+    def _judge_loss(self, reason: str, now: float) -> None:
+        """The server ended the session with publishes unacknowledged: was one of them too large?"""
+        inflight = [item.pub for item in self.window.items.values()]
+        limit = self._max_packet()
+        v = self.packet.lost(inflight, limit, now)
+        log.debug("session lost with %d publishes unacknowledged (largest %d bytes, %d records; largest "
+                  "acknowledged %d bytes; %d lost in a row): %s", len(inflight), v.size, v.pub.count,
+                  self.packet.acked_max, v.losses, v.action)
+        if v.distrusted:
+            log.warning("no PUBACK from %s across %d lost sessions: packets of %d bytes it accepted before "
+                        "may no longer be accepted; learning its packet limit again", self.server,
+                        v.losses, v.distrusted)
+        if v.action == SHRINK:
+            said = (f", although it announced {self.server_max_packet} bytes" if self.server_max_packet
+                    else " (it does not answer getSessionLimits)")
+            log.warning("%s closed the session %d times in a row with a %d-byte publish in flight and no "
+                        "PUBACK (last: %s); the largest publish it acknowledged is %d bytes, so its maximum "
+                        "packet appears to be below %d bytes%s: publishing at most %d bytes per packet from "
+                        "now on", self.server, v.losses, v.size, reason, self.packet.acked_max, limit, said,
+                        v.limit)
+            self._save_packet_limit()
+        elif v.action == ISOLATE:
+            pub = v.pub
+            self.isolate_upto[pub.priority] = max(self.isolate_upto.get(pub.priority, 0), pub.last_id)
+            log.warning("%s closed the session %d times in a row with a %d-byte publish of %d records in "
+                        "flight and no PUBACK, and the packet limit is at its floor (%d bytes): sending "
+                        "those records one by one", self.server, v.losses, v.size, pub.count, limit)
+        elif v.action == DEAD_LETTER:
+            self._dead_letter_lost(v)
+            self._save_packet_limit()
+
+    def _dead_letter_lost(self, v: LossVerdict) -> None:
+        pub = v.pub
+        kind = self._row_kind(pub.first_id)
+        if kind is None:
+            return  # already gone
+        self._dead_letter((pub.first_id, pub.priority, kind, pub.topic, pub.payload),
+                          f"{self.server} closed the connection without PUBACK on every attempt to publish "
+                          f"this record alone ({v.size}-byte MQTT packet); its packet limit appears to be "
+                          f"below {v.size} bytes")
 
     def _inflight_size(self) -> int:
         return min(self.cfg_inflight, self.server_inflight) if self.server_inflight else self.cfg_inflight
@@ -741,6 +859,11 @@ class Bridge:
             self._drop(reason, now, None)
             self._provisioning_failed(reason, now)
             return
+        if self.phase == ONLINE and len(self.window):
+            try:
+                self._judge_loss(reason, now)
+            except sqlite3.Error as e:  # the verdict is kept in memory; it is saved with the next one
+                log.warning("cannot save the learned packet limit: %s", e)
         self._drop(reason, now, None)
         self._transport_failed(reason, now)
 
@@ -773,7 +896,8 @@ class Bridge:
         connected = self.phase == ONLINE
         value = {"connected": connected, "since_ms": self.connected_since_ms if connected else None,
                  "last_puback_ms": self.last_ack_ms, "last_error": self.last_error, "server": self.server,
-                 "device_name": self.device_name, "mqtt_version": "5" if self.mqtt5 else "3.1.1"}
+                 "device_name": self.device_name, "mqtt_version": "5" if self.mqtt5 else "3.1.1",
+                 "max_packet_bytes": self._max_packet()}
         with transaction(self.db):
             queues.set_state(self.db, "bridge.mqtt", value)
         self.state_dirty = False

@@ -58,6 +58,10 @@ class Target:
     title: str = ""
 
 
+class CommandRefused(Exception):
+    """A command that cannot be carried out now (answered with an error, not a thread failure)."""
+
+
 def backoff_delay(failures: int, initial_s: float, max_s: float) -> float:
     """Seconds before the next start after `failures` failures in a row (1 → initial)."""
     if failures <= 0:
@@ -257,6 +261,8 @@ class ControllerManager:
                 break
             try:
                 fut.set(result=self._do_command(name, arg))
+            except CommandRefused as e:
+                fut.set(error=str(e))
             except DockerError as e:
                 fut.set(error=str(e))
                 raise
@@ -279,6 +285,8 @@ class ControllerManager:
                 self._crash_loop_reported = False
             self._reconcile()
             return {"failures_total_before": before, "changed": changed}
+        if name in ("restart", "start") and self.target is None:
+            raise CommandRefused("the controller image is not ready yet (see the supervisor's log)")
         if name == "restart":
             reason = str(arg)
             log.info("restarting the controller: %s", reason)

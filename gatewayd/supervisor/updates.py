@@ -331,6 +331,8 @@ class UpdateManager:
         if self.controller is None:
             self.phase = "disabled"
             return
+        keep = {f"sw-{self.ota_state['request_id']}.part"} if self.ota_state and self.target else set()
+        ota_dir_cleanup(self.ota_dir, keep)
         self._start_bootstrap()
 
     def _start_bootstrap(self) -> None:
@@ -348,18 +350,20 @@ class UpdateManager:
         if self.current is None or self.current.get("image_id") != cur.get("image_id"):
             self.current = cur
             self._save()
-        self._set_controller(self.current)
         self._report_current()
         self.phase = "idle"
-        if self.target:
-            req = self._target_request()
-            assert req is not None
+        req = self._target_request()
+        prepared = self.target.get("prepared") if self.target else None
+        if req is not None and prepared:
+            # Interrupted after the switch began: judge the new version again (the container may
+            # already run it; starting the old one first would restart the controller twice).
             log.info("resuming the interrupted update to %s", req.version)
-            prepared = self.target.get("prepared")
-            if prepared:
-                self._switch(prepared)
-            else:
-                self._begin(req, resume=True)
+            self._switch(prepared)
+            return
+        self._set_controller(self.current)
+        if req is not None:
+            log.info("resuming the interrupted update to %s", req.version)
+            self._begin(req, resume=True)
         else:
             self._consider()
 

@@ -46,13 +46,14 @@ def fill(base: Path, seqs: range | list[int], pad: int = 0) -> None:
 class Feeder(threading.Thread):
     """Queues `total` records in chunks while the test does other things."""
 
-    def __init__(self, base: Path, total: int, chunk: int = 500, pause: float = 0.02):
+    def __init__(self, base: Path, total: int, chunk: int = 500, pause: float = 0.02, first: int = 0):
         super().__init__(daemon=True)
-        self.base, self.total, self.chunk, self.pause = base, total, chunk, pause
+        self.base, self.total, self.chunk, self.pause, self.first = base, total, chunk, pause, first
         self.done = threading.Event()
 
     def run(self) -> None:
-        for start in range(0, self.total, self.chunk):
+        """Records `first` .. `total - 1`."""
+        for start in range(self.first, self.total, self.chunk):
             fill(self.base, range(start, min(self.total, start + self.chunk)))
             time.sleep(self.pause)
         self.done.set()

@@ -127,16 +127,20 @@ class Container:
         return self.nspawn is not None and self.nspawn.poll() is None
 
     def reboot(self, timeout: float = 90) -> None:
-        """`systemctl reboot` inside; nspawn exits with 133 (systemd-nspawn@.service would
-        restart it), so boot the same root again."""
-        assert self.nspawn is not None
+        """`systemctl reboot` inside, then boot again (see `await_reboot`)."""
         self.run(["systemctl", "--no-block", "reboot"], timeout=30)
+        self.await_reboot(timeout)
+
+    def await_reboot(self, timeout: float = 90, down_timeout: float = 60) -> None:
+        """A reboot inside makes systemd-nspawn exit with 133 (systemd-nspawn@.service
+        would restart it): wait for that, then boot the same root again."""
+        assert self.nspawn is not None
         try:
-            rc = self.nspawn.wait(timeout=60)
+            rc = self.nspawn.wait(timeout=down_timeout)
         except subprocess.TimeoutExpired as exc:
             raise ContainerError(f"container did not go down for reboot: {self.log_tail()}") from exc
         if rc != 133:
-            raise ContainerError(f"systemd-nspawn exited with {rc} on reboot, expected 133: {self.log_tail()}")
+            raise ContainerError(f"systemd-nspawn exited with {rc}, expected 133 (reboot): {self.log_tail()}")
         self.nspawn = None
         self.pid1 = None
         self.start(timeout)

@@ -8,6 +8,7 @@ units and journal, watchdogs, cron fallback, operator stop, reboot, remove and p
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -220,11 +221,12 @@ def running(installed: Container) -> Container:
 
 # -- the package -------------------------------------------------------------------------
 
-def test_lintian_clean(gatewayd_deb: Path) -> None:
+def test_lintian_clean(gatewayd_deb: Path, tmp_path: Path) -> None:
     if shutil.which("lintian") is None:
         pytest.skip("lintian not installed")
     proc = subprocess.run(["lintian", "--fail-on", "error,warning", str(gatewayd_deb)],
-                          capture_output=True, text=True, timeout=600)
+                          capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "TMPDIR": str(tmp_path)})  # it leaves cache files there
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
@@ -345,7 +347,7 @@ def test_records_flow_to_thingsboard(running: Container) -> None:
 def test_sigstop_is_restarted_by_the_systemd_watchdog(running: Container, daemon: str) -> None:
     c = running
     unit = UNITS[daemon]
-    wait_active(c, unit, 60)
+    ensure_running(c, unit)
     time.sleep(WATCHDOG_SEC / 2 + 0.5)  # settled: at least one ping since start
     old = c.main_pid(unit)
     cur = cursor(c)
@@ -369,14 +371,15 @@ def test_sigstop_is_restarted_by_the_systemd_watchdog(running: Container, daemon
 def test_bridge_progress_watchdog_trips_without_pubacks(running: Container) -> None:
     c = running
     unit = UNITS["bridge"]
-    wait_active(c, unit, 60)
+    ensure_running(c, unit)
     cur = cursor(c)
     sim(c, "POST", "/faults", {"no_puback": True})
     try:
         send(c, "stall", range(3))
         wait_until(lambda: "Watchdog timeout" in journal_after(c, cur, unit=unit),
                    STALL_TIMEOUT_S + WATCHDOG_SEC + 30, 0.5, "the bridge's watchdog to trip")
-        assert c.show(unit, "NRestarts")["NRestarts"] != "0"
+        wait_until(lambda: c.show(unit, "NRestarts")["NRestarts"] != "0", 30, 0.25,
+                   "systemd to restart the bridge")
     finally:
         sim(c, "POST", "/faults", {"no_puback": False})
     wait_active(c, unit, 60)
@@ -395,12 +398,36 @@ def test_supervisor_may_restart_its_units_but_nothing_else(running: Container) -
     wait_active(c, UNITS["forwarder"])
 
 
+def wait_connected(c: Container, timeout: float = 60) -> None:
+    wait_until(lambda: status(c)["mqtt"]["connected"], timeout, 0.5, "the bridge connected")
+
+
+def test_restart_gateway_rpc_restarts_all_units(running: Container) -> None:
+    """The supervisor, sandboxed and unprivileged, restarts gatewayd.target (polkit)."""
+    c = running
+    ensure_running(c)
+    wait_connected(c)
+    before = {u: c.main_pid(u) for u in UNITS.values()}
+    reply = sim(c, "POST", "/rpc", {"device": DEVICE, "method": "restart_gateway", "params": {},
+                                   "timeout": 20})
+    assert "error" not in reply["response"], reply
+
+    def all_restarted() -> bool:
+        for unit, pid in before.items():
+            props = c.show(unit, "ActiveState", "MainPID")
+            if props["ActiveState"] != "active" or int(props["MainPID"]) in (0, pid):
+                return False
+        return True
+
+    wait_until(all_restarted, 90, 0.5, "all three units restarted by the RPC")
+
+
 # -- the cron fallback watchdog ----------------------------------------------------------
 
 def test_fallback_watchdog_recovers_a_unit_past_its_start_limit(running: Container) -> None:
     c = running
     unit = UNITS["forwarder"]
-    wait_active(c, unit, 60)
+    ensure_running(c, unit)
     drive_past_start_limit(c, unit)
     cur = cursor(c)
     c.run(["gatewayd-watchdog"], timeout=180)
@@ -412,7 +439,7 @@ def test_fallback_watchdog_recovers_a_unit_past_its_start_limit(running: Contain
 def test_cron_runs_the_fallback_watchdog(running: Container) -> None:
     c = running
     unit = UNITS["forwarder"]
-    wait_active(c, unit, 60)
+    ensure_running(c, unit)
     drive_past_start_limit(c, unit)
     cur = cursor(c)
     c.run(["systemctl", "start", "cron.service"])
@@ -424,8 +451,7 @@ def test_cron_runs_the_fallback_watchdog(running: Container) -> None:
 
 def test_operator_stop_is_respected_and_queued_records_arrive_after_start(running: Container) -> None:
     c = running
-    for unit in UNITS.values():
-        wait_active(c, unit, 60)
+    ensure_running(c)
     send(c, "stopstart", range(0, 10))
     c.run(["systemctl", "stop", TARGET], timeout=120)
     wait_all_inactive(c)
@@ -447,10 +473,22 @@ def test_operator_stop_is_respected_and_queued_records_arrive_after_start(runnin
                "all 20 records at the simulator")
 
 
+def test_reboot_rpc_reboots_the_device(running: Container) -> None:
+    c = running
+    ensure_running(c)
+    wait_connected(c)
+    boots = c.boots
+    reply = sim(c, "POST", "/rpc", {"device": DEVICE, "method": "reboot", "params": {}, "timeout": 20})
+    assert "error" not in reply["response"], reply
+    c.await_reboot(timeout=90, down_timeout=90)
+    assert c.boots == boots + 1
+    for unit in [TARGET, *UNITS.values()]:
+        wait_active(c, unit, 60)
+
+
 def test_records_survive_a_reboot(running: Container) -> None:
     c = running
-    for unit in UNITS.values():
-        wait_active(c, unit, 60)
+    ensure_running(c)
     sim(c, "POST", "/faults", {"refuse": True, "drop": True})   # ThingsBoard unreachable
     send(c, "reboot", range(15))
     wait_until(lambda: status(c)["queues"]["controller"] == 0, 30, 0.5, "records moved to the outbox")
@@ -464,6 +502,19 @@ def test_records_survive_a_reboot(running: Container) -> None:
 
 
 # -- removal -----------------------------------------------------------------------------
+
+def test_upgrade_restarts_the_running_gateway(running: Container, deb_name: str) -> None:
+    """An upgrade (here: a reinstall) stops the daemons before unpacking, starts them after."""
+    c = running
+    ensure_running(c)
+    before = {u: c.main_pid(u) for u in UNITS.values()}
+    c.run(["apt-get", "install", "--reinstall", "-y", "--no-install-recommends", f"{DEB_DIR}/{deb_name}"],
+          timeout=300)
+    for unit, pid in before.items():
+        wait_active(c, unit, 60)
+        assert c.main_pid(unit) != pid, f"{unit} still runs the old code"
+    assert c.run(["systemctl", "is-enabled", TARGET], check=False).stdout.strip() == "enabled"
+
 
 def test_remove_keeps_data_and_configuration(running: Container, deb_name: str) -> None:
     c = running

@@ -99,6 +99,22 @@ def test_oversized_single_record() -> None:
     assert isinstance(p, Publish) and p.count == 1
 
 
+def test_a_record_above_the_batch_limit_goes_alone_up_to_alone_max() -> None:
+    big = (9, 0, KIND_TELEMETRY, T, '{"ts":1,"values":{"x":"%s"}}' % ("y" * 5000))
+    size = packet_size(len(T), len(big[4]))
+    p = plan([big, tel(10)], 0, 4096, alone_max=8192)
+    assert isinstance(p, Publish) and (p.first_id, p.last_id, p.count, p.size) == (9, 9, 1, size)
+    assert p.payload == big[4] and p.telemetry
+    # the records around it are still batched within the batch limit
+    p = plan([tel(1), tel(2), big], 0, 4096, alone_max=8192)
+    assert isinstance(p, Publish) and p.count == 2
+    r = plan([big], 0, 4096, alone_max=size - 1)
+    assert isinstance(r, Oversized) and r.limit == size - 1
+    attr = (11, 50, KIND_ATTRIBUTES, TOPIC_ATTRIBUTES, '{"a":"%s"}' % ("z" * 5000))
+    p = plan([attr], 0, 4096, alone_max=8192)
+    assert isinstance(p, Publish) and p.count == 1 and not p.telemetry
+
+
 def test_mqtt5_framing_is_one_byte_more() -> None:
     assert packet_size(10, 100, mqtt5=True) == packet_size(10, 100) + 1
 

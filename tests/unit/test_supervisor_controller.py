@@ -322,3 +322,10 @@ def test_docker_helpers() -> None:
                                                "Health": {"Status": "healthy"}},
                                      "Config": {"Labels": {"a": "b"}}})
     assert info.running and info.health == "healthy" and info.name == "n" and info.finished_ms is None
+
+
+def test_restart_before_an_image_is_ready_is_refused(env: Any) -> None:
+    mgr, fake, _ = env
+    f = mgr.restart("test")
+    mgr.tick()
+    assert f.error and "not ready" in f.error and fake.calls == []

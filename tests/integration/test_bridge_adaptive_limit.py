@@ -1,0 +1,204 @@
+"""A server whose packet limit is lower than configured and that does not say so (ThingsBoard < 3.8,
+MQTT 3.1.1: it closes the session without PUBACK): the bridge learns the limit from the closed
+sessions instead of resending the same batch forever, dead-letters a record that can never fit,
+remembers the limit across restarts, and does not shrink it for an ordinary server restart."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from gatewayd.bridge.publisher import MIN_PACKET, packet_size
+from tests.helpers.brokers import free_port, start_mosquitto, start_simulator
+from tests.integration.test_bridge_support import (
+    DEVICE,
+    TOKEN,
+    TOPIC,
+    bridge_config,
+    captured_seqs,
+    check_complete_and_ordered,
+    counters,
+    dead_letters,
+    fill,
+    outbox_empty,
+    record,
+    start_bridge,
+    state,
+    wait_for,
+)
+
+pytestmark = pytest.mark.integration
+
+SERVER_LIMIT = 8000   # the simulator closes the session on a PUBLISH whose topic + payload exceeds this
+CONFIGURED = 65536    # what the bridge is told
+
+
+@pytest.fixture
+def broker(tmp_path: Path) -> Iterator[Any]:
+    b = start_mosquitto(tmp_path)
+    try:
+        yield b
+    finally:
+        b.stop()
+
+
+def _sim(tmp_path: Path, broker: Any, limit: int | None = SERVER_LIMIT, port: int = 0, control_port: int = 0) -> Any:
+    args = ["--no-session-limits"]
+    if limit is not None:
+        args += ["--max-packet-bytes", str(limit)]
+    return start_simulator(tmp_path, broker.port, devices={DEVICE: TOKEN}, port=port, control_port=control_port,
+                           capture=tmp_path / "capture.jsonl", extra_args=args)
+
+
+def _learned(base: Path) -> Any:
+    return state(base, "bridge.packet_limit")
+
+
+def _stats(sim: Any) -> dict[str, Any]:
+    return sim.client.stats(DEVICE)  # type: ignore[no-any-return]
+
+
+@pytest.mark.parametrize("mqtt_version", ["3.1.1", "5"])
+def test_small_records_arrive_with_a_handful_of_connections_and_the_limit_is_remembered(
+        tmp_path: Path, broker: Any, mqtt_version: str) -> None:
+    sim = _sim(tmp_path, broker)
+    base = tmp_path / "gw"
+    cfg = bridge_config(base, sim.port, max_packet_bytes=CONFIGURED, reconnect_max_s=0.5, mqtt_version=mqtt_version)
+    total = 5000
+    fill(base, range(total))
+    bridge = start_bridge(cfg)
+    try:
+        wait_for(lambda: outbox_empty(base), 60, what="the outbox to drain")
+        wait_for(lambda: len(set(captured_seqs(sim.capture_path))) >= total, 20, what="all records captured")
+        dups = check_complete_and_ordered(captured_seqs(sim.capture_path), total)
+        assert dups == 0  # a closed session delivered nothing of its batch
+        stats = _stats(sim)
+        # 65536 -> 32768 -> 16384 -> 8192 -> 4096: two closes to be sure, then one per halving
+        assert 1 <= stats.get("oversize_closes", 0) <= 6, stats
+        assert stats["connects"] <= 7, stats
+        learned = _learned(base)
+        assert learned and learned["server"] == f"127.0.0.1:{sim.port}" and learned["configured"] == CONFIGURED
+        assert MIN_PACKET <= learned["limit"] <= SERVER_LIMIT and learned["ceiling"] is None
+        assert learned["announced"] is None
+        c = counters(base)
+        assert c["delivered"] == total and c["dead_lettered"] == 0 and c["queued"] == 0
+        log = bridge.log()
+        assert "its maximum packet appears to be below" in log and "does not answer getSessionLimits" in log
+        assert state(base, "bridge.mqtt")["max_packet_bytes"] == learned["limit"]
+
+        # a restart uses the remembered limit: not one more close
+        bridge.stop()
+        closes, connects = stats.get("oversize_closes", 0), stats["connects"]
+        fill(base, range(total, 2 * total))
+        bridge = start_bridge(cfg)
+        bridge.wait_log("using the packet limit learned from", 15)
+        wait_for(lambda: outbox_empty(base), 60, what="the outbox to drain again")
+        wait_for(lambda: len(set(captured_seqs(sim.capture_path))) >= 2 * total, 20, what="all records captured")
+        check_complete_and_ordered(captured_seqs(sim.capture_path), 2 * total)
+        stats = _stats(sim)
+        assert stats.get("oversize_closes", 0) == closes and stats["connects"] == connects + 1, stats
+        assert _learned(base)["limit"] == learned["limit"]
+    finally:
+        bridge.stop()
+        sim.stop()
+
+
+def test_a_record_larger_than_the_server_accepts_is_dead_lettered_and_records_after_it_arrive(
+        tmp_path: Path, broker: Any) -> None:
+    sim = _sim(tmp_path, broker)
+    base = tmp_path / "gw"
+    bridge = start_bridge(bridge_config(base, sim.port, max_packet_bytes=CONFIGURED, reconnect_max_s=0.5))
+    try:
+        fill(base, range(0, 300))
+        fill(base, [300], pad=20000)
+        fill(base, range(301, 600))
+        wait_for(lambda: outbox_empty(base), 60, what="the outbox to drain")
+        wait_for(lambda: len(set(captured_seqs(sim.capture_path))) >= 599, 20, what="records captured")
+        seqs = captured_seqs(sim.capture_path)
+        assert 300 not in seqs
+        check_complete_and_ordered([s if s < 300 else s - 1 for s in seqs], 599)
+        dl = dead_letters(base)
+        assert len(dl) == 1 and '"seq":300' in dl[0][0], dl
+        assert "closed the connection without PUBACK on every attempt" in dl[0][1], dl
+        assert "its packet limit appears to be below" in dl[0][1]
+        size = packet_size(len(TOPIC), len(record(300, pad=20000)))
+        assert f"{size}-byte" in dl[0][1]
+        c = counters(base)
+        assert c["dead_lettered"] == 1 and c["delivered"] == 599 and c["queued"] == 0
+        assert c["ingested"] == c["delivered"] + c["queued"] + c["dead_lettered"] + c["dropped"]
+        stats = _stats(sim)
+        assert stats["connects"] <= 10, stats
+        learned = _learned(base)
+        assert learned["ceiling"] == size - 1 and learned["limit"] <= SERVER_LIMIT
+
+        # the next record at least that large is dead-lettered without another try (no disconnect)
+        connects = stats["connects"]
+        fill(base, [600], pad=30000)
+        fill(base, range(601, 700))
+        wait_for(lambda: outbox_empty(base), 30, what="the outbox to drain again")
+        wait_for(lambda: len(set(captured_seqs(sim.capture_path))) >= 698, 20, what="records captured")
+        dl = dead_letters(base)
+        assert len(dl) == 2 and '"seq":600' in dl[1][0] and f"below {size} bytes" in dl[1][1], dl
+        assert _stats(sim)["connects"] == connects
+    finally:
+        bridge.stop()
+        sim.stop()
+
+
+@pytest.mark.parametrize("limit", [SERVER_LIMIT, None], ids=["learned-limit", "no-limit"])
+def test_server_restarts_mid_stream_do_not_lower_the_limit(tmp_path: Path, broker: Any, limit: int | None) -> None:
+    """ThingsBoard goes away three times while publishes are in flight (its PUBACKs withheld just
+    before, so the window is surely full): the bridge reconnects and goes on at the same limit."""
+    port, control = free_port(), free_port()
+    sim = _sim(tmp_path, broker, limit, port, control)
+    base = tmp_path / "gw"
+    cfg = bridge_config(base, port, max_packet_bytes=CONFIGURED, reconnect_max_s=0.5)
+    cfg.write_text(cfg.read_text() + '\n[logging]\nlevel = "debug"\n')
+    fill(base, range(2000))
+    bridge = start_bridge(cfg)
+    seq = 2000
+    try:
+        wait_for(lambda: outbox_empty(base), 60, what="the first records to drain")
+        before = _learned(base)
+        if limit is None:
+            assert before is None
+        else:
+            assert before and before["limit"] <= limit
+        log = bridge.log()
+        shrinks, losses = log.count("appears to be below"), log.count("session lost with")
+        for _ in range(3):
+            fill(base, range(seq, seq + 5000))
+            seq += 5000
+            wait_for(lambda sim=sim, seq=seq: len(set(captured_seqs(sim.capture_path))) >= seq, 30,
+                     what="records flowing")
+            sim.client.set_faults(no_puback=True)
+            fill(base, range(seq, seq + 5000))
+            seq += 5000
+            wait_for(lambda sim=sim: _stats(sim).get("pubacks_swallowed", 0) >= 3, 10, what="publishes in flight")
+            sim.stop()  # ThingsBoard goes away with publishes in flight
+            wait_for(lambda: state(base, "bridge.mqtt")["connected"] is False, 10, what="the bridge to notice")
+            time.sleep(0.5)
+            sim = _sim(tmp_path, broker, limit, port, control)
+        fill(base, range(seq, seq + 5000))
+        total = seq + 5000
+        wait_for(lambda: outbox_empty(base), 60, what="the outbox to drain")
+        wait_for(lambda: len(set(captured_seqs(sim.capture_path))) >= total, 20, what="all records captured")
+        check_complete_and_ordered(captured_seqs(sim.capture_path), total)
+        c = counters(base)
+        assert c["delivered"] == total and c["dead_lettered"] == 0
+        log = bridge.log()
+        assert log.count("session lost with") >= losses + 3  # each restart lost publishes in flight
+        assert log.count("appears to be below") == shrinks
+        after = _learned(base)
+        if limit is None:
+            assert after is None
+        else:
+            assert after["limit"] == before["limit"] and after["ceiling"] is None
+        assert state(base, "bridge.mqtt")["max_packet_bytes"] == (before["limit"] if before else CONFIGURED)
+    finally:
+        bridge.stop()
+        sim.stop()

@@ -46,8 +46,9 @@ def broker(tmp_path: Path) -> Iterator[Any]:
         b.stop()
 
 
-def _sim(tmp_path: Path, broker: Any, limit: int | None = SERVER_LIMIT, port: int = 0, control_port: int = 0) -> Any:
-    args = ["--no-session-limits"]
+def _sim(tmp_path: Path, broker: Any, limit: int | None = SERVER_LIMIT, port: int = 0, control_port: int = 0,
+         announce: bool = False) -> Any:
+    args = [] if announce else ["--no-session-limits"]
     if limit is not None:
         args += ["--max-packet-bytes", str(limit)]
     return start_simulator(tmp_path, broker.port, devices={DEVICE: TOKEN}, port=port, control_port=control_port,
@@ -199,6 +200,33 @@ def test_server_restarts_mid_stream_do_not_lower_the_limit(tmp_path: Path, broke
         else:
             assert after["limit"] == before["limit"] and after["ceiling"] is None
         assert state(base, "bridge.mqtt")["max_packet_bytes"] == (before["limit"] if before else CONFIGURED)
+    finally:
+        bridge.stop()
+        sim.stop()
+
+
+def test_an_announced_limit_replaces_the_learned_one(tmp_path: Path, broker: Any) -> None:
+    """The server is upgraded to a version that answers getSessionLimits: its answer wins."""
+    port, control = free_port(), free_port()
+    sim = _sim(tmp_path, broker, SERVER_LIMIT, port, control)
+    base = tmp_path / "gw"
+    bridge = start_bridge(bridge_config(base, port, max_packet_bytes=CONFIGURED, reconnect_max_s=0.5))
+    try:
+        fill(base, range(3000))
+        wait_for(lambda: outbox_empty(base), 60, what="the outbox to drain")
+        assert _learned(base)["limit"] < SERVER_LIMIT
+        sim.stop()
+        sim = _sim(tmp_path, broker, SERVER_LIMIT, port, control, announce=True)
+        bridge.wait_log("session limits from", 20)
+        wait_for(lambda: _learned(base) is None, 10, what="the learned limit to be forgotten")
+        assert "forgetting the packet limit learned from closed sessions" in bridge.log()
+        fill(base, range(3000, 6000))
+        wait_for(lambda: outbox_empty(base), 60, what="the outbox to drain again")
+        wait_for(lambda: len(set(captured_seqs(sim.capture_path))) >= 6000, 20, what="all records captured")
+        check_complete_and_ordered(captured_seqs(sim.capture_path), 6000)
+        assert _stats(sim).get("oversize_closes", 0) == 0
+        assert state(base, "bridge.session_limits")["limits"]["maxPayloadSize"] == SERVER_LIMIT
+        wait_for(lambda: state(base, "bridge.mqtt")["max_packet_bytes"] == SERVER_LIMIT, 5, what="the state")
     finally:
         bridge.stop()
         sim.stop()

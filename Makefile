@@ -17,6 +17,7 @@ bench:
 	scripts/install-deps.sh
 	$(PYTHON) scripts/bench_forwarder.py
 	$(PYTHON) scripts/bench_bridge.py
+	$(PYTHON) scripts/bench_supervisor.py
 
 deb:
 	scripts/build-deb.sh

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sqlite3
 import sys
 import tempfile
@@ -33,28 +32,14 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchlib import cpu_seconds, emit, rss_mb  # noqa: E402
+
 from gatewayd.store import queues  # noqa: E402
 from gatewayd.store.db import transaction  # noqa: E402
 from tests.helpers.brokers import MqttDevice, free_port, start_mosquitto, wait_until  # noqa: E402
 from tests.helpers.daemons import Daemon, write_config  # noqa: E402
 
 TOPIC = "v1/devices/me/telemetry"
-
-
-def emit(name: str, value: float, unit: str, **extra: Any) -> None:
-    print(json.dumps({"name": name, "value": round(value, 3), "unit": unit, **extra}), flush=True)
-
-
-def cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def rss_mb(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return 0.0
 
 
 def outbox_rows(db: Path) -> int:

@@ -3,14 +3,12 @@
 
 forwarder_records_per_s: 1,000,000 controller rows moved to the outbox and the archive by the
 real Forwarder (fsync'd per batch, default batch size) — timed from the first batch to the last.
-idle_cpu_percent_forwarder: CPU used by an idle `gatewayd forwarder` process over 60 s.
+idle_cpu_percent_forwarder, rss_mb_forwarder: an idle `gatewayd forwarder` process over 60 s.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import sqlite3
 import sys
 import tempfile
@@ -20,14 +18,12 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from benchlib import emit, idle_cpu_percent, rss_mb  # noqa: E402
+
 from gatewayd.config import load  # noqa: E402
 from gatewayd.forwarder.service import Forwarder  # noqa: E402
 from gatewayd.store import queues  # noqa: E402
 from tests.helpers.daemons import Daemon, write_config  # noqa: E402
-
-
-def emit(name: str, value: float, unit: str, **extra: object) -> None:
-    print(json.dumps({"name": name, "value": round(value, 3), "unit": unit, **extra}), flush=True)
 
 
 def fill_controller(path: Path, n: int) -> None:
@@ -63,23 +59,17 @@ def bench_throughput(base: Path, n: int) -> None:
          batch_size=cfg["forwarder"]["batch_size"])
 
 
-def cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
 def bench_idle(base: Path, seconds: float) -> None:
     d = Daemon("forwarder", write_config(base))
     d.python = "/usr/bin/python3" if Path("/usr/bin/python3").exists() else sys.executable
     d.start()
     try:
-        time.sleep(2)
-        c0, t0 = cpu_seconds(d.pid), time.monotonic()
-        time.sleep(seconds)
-        c1, t1 = cpu_seconds(d.pid), time.monotonic()
+        cpu = idle_cpu_percent(d.pid, seconds)
+        rss = rss_mb(d.pid)
     finally:
         d.stop()
-    emit("idle_cpu_percent_forwarder", 100 * (c1 - c0) / (t1 - t0), "%", seconds=seconds)
+    emit("idle_cpu_percent_forwarder", cpu, "%", seconds=seconds)
+    emit("rss_mb_forwarder", rss, "MB")
 
 
 def main() -> int:

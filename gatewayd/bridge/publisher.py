@@ -292,6 +292,7 @@ def stalled(window: Window, last_ack: float, now: float, timeout: float) -> floa
 
 MIN_PACKET = 1024          # never learn a limit below this; a record this small is never blamed
 LOSSES_TO_SHRINK = 2       # suspect sessions lost in a row (no PUBACK in between) before shrinking
+LOSSES_TO_TRIM = 4         # ... when the suspect is less than twice the largest acknowledged packet
 LOSSES_TO_DEAD_LETTER = 2  # ... with the same record sent alone as the largest packet in flight
 DISTRUST_AFTER_LOSSES = 5  # no PUBACK across this many lost sessions with publishes in flight ...
 DISTRUST_AFTER_S = 600.0   # ... and this long: sizes acknowledged before may no longer be accepted
@@ -327,7 +328,10 @@ class PacketLimit:
       goes below it, and a session lost with no packet larger than that in flight proves
       nothing (broker restart, network drop, rate limit);
     - `LOSSES_TO_SHRINK` sessions lost in a row with a larger suspect and no PUBACK in
-      between halve the limit (never below `MIN_PACKET` nor `acked_max`);
+      between halve the limit (never below `MIN_PACKET` nor `acked_max`). A suspect less than
+      twice `acked_max` is weaker evidence (a server restart while a batch a little larger than
+      any acknowledged one is in flight, twice in a row, is not that unlikely) and the shrink
+      would only trim the limit to `acked_max`: that takes `LOSSES_TO_TRIM` losses in a row;
     - a suspect that is a single record sent alone (larger than the limit, or nothing else
       fitted with it) lost `LOSSES_TO_DEAD_LETTER` times in a row is too large for this
       server: DEAD_LETTER, and `ceiling` keeps records at least that large from being tried
@@ -417,7 +421,7 @@ class PacketLimit:
                 return LossVerdict(DEAD_LETTER, suspect, self.streak, distrusted=distrusted)
             if size > limit:  # sent alone beyond the limit: only its own fate is in question
                 return LossVerdict(NOTHING, suspect, self.streak, distrusted=distrusted)
-        if self.losses < LOSSES_TO_SHRINK:
+        if self.losses < (LOSSES_TO_SHRINK if size >= 2 * self.acked_max else LOSSES_TO_TRIM):
             return LossVerdict(NOTHING, suspect, self.streak, distrusted=distrusted)
         target = max(self.floor, self.acked_max, min(limit, size) // 2)
         if target < limit:

@@ -12,6 +12,14 @@ only after its PUBACK (MQTT 5: reason code < 0x80). After a reconnect, everythin
 acknowledged is sent again from the head of the outbox, so duplicates are limited to what
 was in flight.
 
+Packet limit: the announced (getSessionLimits) or configured maximum, lowered by what closed
+sessions teach (`PacketLimit` in publisher.py). A server that does not announce its limit and
+closes the session on a too-large PUBLISH (ThingsBoard < 3.8, MQTT 3.1.1: no reason code) would
+otherwise get the same batch again after every reconnect: sessions lost in a row with a packet
+larger than any acknowledged one in flight halve the limit, and a record that still gets the
+session closed when sent alone is dead-lettered. The learned limit is kept in the state table
+(`bridge.packet_limit`, per host:port and configured maximum) until the server announces one.
+
 Inbound: every message is written to the inbound table inside `on_message`, which paho runs
 before it sends the PUBACK; if the write fails the exception leaves the loop before the PUBACK
 is written and the session is dropped.

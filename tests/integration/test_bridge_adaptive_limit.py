@@ -112,11 +112,11 @@ def test_a_record_larger_than_the_server_accepts_is_dead_lettered_and_records_af
         tmp_path: Path, broker: Any) -> None:
     sim = _sim(tmp_path, broker)
     base = tmp_path / "gw"
+    fill(base, range(0, 300))
+    fill(base, [300], pad=20000)
+    fill(base, range(301, 600))
     bridge = start_bridge(bridge_config(base, sim.port, max_packet_bytes=CONFIGURED, reconnect_max_s=0.5))
     try:
-        fill(base, range(0, 300))
-        fill(base, [300], pad=20000)
-        fill(base, range(301, 600))
         wait_for(lambda: outbox_empty(base), 60, what="the outbox to drain")
         wait_for(lambda: len(set(captured_seqs(sim.capture_path))) >= 599, 20, what="records captured")
         seqs = captured_seqs(sim.capture_path)

@@ -11,6 +11,7 @@ from gatewayd.bridge.publisher import (
     DISTRUST_AFTER_LOSSES,
     DISTRUST_AFTER_S,
     ISOLATE,
+    LOSSES_TO_TRIM,
     MIN_PACKET,
     NOTHING,
     SHRINK,
@@ -63,12 +64,26 @@ def test_a_puback_in_between_restarts_the_count() -> None:
     assert pl.acked(20000) is False  # nothing learned yet: nothing to save
     assert pl.lost([pub(65000)], HARD, 1.0).action == NOTHING
     assert pl.lost([pub(65000)], HARD, 2.0).action == SHRINK
-    # never below what was acknowledged, even when half the suspect would be less
     assert pl.learned == 32500
+
+
+def test_a_suspect_close_to_the_acknowledged_size_only_trims_and_needs_more_losses() -> None:
+    """Never below what was acknowledged, even when half the suspect would be less; and since
+    that is weak evidence (two server restarts in a row with a slightly larger batch in flight)
+    it takes LOSSES_TO_TRIM losses in a row."""
+    pl = PacketLimit()
+    pl.restore(32500, None)
     pl.acked(30000)
-    pl.lost([pub(32500)], pl.limit(HARD), 3.0)
-    v = pl.lost([pub(32500)], pl.limit(HARD), 4.0)
+    for t in range(LOSSES_TO_TRIM - 1):
+        assert pl.lost([pub(32500)], pl.limit(HARD), float(t)).action == NOTHING
+    v = pl.lost([pub(32500)], pl.limit(HARD), 10.0)
     assert v.action == SHRINK and v.limit == 30000 == pl.learned
+    # twice the acknowledged size or more: the usual two losses
+    pl = PacketLimit()
+    pl.acked(10000)
+    assert pl.lost([pub(20000)], HARD, 0.0).action == NOTHING
+    v = pl.lost([pub(20000)], HARD, 1.0)
+    assert v.action == SHRINK and v.limit == 10000
 
 
 def test_losses_with_nothing_larger_than_acknowledged_in_flight_never_shrink() -> None:
@@ -79,6 +94,16 @@ def test_losses_with_nothing_larger_than_acknowledged_in_flight_never_shrink() -
     for t in range(DISTRUST_AFTER_LOSSES + 10):
         assert pl.lost([pub(65530), pub(65000, 11), pub(1200, 21)], HARD, float(t)).action == NOTHING
     assert pl.learned is None and pl.ceiling is None
+
+
+def test_two_restarts_in_a_row_with_a_slightly_larger_batch_in_flight_do_not_shrink() -> None:
+    pl = PacketLimit()
+    pl.acked(65530)
+    assert pl.lost([pub(65533), pub(65500, 11)], HARD, 0.0).action == NOTHING
+    assert pl.lost([pub(65533), pub(65500, 11)], HARD, 1.0).action == NOTHING
+    assert pl.learned is None
+    pl.acked(65533)
+    assert pl.losses == 0
 
 
 def test_ordinary_losses_interleaved_with_pubacks_never_shrink() -> None:

@@ -21,11 +21,13 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
 from typing import Any
+
+from tests.helpers.daemons import wait_for
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 SIMULATOR_SCRIPT = REPO_ROOT / "scripts" / "tb_simulator.py"
@@ -37,24 +39,16 @@ LOOPBACK = "127.0.0.1"
 # generic helpers
 # --------------------------------------------------------------------------------------
 
+# The one bounded wait (`daemons.wait_for`), under the name tests, `make demo` and the
+# benchmarks import from here.
+wait_until = wait_for
+
+
 def free_port(host: str = LOOPBACK) -> int:
     """A TCP port that is free right now (the kernel's choice)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind((host, 0))
         return int(s.getsockname()[1])
-
-
-def wait_until(predicate: Callable[[], Any], timeout: float = 10.0, interval: float = 0.05,
-               what: str = "condition") -> Any:
-    """Poll `predicate` until it returns something truthy (returned) or raise TimeoutError."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() >= deadline:
-            raise TimeoutError(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(interval)
 
 
 def port_open(host: str, port: int) -> bool:
@@ -98,16 +92,10 @@ def temp_dir(base: str | os.PathLike[str] | None = None, prefix: str = "gatewayd
         yield Path(tmp)
 
 
-# --------------------------------------------------------------------------------------
-# mosquitto
-# --------------------------------------------------------------------------------------
+class PeerProcess:
+    """What the peers started here share: their process (stopped by PID) and their log file."""
 
-@dataclass
-class MosquittoProcess:
-    host: str
-    port: int
     proc: subprocess.Popen[bytes]
-    config_path: Path
     log_path: Path
 
     @property
@@ -122,6 +110,19 @@ class MosquittoProcess:
             return self.log_path.read_text(errors="replace")
         except OSError:
             return ""
+
+
+# --------------------------------------------------------------------------------------
+# mosquitto
+# --------------------------------------------------------------------------------------
+
+@dataclass
+class MosquittoProcess(PeerProcess):
+    host: str
+    port: int
+    proc: subprocess.Popen[bytes]
+    config_path: Path
+    log_path: Path
 
 
 def start_mosquitto(workdir: Path, port: int | None = None, host: str = LOOPBACK,
@@ -197,7 +198,7 @@ def load_simulator_module() -> ModuleType:
 
 
 @dataclass
-class SimulatorProcess:
+class SimulatorProcess(PeerProcess):
     host: str
     port: int              # where devices connect (the simulator's MQTT listener)
     control_port: int
@@ -208,19 +209,6 @@ class SimulatorProcess:
     stdout_path: Path
     capture_path: Path | None
     devices: dict[str, str] = field(default_factory=dict)
-
-    @property
-    def pid(self) -> int:
-        return self.proc.pid
-
-    def stop(self) -> int | None:
-        return stop_process(self.proc)
-
-    def log_text(self) -> str:
-        try:
-            return self.log_path.read_text(errors="replace")
-        except OSError:
-            return ""
 
 
 def start_simulator(workdir: Path, broker_port: int, devices: dict[str, str] | None = None,

@@ -35,6 +35,8 @@ from typing import Any
 
 import pytest
 
+from tests.helpers.daemons import wait_for
+
 BASE_IMAGE = "gatewayd-test-base:latest"
 BUSYBOX = "/bin/busybox"
 # Applets linked into the base image (busybox-static has them all; links keep Dockerfiles short).
@@ -287,7 +289,7 @@ class BridgeSide:
             assert isinstance(doc, dict)
             return doc
 
-        return _wait(find, timeout, f"the reply to RPC {rpc_id}")
+        return wait_for(find, timeout, what=f"the reply to RPC {rpc_id}")
 
     def replies(self, rpc_id: str | int) -> list[dict[str, Any]]:
         rows = self.conn.execute("SELECT payload FROM outbox WHERE topic = ?",
@@ -317,17 +319,6 @@ class BridgeSide:
     def deliver(self, ids: list[int]) -> None:
         """What the bridge does after a PUBACK."""
         self.q.mark_delivered(self.conn, ids)
-
-
-def _wait(predicate: Any, timeout: float, what: str, interval: float = 0.05) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"timed out after {timeout:.0f} s waiting for {what}")
-        time.sleep(interval)
 
 
 class NotifySocket:

@@ -18,58 +18,41 @@ from typing import Any
 
 import pytest
 
-from gatewayd.config import load
 from gatewayd.store import controller as controller_store
-from tests.helpers.daemons import ROOT, Daemon, wait_for, write_config
+from tests.helpers.daemons import ROOT, wait_for
 from tests.helpers.docker_env import (  # noqa: F401 - docker_engine is a fixture
-    BASE_IMAGE,
     BridgeSide,
     NotifySocket,
     build_image,
     container_state,
     docker,
     docker_engine,
-    images_with_prefix,
-    remove_containers,
     remove_images,
+)
+from tests.helpers.supervisor_env import (
+    SupervisorEnv,
+    controller_name,
+    controller_section,
+    dockerfile,
+    merge_sections,
 )
 
 pytestmark = [pytest.mark.integration, pytest.mark.docker]
 
-# A controller that stops cleanly on SIGTERM and says which version it is.
-LOOP = "trap 'exit 0' TERM; echo {v} > /data/version; echo started {v}; while true; do /bin/sleep 0.2; done"
 
+class Sup(SupervisorEnv):
+    """A supervisor running the controller container `controller["container_name"]`."""
 
-def dockerfile(version: str, extra: str = "", cmd: str | None = None) -> str:
-    script = cmd if cmd is not None else LOOP.format(v=version)
-    return f"FROM {BASE_IMAGE}\n{extra}\nCMD {json.dumps(['/bin/sh', '-c', script])}\n"
-
-
-class Sup:
     def __init__(self, base: Path, controller: dict[str, Any], supervisor: dict[str, Any] | None = None,
                  env: dict[str, str] | None = None):
         self.name = controller["container_name"]
-        c = {"enabled": True, "network_mode": "none", "build_network_mode": "none", "poll_interval_s": 0.3,
-             "stop_timeout_s": 2, "restart_backoff_initial_s": 1, "restart_backoff_max_s": 4,
-             "update_stable_s": 2, "update_grace_s": 20}
-        c.update(controller)
-        s = {"telemetry_interval_s": 1, "udev": False, "rpc_reply_deadline_s": 8}
-        s.update(supervisor or {})
-        self.config = write_config(base, {"controller": c, "supervisor": s})
-        self.cfg = load(self.config, env={})
-        self.daemon = Daemon("supervisor", self.config, env=env)
-        self.bridge: BridgeSide | None = None
-
-    def start(self) -> Sup:
-        self.daemon.start()
-        if self.bridge is None:
-            self.bridge = BridgeSide(self.cfg.state_dir)
-        return self
-
-    @property
-    def b(self) -> BridgeSide:
-        assert self.bridge is not None
-        return self.bridge
+        defaults: dict[str, dict[str, Any]] = {
+            "controller": controller_section(self.name, build_network_mode="none", restart_backoff_initial_s=1,
+                                             restart_backoff_max_s=4),
+            "supervisor": {"telemetry_interval_s": 1, "udev": False, "rpc_reply_deadline_s": 8},
+        }
+        super().__init__(base, merge_sections(defaults, {"controller": controller, "supervisor": supervisor or {}}),
+                         env=env)
 
     def state(self) -> dict[str, Any]:
         return container_state(self.name) or {}
@@ -90,20 +73,11 @@ class Sup:
         doc: dict[str, Any] = queues.get_state(self.b.conn, "supervisor.controller") or {}
         return doc
 
-    def stop(self) -> None:
-        self.daemon.stop()
-        if self.bridge is not None:
-            self.bridge.close()
-
 
 @pytest.fixture
 def names(docker_engine: Any) -> Iterator[str]:  # noqa: F811
-    name = f"gwtest-{uuid.uuid4().hex[:8]}"
-    try:
+    with controller_name() as name:
         yield name
-    finally:
-        remove_containers(name)
-        remove_images(*images_with_prefix(name))
 
 
 @pytest.fixture

@@ -6,9 +6,7 @@ scripts/tb_simulator.py; gatewayd's bridge carries it to the supervisor through 
 
 from __future__ import annotations
 
-import json
 import os
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -18,15 +16,13 @@ import pytest
 from tests.helpers.brokers import MOSQUITTO_BIN, start_mosquitto, start_simulator
 from tests.helpers.daemons import Daemon, wait_for, write_config
 from tests.helpers.docker_env import (  # noqa: F401 - docker_engine is a fixture
-    BASE_IMAGE,
     build_image,
     container_state,
     docker,
     docker_engine,
-    images_with_prefix,
-    remove_containers,
     remove_images,
 )
+from tests.helpers.supervisor_env import controller_name, controller_section, dockerfile
 
 pytestmark = [pytest.mark.integration, pytest.mark.docker]
 
@@ -34,40 +30,32 @@ DEVICE = "supervisor-e2e"
 TOKEN = "supervisor-e2e-token"
 
 
-def dockerfile(version: str) -> str:
-    script = f"trap 'exit 0' TERM; echo {version} > /data/version; while true; do /bin/sleep 0.2; done"
-    return f"FROM {BASE_IMAGE}\nCMD {json.dumps(['/bin/sh', '-c', script])}\n"
-
-
 @pytest.fixture
 def world(tmp_path: Path, docker_engine: Any) -> Iterator[dict[str, Any]]:  # noqa: F811
     if not os.path.exists(MOSQUITTO_BIN):
         pytest.skip("mosquitto is not installed")
-    name = f"gwtest-{uuid.uuid4().hex[:8]}"
-    broker = start_mosquitto(tmp_path)
-    daemons: list[Daemon] = []
-    sim = None
-    try:
-        sim = start_simulator(tmp_path, broker.port, devices={DEVICE: TOKEN})
-        build_image(f"{name}:1", dockerfile("one"))
-        cfg = write_config(tmp_path / "gw", {
-            "thingsboard": {"host": "127.0.0.1", "port": sim.port, "access_token": TOKEN, "device_name": DEVICE,
-                            "reconnect_max_s": 1.0},
-            "controller": {"enabled": True, "container_name": name, "image": f"{name}:1", "network_mode": "none",
-                           "poll_interval_s": 0.3, "stop_timeout_s": 2, "update_stable_s": 2, "update_grace_s": 20},
-            "supervisor": {"telemetry_interval_s": 2, "udev": False},
-        })
-        for which in ("bridge", "supervisor"):
-            daemons.append(Daemon(which, cfg).start())
-        yield {"sim": sim, "name": name, "base": tmp_path / "gw", "daemons": daemons}
-    finally:
-        for d in daemons:
-            d.stop()
-        if sim is not None:
-            sim.stop()
-        broker.stop()
-        remove_containers(name)
-        remove_images(*images_with_prefix(name))
+    with controller_name() as name:
+        broker = start_mosquitto(tmp_path)
+        daemons: list[Daemon] = []
+        sim = None
+        try:
+            sim = start_simulator(tmp_path, broker.port, devices={DEVICE: TOKEN})
+            build_image(f"{name}:1", dockerfile("one"))
+            cfg = write_config(tmp_path / "gw", {
+                "thingsboard": {"host": "127.0.0.1", "port": sim.port, "access_token": TOKEN, "device_name": DEVICE,
+                                "reconnect_max_s": 1.0},
+                "controller": controller_section(name, image=f"{name}:1"),
+                "supervisor": {"telemetry_interval_s": 2, "udev": False},
+            })
+            for which in ("bridge", "supervisor"):
+                daemons.append(Daemon(which, cfg).start())
+            yield {"sim": sim, "name": name, "base": tmp_path / "gw", "daemons": daemons}
+        finally:
+            for d in daemons:
+                d.stop()
+            if sim is not None:
+                sim.stop()
+            broker.stop()
 
 
 def sw_states(sim: Any) -> list[tuple[str, str | None]]:

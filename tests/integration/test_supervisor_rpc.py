@@ -17,10 +17,9 @@ from typing import Any
 
 import pytest
 
-from gatewayd.config import load
 from gatewayd.store import archive as archive_store
-from tests.helpers.daemons import ROOT, Daemon, wait_for, write_config
-from tests.helpers.docker_env import BridgeSide
+from tests.helpers.daemons import ROOT, wait_for, write_config
+from tests.helpers.supervisor_env import SupervisorEnv, merge_sections
 
 pytestmark = pytest.mark.integration
 
@@ -29,12 +28,13 @@ SPEC_METHODS = {"list", "ping", "status", "restart_controller", "reboot", "shutd
                 "controller_logs"}
 
 
-class Env:
+class Env(SupervisorEnv):
+    """A supervisor whose power actions only touch files in `marks`, and quick file checks."""
+
     def __init__(self, base: Path, sections: dict[str, dict[str, Any]] | None = None):
-        self.base = base
         self.marks = base / "marks"
         self.marks.mkdir(parents=True, exist_ok=True)
-        merged: dict[str, dict[str, Any]] = {
+        defaults: dict[str, dict[str, Any]] = {
             "supervisor": {
                 "telemetry_interval_s": 1,
                 "rpc_reply_deadline_s": 2,
@@ -49,28 +49,7 @@ class Env:
             },
             "files": {"check_interval_s": 0.5},
         }
-        for k, v in (sections or {}).items():
-            merged.setdefault(k, {}).update(v)
-        self.config = write_config(base, merged)
-        self.cfg = load(self.config, env={})
-        self.daemon = Daemon("supervisor", self.config)
-        self.bridge: BridgeSide | None = None
-
-    def start(self) -> Env:
-        self.daemon.start()
-        if self.bridge is None:
-            self.bridge = BridgeSide(self.cfg.state_dir)
-        return self
-
-    @property
-    def b(self) -> BridgeSide:
-        assert self.bridge is not None
-        return self.bridge
-
-    def stop(self) -> None:
-        self.daemon.stop()
-        if self.bridge is not None:
-            self.bridge.close()
+        super().__init__(base, merge_sections(defaults, sections))
 
 
 @pytest.fixture

@@ -125,6 +125,8 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "update_stable_s": Key((int, float), 10.0, _non_negative,
                                doc="a new version without HEALTHCHECK is good after running this long"),
         "image_name": Key(str, "", doc="repository name of built/loaded images; default: container_name"),
+        "keep_images": Key(int, 2, _min(1), doc="images built/loaded by updates kept (the running and the "
+                           "last good one always are); older ones are removed after each update"),
         "version": Key(str, "", doc="version of the configured image, reported before any update"),
         "build_network_mode": Key(str, "", doc="network of docker build RUN steps; empty: Docker's default"),
         "build_timeout_s": Key((int, float), 3600.0, _positive),

@@ -35,6 +35,10 @@ class ImageMissing(DockerError):
     pass
 
 
+class ImageInUse(DockerError):
+    """The engine refused to remove an image (409 conflict: a container or a child image uses it)."""
+
+
 _TS = re.compile(r"^(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d)(?:\.(\d+))?(Z|[+-]\d\d:\d\d)?$")
 
 
@@ -331,6 +335,29 @@ class Docker:
                     raise
 
         self._call(do)
+
+    def images(self) -> list[dict[str, Any]]:
+        """Summaries of all tagged and dangling images (Id, RepoTags, Labels, Created, Size)."""
+        result: list[dict[str, Any]] = self._call(lambda: list(self.client().api.images() or []))
+        return result
+
+    def delete_image(self, ref: str) -> list[dict[str, Any]]:
+        """Untag `ref` (a tag) or remove an image by id, never forced; the engine's
+        [{"Untagged": …}, {"Deleted": …}] entries ([] if it is gone). ImageInUse on a conflict."""
+
+        def do() -> list[dict[str, Any]]:
+            try:
+                res = self.client().api.remove_image(ref, force=False, noprune=False)
+            except Exception as e:  # noqa: BLE001
+                if type(e).__name__ in ("ImageNotFound", "NotFound"):
+                    return []
+                if getattr(e, "status_code", None) == 409 or "conflict" in str(e).lower():
+                    raise ImageInUse(str(_err(e))) from e
+                raise
+            return [x for x in (res or []) if isinstance(x, dict)]
+
+        result: list[dict[str, Any]] = self._call(do)
+        return result
 
     @staticmethod
     def _consume(stream: Iterable[Any], progress: Callable[[str], None] | None) -> list[dict[str, Any]]:

@@ -14,7 +14,9 @@ After the switch, the new version must become healthy within `update_grace_s` (H
 `healthy`, or running for `update_stable_s` without one, and no failure); otherwise the last
 good version is started again and the update is reported FAILED. A request that failed is
 not retried until the requested version changes; a request naming the running version
-(also by another name of the same git commit) changes nothing.
+(also by another name of the same git commit) changes nothing. After an update ends
+(UPDATED, or FAILED once the rollback is done), images earlier updates built or loaded are
+removed (see images.py), keeping the running one, the last good one and `keep_images` in all.
 
 Builds, pulls, loads and checksums run as background jobs; this class itself runs in the
 main loop and never blocks.
@@ -37,6 +39,7 @@ from gatewayd.config import Config
 from gatewayd.supervisor import gitsrc
 from gatewayd.supervisor.controller import ControllerManager, Target
 from gatewayd.supervisor.docker_api import Docker, DockerError, safe_tag, split_image_ref
+from gatewayd.supervisor.images import LABEL_COMMIT, LABEL_OWNER, archive_image_ids, cleanup_job
 from gatewayd.supervisor.jobs import Future, Job, Jobs
 from gatewayd.supervisor.ota import Download, OtaError, checksum_matches, file_checksum, normalize_algorithm
 
@@ -44,7 +47,7 @@ log = logging.getLogger("gatewayd.supervisor")
 
 SW_KEYS = ("sw_title", "sw_version", "sw_url", "sw_checksum", "sw_checksum_algorithm", "sw_size")
 STATE_KEY = "supervisor.sw"
-LABEL_COMMIT = "io.gatewayd.commit"
+OWNED_MAX = 50  # OTA-loaded image ids remembered for the image cleanup
 BOOTSTRAP_RETRY_S = 30.0
 
 
@@ -110,7 +113,7 @@ def build_commit(cfg: Config, d: Docker, repo: Path, commit: str, version: str,
         gitsrc.archive(repo, commit, ctx)
         ctx.seek(0)
         image_id = d.build(ctx, ref, dockerfile=c["dockerfile"],
-                           labels={LABEL_COMMIT: commit, "io.gatewayd.version": version},
+                           labels={LABEL_COMMIT: commit, "io.gatewayd.version": version, LABEL_OWNER: name},
                            network_mode=c["build_network_mode"], progress=progress)
     return ref, image_id
 
@@ -202,6 +205,8 @@ def install_package_job(cfg: Config, path: Path, req: Request, emit: Callable[[s
         emit("VERIFIED")
         d = _docker(cfg)
         try:
+            # An image already on the device is not gatewayd's to remove later, whatever the package says.
+            existed = any(d.image_id(i) for i in archive_image_ids(path))
             with open(path, "rb") as f:
                 loaded = d.load(f)
             ref = next((x for x in loaded if not x.startswith("sha256:")), loaded[0])
@@ -214,7 +219,8 @@ def install_package_job(cfg: Config, path: Path, req: Request, emit: Callable[[s
         finally:
             d.close()
         return {"source": "ota", "image": own, "image_id": image_id, "version": req.version, "title": req.title,
-                "checksum": req.checksum, "loaded": loaded}
+                "checksum": req.checksum, "loaded": loaded,
+                "owned_refs": None if existed else [x for x in loaded if not x.startswith("sha256:")]}
     finally:
         try:
             path.unlink()
@@ -266,6 +272,8 @@ class UpdateManager:
         self.ota_state: dict[str, Any] | None = st.get("ota")
         self.sw_state: str | None = st.get("sw_state")
         self.sw_error: str | None = st.get("sw_error")
+        self.previous: dict[str, Any] | None = st.get("previous")  # the good version before `current`
+        self.owned: dict[str, list[str]] = dict(st.get("owned") or {})  # OTA-loaded image id → tags it made
 
         self.requested: dict[str, Any] = {}
         self.phase = "bootstrap"
@@ -283,7 +291,8 @@ class UpdateManager:
     def _save(self) -> None:
         self.set_state(STATE_KEY, {"current": self.current, "failed_key": self.failed_key, "target": self.target,
                                    "ota": self.download.to_state() if self.download else None,
-                                   "sw_state": self.sw_state, "sw_error": self.sw_error})
+                                   "sw_state": self.sw_state, "sw_error": self.sw_error,
+                                   "previous": self.previous, "owned": self.owned})
 
     def _report(self, state: str, error: str | None = None, extra: dict[str, Any] | None = None) -> None:
         self.sw_state = state
@@ -518,19 +527,24 @@ class UpdateManager:
         if req is not None:
             self.failed_key = req.key
         self._report("FAILED", error)
+        rolled_back: Future | None = None
         if rollback and self.current and self.controller is not None:
             log.warning("rolling back to version %s (%s)", self.current.get("version"), self.current.get("image"))
-            self._set_controller(self.current)
+            rolled_back = self._set_controller(self.current)
         self.target = None
         self.phase = "idle"
         self.job = None
         self._save()
+        if rolled_back is not None:
+            self._start_cleanup(rolled_back)  # once the failed version's container is gone
         self._consider()
 
     def _succeed(self, prepared: dict[str, Any], why: str) -> None:
         new = dict(prepared)
         new["config_key"] = config_key(self.cfg)
         new["updated_ms"] = time.time_ns() // 1_000_000
+        if self.current and self.current.get("image_id") != new.get("image_id"):
+            self.previous = self.current
         self.current = new
         self.failed_key = None
         self._report("UPDATED", extra={"current_sw_title": new.get("title") or "",
@@ -540,7 +554,42 @@ class UpdateManager:
         self.phase = "idle"
         self.job = None
         self._save()
+        self._start_cleanup(None)
         self._consider()
+
+    # -- removal of old images -----------------------------------------------------------
+    def _start_cleanup(self, after: Future | None) -> None:
+        """Remove surplus images in a job (after `after`, the rollback, is done); a new update waits."""
+        self.phase = "cleanup"
+        self.future = after
+        self.job = None
+        if after is None:
+            self._submit_cleanup()
+
+    def _submit_cleanup(self) -> None:
+        protected = [str(x.get("image_id") or "") for x in (self.current, self.previous) if x]
+        self.job = self.jobs.submit("remove old controller images", cleanup_job, self.cfg, protected,
+                                    {k: list(v) for k, v in self.owned.items()})
+
+    def _cleanup_done(self, job: Job) -> None:
+        if job.error is not None:
+            log.warning("cannot remove old controller images: %s", job.error)
+        else:
+            gone = set((job.result or {}).get("gone") or [])
+            if gone & set(self.owned):
+                self.owned = {k: v for k, v in self.owned.items() if k not in gone}
+                self._save()
+        self.phase = "idle"
+        self._consider()
+
+    def _remember_owned(self, prepared: dict[str, Any]) -> None:
+        refs = prepared.get("owned_refs")
+        if prepared.get("source") != "ota" or refs is None or not prepared.get("image_id"):
+            return
+        self.owned.pop(prepared["image_id"], None)
+        self.owned[prepared["image_id"]] = list(refs)
+        while len(self.owned) > OWNED_MAX:
+            self.owned.pop(next(iter(self.owned)))
 
     def step(self) -> None:
         while True:
@@ -569,7 +618,16 @@ class UpdateManager:
                 self._save()
                 self._consider()
             else:
+                self._remember_owned(job.result)
                 self._switch(job.result)
+        elif self.phase == "cleanup":
+            if self.job is None:
+                if self.future is None or self.future.done():
+                    self.future = None
+                    self._submit_cleanup()
+            elif self.job.done():
+                job, self.job = self.job, None
+                self._cleanup_done(job)
         elif self.phase == "bootstrap_wait" and self.clock() >= self.bootstrap_retry_at:
             self._start_bootstrap()
         elif self.phase == "ota" and self.download is not None:

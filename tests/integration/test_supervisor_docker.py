@@ -393,3 +393,48 @@ def test_image_reference_updates_and_a_crash_during_the_update(names: str, tmp_p
     wait_for(lambda: (data / "version").read_text().strip() == "img3", 10, what="img3 running")
     b.rpc(1, "sw_status")
     assert b.reply(1)["current"]["image"] == f"{names}:3"
+
+
+def _image_tags(repo_name: str) -> dict[str, str]:
+    """tag → image id of the images in repository `repo_name`."""
+    out = docker("images", "--no-trunc", "--format", "{{.Repository}} {{.Tag}} {{.ID}}", repo_name).stdout
+    return {tag: iid for r, tag, iid in (line.split() for line in out.splitlines()) if r == repo_name}
+
+
+def test_old_images_of_updates_are_removed(names: str, tmp_path: Path, cleanup: list[Sup]) -> None:
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    _git(repo, "init", "-q")
+    for v in ("v1", "v2", "v3", "v4"):
+        (repo / "Dockerfile").write_text(dockerfile(v))
+        _git(repo, "add", "Dockerfile")
+        _git(repo, "commit", "-q", "-m", v)
+        _git(repo, "tag", v)
+    _git(repo, "checkout", "-q", "v1")
+    # images gatewayd did not create: one in its own repository, one elsewhere
+    mine = build_image(f"{names}:manual", dockerfile("manual"))
+    other = build_image(f"{names}-other:1", dockerfile("other"))
+    sup = Sup(tmp_path, {"container_name": names, "repository": str(repo), "keep_images": 2})
+    cleanup.append(sup)
+    sup.start()
+    sup.wait_running(timeout=60)
+    b = sup.b
+    data = sup.cfg.controller_data_dir
+    ids: dict[str, str] = {}
+    for v in ("v2", "v3", "v4"):
+        b.shared({"sw_title": "ctl", "sw_version": v})
+        wait_for(lambda: ("UPDATED", v) in b.sw_states(), 60, what=f"UPDATED to {v}")  # noqa: B023 - waited here
+        assert (data / "version").read_text().strip() == v
+        ids[v] = _image_tags(names)[v]
+    # v1 and v2 go; v4 (running) and v3 (the last good one) stay, and what gatewayd did not build
+    wait_for(lambda: set(_image_tags(names)) == {"v3", "v4", "manual"}, 30, what="old images removed")
+    tags = _image_tags(names)
+    assert sup.state()["image"] == tags["v4"] == ids["v4"] and tags["v3"] == ids["v3"]
+    assert tags["manual"] == mine
+    assert docker("image", "inspect", "--format", "{{.Id}}", f"{names}-other:1").stdout.strip() == other
+    assert docker("image", "inspect", ids["v2"], check=False).returncode != 0  # deleted, not just untagged
+    b.rpc("sw", "sw_status")
+    sw = b.reply("sw")
+    assert sw["current"]["version"] == "v4"
+    log = sup.daemon.log()
+    assert f"removed controller image {names}:v1" in log and "bytes freed" in log

@@ -265,6 +265,8 @@ def test_failed_version_is_rolled_back_and_not_retried(tmp_path: Path) -> None:
     assert states(tel)[-1] == "FAILED" and "exited with code 3" in tel[-1]["sw_error"]
     assert ctl.targets[-1].image_id == "sha256:1"  # rolled back
     assert state["supervisor.sw"]["current"]["version"] == "v1"
+    um.step()
+    assert jobs.names[-1] == "remove old controller images"  # once the rollback is done
     n = len(jobs.names)
     um.on_attributes({"sw_version": "v2"})
     um.step()

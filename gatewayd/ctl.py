@@ -106,7 +106,7 @@ def collect(cfg: Config) -> dict[str, Any]:
         "ledger": ledger,
         "archive": {"bytes": archive_bytes},
         "controller": controller,
-        "errors": {d: (state.get(f"{d}.last_error") or {}).get("message") for d in DAEMONS},
+        "errors": {d: queues.last_error(state, d) for d in DAEMONS},
         "corrupt_files": corrupt_copies(cfg.state_dir, cfg.controller_data_dir),
     }
 

@@ -211,11 +211,7 @@ class Bridge:
             self.watch = None
 
     def report_error(self, text: str) -> None:
-        self.last_error = text
-        self.state_dirty = True
-        if self.db is not None:
-            with transaction(self.db):
-                queues.set_state(self.db, "bridge.last_error", {"message": text, "ms": now_ms()})
+        self._set_error(text)
 
     def status(self) -> str:
         now = time.monotonic()
@@ -894,8 +890,7 @@ class Bridge:
             self.last_error = text
             self.state_dirty = True
             if self.db is not None:
-                with transaction(self.db):
-                    queues.set_state(self.db, "bridge.last_error", {"message": text, "ms": now_ms()})
+                queues.record_error(self.db, "bridge", text)
 
     def _write_state(self, force: bool = False) -> None:
         now = time.monotonic()

@@ -17,7 +17,7 @@ from gatewayd.records import parse
 from gatewayd.store import archive as archive_store
 from gatewayd.store import controller as controller_store
 from gatewayd.store import queues
-from gatewayd.store.db import data_version, file_identity, get_mark, now_ms, set_mark, transaction
+from gatewayd.store.db import data_version, file_identity, get_mark, set_mark, transaction
 
 log = logging.getLogger("gatewayd.forwarder")
 
@@ -80,8 +80,7 @@ class Forwarder:
 
     def report_error(self, text: str) -> None:
         if self.queues is not None:
-            with transaction(self.queues):
-                queues.set_state(self.queues, "forwarder.last_error", {"message": text, "ms": now_ms()})
+            queues.record_error(self.queues, self.name, text)
 
     # -- controller database -------------------------------------------------------------
     def _open_controller(self) -> None:

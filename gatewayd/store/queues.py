@@ -171,9 +171,13 @@ def mark_delivered(conn: sqlite3.Connection, ids: Iterable[int]) -> int:
     """Remove rows the broker acknowledged; returns how many were still there."""
     with transaction(conn):
         n, size, counted = _delete(conn, ids)
-        bump(conn, {"outbox_rows": -n, "outbox_bytes": -size, "queued": -counted,
-                    "delivered": counted, "published": n})
+        _count_delivered(conn, n, size, counted)
     return n
+
+
+def _count_delivered(conn: sqlite3.Connection, rows: int, size: int, counted: int) -> None:
+    bump(conn, {"outbox_rows": -rows, "outbox_bytes": -size, "queued": -counted,
+                "delivered": counted, "published": rows})
 
 
 def dead_letter_outbox(conn: sqlite3.Connection, row: OutboxRow, reason: str, stage: str) -> None:
@@ -228,6 +232,17 @@ def set_state(conn: sqlite3.Connection, key: str, value: Any) -> None:
     conn.execute("INSERT INTO state(key, value, updated_ms) VALUES (?,?,?) "
                  "ON CONFLICT(key) DO UPDATE SET value = excluded.value, updated_ms = excluded.updated_ms",
                  (key, json.dumps(value), now_ms()))
+
+
+def record_error(conn: sqlite3.Connection, daemon: str, text: str) -> None:
+    """Remember a daemon's last error (`<daemon>.last_error`), which `gatewayctl status` shows."""
+    with transaction(conn):
+        set_state(conn, f"{daemon}.last_error", {"message": text, "ms": now_ms()})
+
+
+def last_error(state: dict[str, Any], daemon: str) -> str | None:
+    """The message `record_error` left, from `all_state()`."""
+    return (state.get(f"{daemon}.last_error") or {}).get("message")
 
 
 def get_state(conn: sqlite3.Connection, key: str, default: Any = None) -> Any:
@@ -311,6 +326,5 @@ def mark_delivered_ranges(conn: sqlite3.Connection, ranges: Iterable[tuple[int, 
             total += n
             size += s
             counted += c
-        bump(conn, {"outbox_rows": -total, "outbox_bytes": -size, "queued": -counted,
-                    "delivered": counted, "published": total})
+        _count_delivered(conn, total, size, counted)
     return total

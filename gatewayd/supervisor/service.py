@@ -210,7 +210,7 @@ class Supervisor:
     def report_error(self, text: str) -> None:
         if self.conn is not None:
             try:
-                self.set_state("supervisor.last_error", {"message": text, "ms": now_ms()})
+                queues.record_error(self.conn, "supervisor", text)
             except sqlite3.Error:
                 pass
 

@@ -6,14 +6,13 @@ remembers the limit across restarts, and does not shrink it for an ordinary serv
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from gatewayd.bridge.publisher import MIN_PACKET, packet_size
-from tests.helpers.brokers import free_port, start_mosquitto, start_simulator
+from tests.helpers.brokers import free_port, start_simulator
 from tests.integration.test_bridge_support import (
     DEVICE,
     TOKEN,
@@ -35,15 +34,6 @@ pytestmark = pytest.mark.integration
 
 SERVER_LIMIT = 8000   # the simulator closes the session on a PUBLISH whose topic + payload exceeds this
 CONFIGURED = 65536    # what the bridge is told
-
-
-@pytest.fixture
-def broker(tmp_path: Path) -> Iterator[Any]:
-    b = start_mosquitto(tmp_path)
-    try:
-        yield b
-    finally:
-        b.stop()
 
 
 def _sim(tmp_path: Path, broker: Any, limit: int | None = SERVER_LIMIT, port: int = 0, control_port: int = 0,

@@ -5,14 +5,13 @@ from __future__ import annotations
 
 import random
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from gatewayd.bridge.publisher import packet_size
-from tests.helpers.brokers import free_port, start_mosquitto, start_simulator
+from tests.helpers.brokers import free_port, start_simulator
 from tests.integration.test_bridge_support import (
     DEVICE,
     TOKEN,
@@ -32,15 +31,6 @@ from tests.integration.test_bridge_support import (
 )
 
 pytestmark = pytest.mark.integration
-
-
-@pytest.fixture
-def broker(tmp_path: Path) -> Iterator[Any]:
-    b = start_mosquitto(tmp_path)
-    try:
-        yield b
-    finally:
-        b.stop()
 
 
 def _sim(tmp_path: Path, broker: Any, port: int = 0, control_port: int = 0) -> Any:

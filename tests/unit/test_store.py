@@ -202,3 +202,11 @@ def test_archive_limits(tmp_path: Path) -> None:
     before = archive_store.used_bytes(conn)
     archive_store.enforce_limits(conn, max_bytes=before // 2, retention_days=10**6)
     assert archive_store.used_bytes(conn) <= before // 2
+
+
+def test_last_error_recorded_per_daemon(tmp_path: Path) -> None:
+    conn = qconn(tmp_path)
+    queues.record_error(conn, "bridge", "boom")
+    state = queues.all_state(conn)
+    assert queues.last_error(state, "bridge") == "boom"
+    assert queues.last_error(state, "forwarder") is None

@@ -1,0 +1,21 @@
+"""Fixtures shared by the integration tests."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.helpers.brokers import start_mosquitto
+
+
+@pytest.fixture
+def broker(tmp_path: Path) -> Iterator[Any]:
+    """A real mosquitto on a free loopback port, stopped by PID afterwards."""
+    b = start_mosquitto(tmp_path)
+    try:
+        yield b
+    finally:
+        b.stop()

@@ -6,7 +6,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 APT_PACKAGES=(
-  python3 python3-venv python3-pip python3-pytest
+  python3 python3-venv python3-pip python3-pytest python3-hypothesis
+  python3-prometheus-client python3-cryptography openssl
   python3-paho-mqtt python3-sdnotify python3-psutil python3-docker python3-pyudev
   mosquitto sqlite3 procps iproute2 psmisc
   docker.io busybox-static git
@@ -15,7 +16,7 @@ APT_PACKAGES=(
   build-essential fakeroot
 )
 VENV=${GATEWAYD_VENV:-.venv-pypi}
-PYPI_PACKAGES=(paho-mqtt sdnotify psutil docker pyudev pytest ruff mypy)
+PYPI_PACKAGES=(paho-mqtt sdnotify psutil docker pyudev pytest hypothesis prometheus_client cryptography ruff mypy)
 
 missing=()
 for p in "${APT_PACKAGES[@]}"; do
@@ -32,8 +33,8 @@ fi
 if [ ! -x "$VENV/bin/python" ]; then
   /usr/bin/python3 -m venv "$VENV"
 fi
-if ! "$VENV/bin/python" -c "import paho.mqtt, ruff, mypy, pytest, docker, psutil, pyudev, sdnotify" 2>/dev/null \
-   && ! { "$VENV/bin/python" -c "import paho.mqtt, mypy, pytest, docker, psutil, pyudev, sdnotify" 2>/dev/null \
+if ! "$VENV/bin/python" -c "import paho.mqtt, ruff, mypy, pytest, docker, psutil, pyudev, sdnotify, hypothesis, prometheus_client, cryptography" 2>/dev/null \
+   && ! { "$VENV/bin/python" -c "import paho.mqtt, mypy, pytest, docker, psutil, pyudev, sdnotify, hypothesis, prometheus_client, cryptography" 2>/dev/null \
           && [ -x "$VENV/bin/ruff" ]; }; then
   "$VENV/bin/pip" install -q --upgrade "${PYPI_PACKAGES[@]}"
 fi

@@ -7,6 +7,8 @@ import os
 import sys
 import time
 
+from gatewayd.redact import redact
+
 _PRIORITY = {
     logging.CRITICAL: 2,
     logging.ERROR: 3,
@@ -24,7 +26,9 @@ def priority(levelno: int) -> int:
 
 
 class SyslogPrefixFormatter(logging.Formatter):
-    """`<N>name: message`, every line of a traceback prefixed too (journald splits lines)."""
+    """`<N>name: message`, every line of a traceback prefixed too (journald splits lines).
+
+    Registered secrets (`gatewayd.redact`) are masked in the message and the traceback."""
 
     def __init__(self, timestamps: bool):
         super().__init__()
@@ -34,6 +38,8 @@ class SyslogPrefixFormatter(logging.Formatter):
         text = record.getMessage()
         if record.exc_info:
             text += "\n" + self.formatException(record.exc_info)
+        if record.exc_info:
+            text = redact(text)
         prefix = f"<{priority(record.levelno)}>"
         if self.timestamps:
             ms = int(record.msecs)
@@ -42,8 +48,16 @@ class SyslogPrefixFormatter(logging.Formatter):
         return "\n".join(prefix + line for line in text.splitlines() or [""])
 
 
+class _RedactingRecord(logging.LogRecord):
+    """A record whose message has registered secrets masked, whichever handler formats it."""
+
+    def getMessage(self) -> str:  # noqa: N802 - the logging API's name
+        return redact(super().getMessage())
+
+
 def setup(name: str, level: str = "info") -> logging.Logger:
     """Configure the root logger once per process; journald adds its own timestamps."""
+    logging.setLogRecordFactory(_RedactingRecord)
     root = logging.getLogger()
     for h in list(root.handlers):
         root.removeHandler(h)

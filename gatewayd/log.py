@@ -6,6 +6,7 @@ import logging
 import os
 import sys
 import time
+from typing import Any
 
 from gatewayd.redact import redact
 
@@ -37,9 +38,7 @@ class SyslogPrefixFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         text = record.getMessage()
         if record.exc_info:
-            text += "\n" + self.formatException(record.exc_info)
-        if record.exc_info:
-            text = redact(text)
+            text += "\n" + redact(record.exc_text or self.formatException(record.exc_info))
         prefix = f"<{priority(record.levelno)}>"
         if self.timestamps:
             ms = int(record.msecs)
@@ -49,7 +48,13 @@ class SyslogPrefixFormatter(logging.Formatter):
 
 
 class _RedactingRecord(logging.LogRecord):
-    """A record whose message has registered secrets masked, whichever handler formats it."""
+    """A record whose message and traceback have registered secrets masked, whichever handler
+    formats it (formatters use a preset `exc_text` instead of formatting the exception again)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        if self.exc_info and self.exc_info[0] is not None:
+            self.exc_text = redact(logging.Formatter().formatException(self.exc_info))
 
     def getMessage(self) -> str:  # noqa: N802 - the logging API's name
         return redact(super().getMessage())

@@ -31,7 +31,7 @@ from typing import Any
 import pytest
 
 from gatewayd.store import queues
-from tests.helpers.brokers import MOSQUITTO_BIN, LOOPBACK, MqttDevice, free_port, start_mosquitto
+from tests.helpers.brokers import LOOPBACK, MOSQUITTO_BIN, MqttDevice, free_port, start_mosquitto
 from tests.helpers.daemons import ROOT, Daemon, wait_for, write_config
 from tests.helpers.tls import Issued, issue, make_ca
 

@@ -343,20 +343,17 @@ def test_check_fails_on_a_bad_server_certificate(tmp_path: Path, pki: Pki, broke
         assert "days)" in server["detail"], server  # the expiry of what the server presented
 
 
-def test_check_fails_on_an_expired_client_certificate(tmp_path: Path, pki: Pki, broker: Broker) -> None:
-    cfg = gw_config(tmp_path / "gw", broker.ports["good"], pki.ca, client_cert=str(pki.expired_client.cert),
-                    client_key=str(pki.expired_client.key))
+@pytest.mark.parametrize(("cert", "key", "expect"), [
+    ("expired_client", "expired_client", "days ago"),  # expired
+    ("client", "expired_client", ""),                  # a key that is not the certificate's
+])
+def test_check_fails_on_a_bad_client_certificate(tmp_path: Path, pki: Pki, broker: Broker, cert: str, key: str,
+                                                 expect: str) -> None:
+    cert_file, key_file = getattr(pki, cert).cert, getattr(pki, key).key
+    cfg = gw_config(tmp_path / "gw", broker.ports["good"], pki.ca, client_cert=str(cert_file),
+                    client_key=str(key_file))
     rc, results = ctl_check(cfg)
     assert rc == 1
     client = results["tls client certificate"]
-    assert client["outcome"] == "failed" and "days ago" in client["detail"], client
-
-
-def test_check_fails_when_the_key_does_not_match(tmp_path: Path, pki: Pki, broker: Broker) -> None:
-    cfg = gw_config(tmp_path / "gw", broker.ports["good"], pki.ca, client_cert=str(pki.client.cert),
-                    client_key=str(pki.expired_client.key))
-    rc, results = ctl_check(cfg)
-    assert rc == 1
-    client = results["tls client certificate"]
-    assert client["outcome"] == "failed", client
-    assert pki.expired_client.key_pem_body() not in json.dumps(results)
+    assert client["outcome"] == "failed" and expect in client["detail"], client
+    assert getattr(pki, key).key_pem_body() not in json.dumps(results)

@@ -190,6 +190,9 @@ ENV_OVERRIDES: dict[str, tuple[str, str]] = {
     "GATEWAYD_STATE_DIR": ("paths", "state_dir"),
 }
 
+# Environment variable names whose values are masked in any text, not only in printed configs.
+SECRET_NAME = re.compile(r"PASS|PWD|SECRET|TOKEN|KEY|CRED|AUTH|PRIVATE|SALT|COOKIE|SESSION|DSN", re.IGNORECASE)
+
 _VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 
 
@@ -240,10 +243,11 @@ class Config:
         return [Path(r) for r in roots]
 
     def secret_values(self) -> list[str]:
-        """Every configured value that is a secret: secret keys and the controller's environment."""
+        """Configured values to mask wherever they appear: the secret keys, and the controller
+        environment values whose names look secret (all of them would mask words like "info")."""
         out = [self.data[s][n] for s, keys in SCHEMA.items() for n, k in keys.items()
                if k.secret and isinstance(self.data[s][n], str)]
-        out.extend(str(v) for v in self.data["controller"]["environment"].values())
+        out.extend(str(v) for k, v in self.data["controller"]["environment"].items() if SECRET_NAME.search(k))
         return out
 
     def masked(self) -> dict[str, dict[str, Any]]:

@@ -3,11 +3,12 @@
 Two layers. The config printers mask by *key* (`Config.masked()`: every key marked secret,
 every value of `[controller] environment`). Below that, this module masks by *value*: each
 process registers the secret values it knows (configured token, provisioning key and secret,
-controller environment values, what `credentials.json` holds), and every log line, status
+controller environment values under secret-looking names, what `credentials.json` holds),
+and every log line, status
 report, support-bundle file and RPC reply passes through `redact()`, so a secret that ends up
 in an error message, a traceback or a command's output is masked there too.
 
-Values shorter than `MIN_LENGTH` are not registered: masking every "ab" in every log line
+Values shorter than `MIN_LENGTH` are not registered: masking every "test" in every log line
 would destroy the logs and protect nothing. URL passwords (`scheme://user:password@host`)
 are masked whatever their value.
 """
@@ -22,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 MASK = "********"
-MIN_LENGTH = 4
+MIN_LENGTH = 6
 
 _URL_PASSWORD = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*://[^/\s:@]+:)[^/\s@]+@")
 

@@ -73,7 +73,7 @@ def world(tmp_path: Path) -> Iterator[dict[str, Any]]:
         "thingsboard": {"host": "127.0.0.1", "port": 1, "access_token": SECRETS["tokfile"], "device_name": DEVICE,
                         "reconnect_max_s": 1.0, "client_cert": str(device_cert.cert),
                         "client_key": str(device_cert.key)},
-        "controller": {"enabled": False, "environment": {"API_KEY": SECRETS["ctlenv"], "FROM_ENV": "${MY_SECRET}"},
+        "controller": {"enabled": False, "environment": {"API_KEY": SECRETS["ctlenv"], "DB_PASSWORD": "${MY_SECRET}"},
                        "repository": f"https://deploy:{SECRETS['urlpass']}@git.example.invalid/ctl.git"},
         "supervisor": {"telemetry_interval_s": 1, "udev": False},
         "logging": {"level": "debug"},

@@ -32,12 +32,12 @@ def clean_registry() -> Iterator[None]:
 
 
 def test_registered_values_are_masked_in_every_spelling() -> None:
-    redact.register([SECRET, None, 42, "abc"])  # non-strings and short strings are ignored
+    redact.register([SECRET, None, 42, "short"])  # non-strings and short strings are ignored
     for text in (f"token {SECRET} refused", json.dumps({"t": SECRET}), json.dumps({"t": SECRET}, ensure_ascii=False),
                  repr({"t": SECRET})):
         out = redact.redact(text)
         assert SECRET not in out and MASK in out
-    assert redact.redact("abc abc") == "abc abc"
+    assert redact.redact("short shorts") == "short shorts"
 
 
 def test_redact_obj_keeps_json_valid_and_masks_keys_too() -> None:
@@ -56,8 +56,8 @@ def test_url_passwords_are_masked_without_registration() -> None:
 
 
 def test_longest_secret_wins() -> None:
-    redact.register(["abcd", "abcdefgh"])
-    assert redact.redact("xabcdefghx") == f"x{MASK}x"
+    redact.register(["abcdef", "abcdefghij"])
+    assert redact.redact("xabcdefghijx") == f"x{MASK}x"
 
 
 @settings(max_examples=300, deadline=None)
@@ -116,16 +116,19 @@ def test_masked_config_and_secret_values(tmp_path: Path) -> None:
     cfg = load(write_config(tmp_path, {
         "thingsboard": {"access_token": "tok-1234", "provision_device_key": "pk-1234",
                         "provision_device_secret": "ps-1234"},
-        "controller": {"environment": {"DB_PASSWORD": "pw-1234", "PORT": 5432},
+        "controller": {"environment": {"DB_PASSWORD": "pw-1234", "PORT": 5432, "LOG_LEVEL": "information"},
                        "repository": "https://u:urlpw-1234@example.invalid/r.git"},
     }), env={})
-    assert set(cfg.secret_values()) == {"tok-1234", "pk-1234", "ps-1234", "pw-1234", "5432"}
+    # masked in any text: secret keys, environment values under secret-looking names
+    assert set(cfg.secret_values()) == {"tok-1234", "pk-1234", "ps-1234", "pw-1234"}
     m = cfg.masked()
     text = json.dumps(m)
     for v in ("tok-1234", "pk-1234", "ps-1234", "pw-1234", "urlpw-1234"):
         assert v not in text
-    assert m["controller"]["environment"] == {"DB_PASSWORD": MASK, "PORT": MASK}
+    assert m["controller"]["environment"] == {"DB_PASSWORD": MASK, "PORT": MASK, "LOG_LEVEL": MASK}
     assert cfg["controller"]["environment"]["DB_PASSWORD"] == "pw-1234"  # the daemons still get it
+    redact.register_config(cfg)
+    assert redact.redact("system_info: information, pw-1234") == f"system_info: information, {MASK}"
 
 
 def test_saved_credentials_are_registered(tmp_path: Path) -> None:

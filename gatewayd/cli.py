@@ -54,7 +54,10 @@ def main(argv: list[str] | None = None) -> int:
         _config_problems(e)
         return EX_CONFIG
     from gatewayd import log as gwlog
+    from gatewayd import redact
     from gatewayd.daemon import AlreadyRunning
+
+    redact.register_config(cfg)
 
     logger = gwlog.setup(f"gatewayd.{args.daemon}", cfg["logging"]["level"])
     for w in cfg.warnings:

@@ -21,7 +21,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from gatewayd import __version__
+from gatewayd import __version__, redact
 from gatewayd.config import Config
 from gatewayd.records import PUBLISH_OVERHEAD
 from gatewayd.store import queues
@@ -378,6 +378,7 @@ class Supervisor:
             self._reply(rid, rpc_id, dig, method, outcome)
 
     def _reply(self, rid: int, rpc_id: str, dig: str, method: str | None, reply: dict[str, Any]) -> int:
+        reply = redact.redact_obj(reply)
         payload = rpcstore.reply_payload(reply)
         if not commands.reply_fits(payload, rpc_id, self.max_packet):
             reply = {"error": f"the reply ({len(payload)} bytes) is larger than the maximum MQTT packet"}
@@ -399,7 +400,7 @@ class Supervisor:
                         reply = {"error": f"internal error: {type(e).__name__}: {e}"}
                 if p.replied:
                     log.info("RPC %s (%s) finished after its reply", p.rpc_id, p.method)
-                    result = dict(reply)
+                    result = redact.redact_obj(reply)
                     result.update({"rpc_id": p.rpc_id, "method": p.method})
                     self.publish_telemetry({"rpc_result": result})
                 else:

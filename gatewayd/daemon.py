@@ -25,6 +25,7 @@ log = logging.getLogger("gatewayd.daemon")
 HEARTBEAT_EVERY_S = 5.0
 SHUTDOWN_TIMEOUT_S = 10.0
 ERROR_BACKOFF_MAX_S = 5.0
+STATUS_STORE_EVERY_S = 5.0
 
 
 class Service(Protocol):
@@ -41,6 +42,9 @@ class Service(Protocol):
 
     def report_error(self, text: str) -> None:
         """Remember the last error where `gatewayctl status` can read it."""
+
+    # Optional: `report_status(text)` remembers the STATUS= line where `gatewayctl status`
+    # reads it (called on change, at most every STATUS_STORE_EVERY_S, and when stopping).
 
     def stop(self) -> None:
         """Release resources; bounded by SHUTDOWN_TIMEOUT_S."""
@@ -82,6 +86,8 @@ class Runner:
         self.heartbeat = Heartbeat(runtime_dir, service.name)
         self.stop_event = threading.Event()
         self._errors_in_row = 0
+        self._stored_status: str | None = None
+        self._stored_at = float("-inf")
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
 
     def _on_signal(self, signum: int, _frame: object) -> None:
@@ -106,7 +112,7 @@ class Runner:
 
     def run(self) -> int:
         self.service.start()
-        self.notifier.ready(self.service.status())
+        self.notifier.ready(self._report_status(self.service.status()))
         log.info("%s ready", self.service.name)
         interval = min(self.notifier.watchdog_interval or HEARTBEAT_EVERY_S, HEARTBEAT_EVERY_S)
         last_ping = float("-inf")
@@ -118,7 +124,7 @@ class Runner:
                     self.notifier.watchdog()
                     self.heartbeat.beat()
                     last_ping = now
-                self.notifier.status(self.service.status())
+                self.notifier.status(self._report_status(self.service.status()))
                 if wait > 0:
                     if healthy:
                         wait = min(wait, max(0.0, last_ping + interval - time.monotonic()))
@@ -126,6 +132,19 @@ class Runner:
         finally:
             self._shutdown()
         return 0
+
+    def _report_status(self, text: str, force: bool = False) -> str:
+        """Store the STATUS= line through the service (throttled: it is a database write)."""
+        store = getattr(self.service, "report_status", None)
+        now = time.monotonic()
+        due = force or now - self._stored_at >= STATUS_STORE_EVERY_S
+        if store is not None and text != self._stored_status and due:
+            try:
+                store(text)
+                self._stored_status, self._stored_at = text, now
+            except Exception as e:  # noqa: BLE001 - only a report; the next change tries again
+                log.debug("cannot store the status line: %s", e)
+        return text
 
     def _wait(self, timeout: float) -> None:
         """Sleep until the timeout, a stop request, or one of the service's fds is readable."""
@@ -157,7 +176,7 @@ class Runner:
             return False, min(ERROR_BACKOFF_MAX_S, 0.1 * 2 ** min(self._errors_in_row, 6))
 
     def _shutdown(self) -> None:
-        self.notifier.stopping(f"{self.service.name} stopping")
+        self.notifier.stopping(self._report_status(f"{self.service.name} stopping", force=True))
 
         def hard_exit() -> None:
             log.critical("shutdown took longer than %.0f s, exiting hard", SHUTDOWN_TIMEOUT_S)

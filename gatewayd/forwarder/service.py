@@ -82,6 +82,10 @@ class Forwarder:
         if self.queues is not None:
             queues.record_error(self.queues, self.name, text)
 
+    def report_status(self, text: str) -> None:
+        if self.queues is not None:
+            queues.record_status(self.queues, self.name, text)
+
     # -- controller database -------------------------------------------------------------
     def _open_controller(self) -> None:
         assert self.queues is not None

@@ -14,6 +14,7 @@ import os
 import sqlite3
 import stat
 import time
+import urllib.parse
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -31,6 +32,22 @@ def now_ms() -> int:
 def _connect(path: Path, busy_timeout_ms: int) -> sqlite3.Connection:
     conn = sqlite3.connect(str(path), timeout=busy_timeout_ms / 1000, isolation_level=None,
                            check_same_thread=False)
+    conn.execute(f"PRAGMA busy_timeout = {int(busy_timeout_ms)}")
+    return conn
+
+
+def open_readonly(path: Path, busy_timeout_ms: int = BUSY_TIMEOUT_MS) -> sqlite3.Connection:
+    """A connection that can never write nor create a file (gatewayctl, the HTTP endpoint).
+
+    `mode=ro` alone still creates the -wal and -shm files of a WAL database no process has
+    open (and fails where it may not). Without a -wal file no writer is active and the main
+    file is the whole database, so it is read `immutable` then, which touches nothing else.
+    """
+    if not path.exists():
+        raise sqlite3.OperationalError(f"unable to open database file {path}: it does not exist")
+    extra = "" if Path(str(path) + "-wal").exists() else "&immutable=1"
+    conn = sqlite3.connect(f"file:{urllib.parse.quote(str(path))}?mode=ro{extra}", uri=True,
+                           timeout=busy_timeout_ms / 1000, isolation_level=None, check_same_thread=False)
     conn.execute(f"PRAGMA busy_timeout = {int(busy_timeout_ms)}")
     return conn
 

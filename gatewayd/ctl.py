@@ -116,6 +116,8 @@ def collect(cfg: Config) -> dict[str, Any]:
             "oldest_queued_age_s": None if oldest is None else round((now_ms() - oldest) / 1000, 3),
         },
         "ledger": ledger,
+        "totals": {"published": c.get("published", 0), "inbound": c.get("inbound_total", 0),
+                   "requeued": c.get("requeued", 0), "purged": c.get("purged", 0)},
         "archive": {"bytes": archive_bytes},
         "controller": controller,
         "errors": {d: queues.last_error(state, d) for d in DAEMONS},

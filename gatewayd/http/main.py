@@ -136,6 +136,9 @@ def run(cfg: Config) -> int:
                              idle)
                     break
                 wait = min(wait, idle_exit - idle + 0.05)
+            deadline = server.next_deadline()
+            if deadline is not None:
+                wait = max(0.0, min(wait, deadline - time.monotonic() + 0.01))
             listening = server.socket.fileno()
             ready, _, _ = select.select([listening, wake_r], [], [], wait)
             if listening in ready:

@@ -66,8 +66,7 @@ class HeadLimit:
 
 class Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
-    # Answers carry a status line even before the request line was understood (the
-    # standard library would answer those the HTTP/0.9 way, with a bare body).
+    # Answers carry a status line even before the request line was understood (see _no_http09).
     default_request_version = "HTTP/1.0"
     server_version = "gatewayd-http"
     sys_version = ""
@@ -100,6 +99,7 @@ class Handler(BaseHTTPRequestHandler):
                     self.send_error(400, "empty request line")
                 return
             self.server.disarm(self.connection)
+            self._no_http09()
             self._dispatch()
             self.wfile.flush()
         except HeadTooLarge:
@@ -165,6 +165,7 @@ class Handler(BaseHTTPRequestHandler):
         """Every refusal: a JSON body, and the connection closed (its state is unknown)."""
         self.close_connection = True
         self.linger = True
+        self._no_http09()
         text = message or self.responses.get(code, ("error",))[0]
         log.debug("http %s: %d %s", self.address_string(), code, text)
         try:
@@ -172,6 +173,15 @@ class Handler(BaseHTTPRequestHandler):
                         (("Allow", allow),) if allow else ())
         except OSError:
             pass
+
+    def _no_http09(self) -> None:
+        """Answer with a status line and headers even to "HTTP/0.9" (the standard library
+        would send a bare body, which no monitoring client reads)."""
+        if self.request_version == "HTTP/0.9":
+            self.request_version = "HTTP/1.0"
+
+    def handle_expect_100(self) -> bool:
+        return True  # no body is ever read: the final answer comes at once, without 100 Continue
 
     def version_string(self) -> str:
         return self.server_version
@@ -252,6 +262,10 @@ class EndpointServer(socketserver.ThreadingMixIn, HTTPServer):
                 c.shutdown(socket.SHUT_RDWR)
             except OSError:
                 pass
+
+    def next_deadline(self) -> float | None:
+        with self._lock:
+            return min(self._deadlines.values(), default=None)
 
     def shutdown_request(self, request: Any) -> None:
         self.disarm(request)

@@ -243,7 +243,11 @@ class MqttAdapter:
             log.warning("mqtt: message on %r matches no configured topic; ignored", msg.topic)
             return
         handler, type_ = route
-        rows = handler(bytes(msg.payload), type_, time.time_ns() // 1_000_000)
+        payload = bytes(msg.payload)
+        try:
+            rows = handler(payload, type_, time.time_ns() // 1_000_000)
+        except (ValueError, RecursionError):  # too deep to re-encode: on as it came, to the dead letters
+            rows = [(type_, payload)]
         self.received += 1
         self.received_rows += len(rows)
         if self.sync_commit:
@@ -277,7 +281,12 @@ class MqttAdapter:
         for _ in range(MAX_PACKETS_PER_STEP):
             if sock is None or not select.select([sock], [], [], 0)[0]:
                 break
-            if not self._check(self.client.loop_read(), "read"):
+            try:
+                rc = self.client.loop_read()
+            except Exception as e:  # noqa: BLE001 - a commit inside on_message failed (1.6.1 fallback)
+                self._lost(now, f"message not committed ({e}); dropping the session so the broker sends it again")
+                return
+            if not self._check(rc, "read"):
                 return
             if self.received_rows - start >= MAX_ROWS_PER_BATCH:
                 break

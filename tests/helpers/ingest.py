@@ -137,11 +137,12 @@ class Publisher:
         self.client.loop_stop()
 
 
-def publish_stream(pub: Publisher, total: int, per_message: int, topic: str = TOPIC,
+def publish_stream(pub: Publisher, total: int, per_message: int, topic: str = TOPIC, first: int = 0,
                    pause_every: int = 0, pause_s: float = 0.0) -> None:
-    """Publish records 0 .. total-1, `per_message` to a message."""
-    for i, first in enumerate(range(0, total, per_message)):
-        pub.publish(topic, batch_payload(first, min(per_message, total - first)))
+    """Publish records first .. first+total-1, `per_message` to a message."""
+    end = first + total
+    for i, start in enumerate(range(first, end, per_message)):
+        pub.publish(topic, batch_payload(start, min(per_message, end - start)))
         if pause_every and i % pause_every == pause_every - 1:
             time.sleep(pause_s)
 

@@ -145,7 +145,7 @@ def test_restarts_of_ingest_and_of_the_broker_lose_nothing(tmp_path: Path) -> No
     """A graceful broker restart (persistence on) and ingest stops, with messages queued for it."""
     work = tmp_path / "broker"
     work.mkdir()
-    persist = ["persistence true", f"persistence_location {work}/", "autosave_interval 3600"]
+    persist = ["persistence true", f"persistence_location {work}/", "autosave_interval 3600", "user root"]
     broker = start_mosquitto(work, extra_config=persist, name="local")
     port = broker.port
     base = tmp_path / "gw"
@@ -157,21 +157,22 @@ def test_restarts_of_ingest_and_of_the_broker_lose_nothing(tmp_path: Path) -> No
         pub = Publisher("127.0.0.1", port)
         publish_stream(pub, 5000, 50)
         ingest.stop()                          # ingest away: the broker queues for its session
-        publish_stream(pub, 5000, 50, pause_every=0)
+        publish_stream(pub, 5000, 50, first=5000)
         pub.wait_acked(20)
         broker.stop()                          # SIGTERM: mosquitto saves its sessions and queues
         broker = start_mosquitto(work, port=port, extra_config=persist, name="local")
         ingest.start()
         ingest.wait_log("session resumed", timeout=20)
-        stream = threading.Thread(target=publish_stream, args=(pub, 20000, 50), kwargs={"pause_every": 20,
-                                                                                      "pause_s": 0.05})
+        stream = threading.Thread(target=publish_stream, args=(pub, 20000, 50),
+                                  kwargs={"first": 10000, "pause_every": 20, "pause_s": 0.05})
         stream.start()
         time.sleep(0.5)
         broker.stop()                          # and once more while the stream flows
         broker = start_mosquitto(work, port=port, extra_config=persist, name="local")
         stream.join(60)
         pub.wait_acked(30)
-        wait_for(lambda: set(queued_seqs(base)) >= set(range(20000)), 60, what="every record in the queue")
+        wait_for(lambda: set(queued_seqs(base)) >= set(range(30000)), 60, what="every record in the queue")
+        assert "session resumed" in ingest.log() and "lost" in ingest.log()
     finally:
         if pub is not None:
             pub.close()

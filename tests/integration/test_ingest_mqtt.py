@@ -24,7 +24,6 @@ from gatewayd.ingest.service import Ingest
 from tests.helpers.brokers import MqttDevice, start_mosquitto, start_simulator
 from tests.helpers.daemons import Daemon
 from tests.helpers.ingest import (
-    TOPIC,
     Publisher,
     batch_payload,
     controller_rows,

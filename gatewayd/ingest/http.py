@@ -82,6 +82,7 @@ class Submission:
 
 class Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
+    disable_nagle_algorithm = True  # headers and body leave in two writes; no delayed-ACK stall
     server_version = "gatewayd-ingest"
     sys_version = ""
     server: IngestServer

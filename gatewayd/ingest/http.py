@@ -59,21 +59,20 @@ class Submission:
         self._lock = threading.Lock()
         self._state = "pending"
 
-    def claim(self) -> bool:
-        """The loop takes it into a batch, unless the handler gave up waiting."""
+    def _leave_pending(self, state: str) -> bool:
         with self._lock:
             if self._state != "pending":
                 return False
-            self._state = "claimed"
+            self._state = state
             return True
+
+    def claim(self) -> bool:
+        """The loop takes it into a batch, unless the handler gave up waiting."""
+        return self._leave_pending("claimed")
 
     def abandon(self) -> bool:
         """The handler gives up, unless it is already part of a commit."""
-        with self._lock:
-            if self._state != "pending":
-                return False
-            self._state = "abandoned"
-            return True
+        return self._leave_pending("abandoned")
 
     def finish(self, error: str | None) -> None:
         self.error = error

@@ -11,7 +11,8 @@ import pytest
 from gatewayd.config import load
 from gatewayd.store import archive as archive_store
 from gatewayd.store import queues
-from gatewayd.supervisor import commands, rpcstore, runcmd
+from gatewayd.store import rpc as ledger
+from gatewayd.supervisor import commands, runcmd
 from gatewayd.supervisor.system import describe_device, matches, system_metrics
 from tests.helpers.daemons import write_config
 
@@ -26,28 +27,28 @@ def q(tmp_path: Path):  # type: ignore[no-untyped-def]
 def test_rpc_reply_is_queued_once_with_the_inbound_row_deleted(q) -> None:  # type: ignore[no-untyped-def]
     queues.put_inbound(q, "v1/devices/me/rpc/request/5", b'{"method":"ping"}')
     rid = q.execute("SELECT id FROM inbound").fetchone()[0]
-    dig = rpcstore.digest(b'{"method":"ping"}')
-    assert rpcstore.begin(q, "5", dig, "ping") == ("new", None)
-    assert rpcstore.begin(q, "5", dig, "ping")[0] == "started"  # what a restarted supervisor sees
-    oid = rpcstore.finish(q, "5", dig, "ping", rid, {"pong": True})
+    dig = ledger.digest(b'{"method":"ping"}')
+    assert ledger.begin(q, "5", dig, "ping") == ("new", None)
+    assert ledger.begin(q, "5", dig, "ping")[0] == "started"  # what a restarted supervisor sees
+    oid = ledger.finish(q, "5", dig, "ping", rid, {"pong": True})
     assert oid > 0
     assert q.execute("SELECT count(*) FROM inbound").fetchone()[0] == 0
     rows = q.execute("SELECT priority, kind, topic, payload FROM outbox").fetchall()
     assert rows == [(queues.PRIO_RPC_REPLY, queues.KIND_RPC_REPLY, "v1/devices/me/rpc/response/5", '{"pong":true}')]
-    assert rpcstore.begin(q, "5", dig, "ping") == ("done", '{"pong":true}')
+    assert ledger.begin(q, "5", dig, "ping") == ("done", '{"pong":true}')
     # finishing again (a replay) queues nothing more
-    assert rpcstore.finish(q, "5", dig, "ping", rid, {"pong": True}) == 0
+    assert ledger.finish(q, "5", dig, "ping", rid, {"pong": True}) == 0
     assert q.execute("SELECT count(*) FROM outbox").fetchone()[0] == 1
     assert queues.counters(q)["outbox_rows"] == 1
     # the same id with another payload (ThingsBoard restarted its counter) is a new request
-    assert rpcstore.begin(q, "5", rpcstore.digest(b'{"method":"status"}'), "status")[0] == "new"
-    assert rpcstore.purge(q, 10**15) == 2
+    assert ledger.begin(q, "5", ledger.digest(b'{"method":"status"}'), "status")[0] == "new"
+    assert ledger.purge(q, 10**15) == 2
 
 
 def test_dead_letter_inbound_keeps_binary_payloads(q) -> None:  # type: ignore[no-untyped-def]
     queues.put_inbound(q, "x/y", b"\xff\x00")
     rid = q.execute("SELECT id FROM inbound").fetchone()[0]
-    rpcstore.dead_letter_inbound(q, rid, "x/y", b"\xff\x00", "no handler")
+    ledger.dead_letter_inbound(q, rid, "x/y", b"\xff\x00", "no handler")
     assert q.execute("SELECT stage, type, message, reason FROM dead_letters").fetchall() == [
         ("supervisor", "x/y", "base64:/wA=", "no handler")]
     assert queues.depth(q, "inbound") == 0

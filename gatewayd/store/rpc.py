@@ -1,4 +1,4 @@
-"""Durable, idempotent handling of inbound rows (queues.db): the RPC ledger and dead letters.
+"""The supervisor's side of queues.db: inbound rows, the RPC ledger, inbound dead letters.
 
 An RPC request is taken in two transactions:
 1. `begin`: the request `(rpc id, digest of the payload)` is recorded as `started`;

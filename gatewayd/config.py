@@ -10,6 +10,7 @@ import copy
 import json
 import os
 import re
+import shlex
 import socket
 import tomllib
 from collections.abc import Callable, Mapping
@@ -60,6 +61,26 @@ def _one_of(*choices: str) -> Callable[[Any], str | None]:
 
 def _str_list(v: list[Any]) -> str | None:
     return None if all(isinstance(x, str) for x in v) else "must be a list of strings"
+
+
+def _command_patterns(v: list[Any]) -> str | None:
+    """`run_command_allow`: each entry a command line (program, then argument patterns; `**` last)."""
+    if not all(isinstance(x, str) for x in v):
+        return "must be a list of strings"
+    for entry in v:
+        try:
+            tokens = shlex.split(entry)
+        except ValueError as e:
+            return f"entry {entry!r} cannot be parsed: {e}"
+        if not tokens or "*" in tokens[0] or "?" in tokens[0] or "[" in tokens[0]:
+            return f"entry {entry!r} must start with a program name or path (no wildcards)"
+        if "**" in tokens[1:-1]:
+            return f"entry {entry!r}: '**' (any further arguments) may only be the last word"
+    return None
+
+
+def _str_dict(v: dict[str, Any]) -> str | None:
+    return None if all(isinstance(x, str) for x in v.values()) else "values must be strings"
 
 
 def _min(n: int) -> Callable[[Any], str | None]:
@@ -150,7 +171,11 @@ SCHEMA: dict[str, dict[str, Key]] = {
     },
     "supervisor": {
         "telemetry_interval_s": Key((int, float), 20.0, _positive),
-        "run_command_allow": Key(list, [], _str_list, doc="argv[0] allowed for run_command"),
+        "run_command_allow": Key(list, [], _command_patterns,
+                                 doc="command lines run_command may run: program, then argument patterns "
+                                     "(* ? [..] within one argument; a last '**' allows any further arguments)"),
+        "run_command_environment": Key(dict, {}, _str_dict, secret=True,
+                                       doc="variables added to run_command's minimal environment (PATH, LANG)"),
         "run_command_timeout_s": Key((int, float), 30.0, _positive),
         # additions for the supervisor (issue 5)
         "run_command_max_output_bytes": Key(int, 16384, _min(256)),
@@ -167,6 +192,11 @@ SCHEMA: dict[str, dict[str, Key]] = {
     "files": {
         "allowed_roots": Key(list, [], _str_list, doc="default: the controller data directory"),
         "check_interval_s": Key((int, float), 10.0, _positive, doc="change detection of managed files"),
+        "max_file_bytes": Key(int, 16 * MIB, _min(1),
+                              doc="managed files larger than this are refused (never read nor hashed)"),
+        "path_variables": Key(dict, {}, _str_dict,
+                              doc="${NAME} in FILES paths: only these names (and CONTROLLER_DATA_DIR); "
+                                  "the environment is never used"),
     },
     "logging": {
         "level": Key(str, "info", _one_of("debug", "info", "warning", "error")),

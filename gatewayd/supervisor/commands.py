@@ -159,7 +159,7 @@ def _power(ctx: Context, action: str, key: str) -> Result:
     argv = list(ctx.cfg["supervisor"][key])
     if not argv:
         raise BadRequest(f"{action} is disabled ([supervisor] {key} is empty)")
-    if shutil.which(argv[0]) is None:
+    if shutil.which(argv[0], path=runcmd.CLEAN_PATH) is None:
         raise BadRequest(f"cannot {action}: {argv[0]} not found")
     delay = ctx.cfg["supervisor"]["power_action_delay_s"]
     return PowerAction({"ok": True, "action": action, "command": argv,
@@ -179,7 +179,7 @@ def m_restart_gateway(ctx: Context, params: Any) -> Result:
 
 
 def allowed_argv(cfg: Config, command: Any) -> list[str]:
-    """The argv of an allowed command; BadRequest naming why not."""
+    """The argv of an allowed command line (see runcmd.py); BadRequest naming why not."""
     if isinstance(command, str):
         try:
             argv = shlex.split(command)
@@ -194,21 +194,10 @@ def allowed_argv(cfg: Config, command: Any) -> list[str]:
     allow = list(cfg["supervisor"]["run_command_allow"])
     if not allow:
         raise BadRequest("run_command is disabled ([supervisor] run_command_allow is empty)")
-    prog = argv[0]
-    chosen = None
-    for entry in allow:
-        if prog == entry:
-            chosen = entry
-            break
-        if "/" not in prog and "/" in entry and os.path.basename(entry) == prog:
-            chosen = entry
-            break
-    if chosen is None:
-        raise BadRequest(f"command {prog!r} is not allowed ([supervisor] run_command_allow)")
-    resolved = chosen if "/" in chosen else shutil.which(chosen)
-    if not resolved:
-        raise BadRequest(f"command {prog!r} is allowed but not installed")
-    return [resolved, *argv[1:]]
+    try:
+        return runcmd.check_argv(argv, allow)
+    except runcmd.NotAllowed as e:
+        raise BadRequest(str(e)) from e
 
 
 def m_run_command(ctx: Context, params: Any) -> Result:
@@ -224,7 +213,8 @@ def m_run_command(ctx: Context, params: Any) -> Result:
             raise BadRequest("params.timeout_s must be a positive number")
         timeout = min(float(t), float(limit))
     max_out = ctx.cfg["supervisor"]["run_command_max_output_bytes"]
-    job = ctx.jobs.submit(f"run {os.path.basename(argv[0])}", runcmd.run, argv, timeout, max_out)
+    env = runcmd.clean_env(ctx.cfg["supervisor"]["run_command_environment"])
+    job = ctx.jobs.submit(f"run {os.path.basename(argv[0])}", runcmd.run, argv, timeout, max_out, "/", env)
 
     def reply(result: Any) -> dict[str, Any]:
         out = dict(result)

@@ -8,7 +8,13 @@
 3. a `PowerAction` is replied to first; `tick()` runs its command once the bridge delivered the
    reply, or after `power_action_delay_s`.
 Every reply is queued in the transaction that marks the request done and deletes its inbound
-row (`store.rpc.finish`).
+row (`store.rpc.finish`). Whatever its bytes, every request row gets exactly one reply: a
+malformed one (not UTF-8, not JSON, nested too deeply, a method that is not text) an
+`{"error": ...}`; a duplicate of a finished request the stored reply again; a request the
+ledger shows started by an earlier run "interrupted" — it is never run twice.
+
+Finished requests are remembered for `rpc_dedup_window_s` of this supervisor's running time,
+measured on the monotonic clock against inbound row ids (`LedgerAge`), never by wall-clock age.
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ import json
 import logging
 import sqlite3
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -49,6 +56,67 @@ class PendingPower:
     job: Job | None = None
 
 
+def json_text(reply: dict[str, Any]) -> str:
+    """Compact JSON for the outbox, always storable as UTF-8 (lone surrogates are escaped)."""
+    try:
+        out = json.dumps(reply, separators=(",", ":"), ensure_ascii=False, default=str, allow_nan=False)
+    except (ValueError, TypeError, RecursionError) as e:
+        return json.dumps({"error": f"internal error: the reply cannot be encoded as JSON ({e})"})
+    try:
+        out.encode("utf-8")
+    except UnicodeEncodeError:
+        out = json.dumps(reply, separators=(",", ":"), ensure_ascii=True, default=str, allow_nan=False)
+    return out
+
+
+def parse_request(payload: bytes) -> tuple[str | None, Any, str | None]:
+    """(method, params, problem) of a request's bytes; `problem` says why it cannot be run."""
+    try:
+        req = json.loads(payload)
+    except RecursionError:
+        return None, None, "request is nested too deeply to be read"
+    except ValueError as e:  # also UnicodeDecodeError: not UTF-8
+        return None, None, f"request is not valid JSON: {e}"
+    if not isinstance(req, dict):
+        return None, None, "request must be a JSON object {\"method\": ..., \"params\": ...}"
+    method = req.get("method")
+    if not isinstance(method, str) or not method:
+        return None, None, "'method' is missing or not a non-empty string"
+    if ledger.text(method) != method:
+        return ledger.text(method), None, f"'method' {ledger.text(method)!r} is not valid Unicode text"
+    return method, req.get("params"), None
+
+
+class LedgerAge:
+    """Ages finished requests by this process's monotonic clock: downtime and clock steps do not count.
+
+    Every `every_s` it notes the highest inbound id so far; finished requests last answered at or
+    below the id noted at least `window_s` ago are purged.
+    """
+
+    def __init__(self, window_s: float, clock: Callable[[], float] = time.monotonic):
+        self.window_s = window_s
+        self.every_s = min(max(window_s / 4, 1.0), 900.0)
+        self.clock = clock
+        self.marks: deque[tuple[float, int]] = deque()
+        self.next_at = float("-inf")
+
+    def due(self) -> bool:
+        return self.clock() >= self.next_at
+
+    def purge(self, conn: sqlite3.Connection) -> int:
+        now = self.clock()
+        self.next_at = now + self.every_s
+        self.marks.append((now, ledger.last_inbound_id(conn)))
+        upto: int | None = None
+        while self.marks and now - self.marks[0][0] >= self.window_s:
+            upto = self.marks.popleft()[1]
+        n = ledger.purge_orphans(conn)
+        if upto is not None:
+            n += ledger.purge_done(conn, upto)
+        return n
+
+
 @dataclass
 class RpcCounters:
     rpcs: int = 0
@@ -70,39 +138,36 @@ class RpcLifecycle:
         self.deadline_s: float = cfg["supervisor"]["rpc_reply_deadline_s"]
         self.power_delay_s: float = cfg["supervisor"]["power_action_delay_s"]
         self.pending: dict[int, PendingRpc] = {}
+        self.waiting: set[int] = set()  # duplicates of a request running here, answered once it is done
         self.power: list[PendingPower] = []
         self.counters = RpcCounters()
+        self.age = LedgerAge(cfg["supervisor"]["rpc_dedup_window_s"], clock)
 
     def busy_inbound_ids(self) -> set[int]:
-        """Inbound rows whose request is still running here (not to be taken again)."""
-        return {p.inbound_id for p in self.pending.values() if not p.replied}
+        """Inbound rows not to be taken now: requests running here and their duplicates."""
+        return {p.inbound_id for p in self.pending.values() if not p.replied} | self.waiting
+
+    def purge(self) -> None:
+        if self.age.due():
+            self.age.purge(self.db())
 
     # -- a new request -------------------------------------------------------------------
     def handle(self, rid: int, rpc_id: str, payload: bytes) -> None:
         conn = self.db()
+        rpc_id = ledger.text(rpc_id)
         dig = ledger.digest(payload)
-        method: str | None = None
-        params: Any = None
-        problem: str | None = None
-        try:
-            req = json.loads(payload)
-        except ValueError as e:
-            problem = f"request is not valid JSON: {e}"
-        else:
-            if not isinstance(req, dict):
-                problem = "request must be a JSON object {\"method\": ..., \"params\": ...}"
-            else:
-                method = req.get("method") if isinstance(req.get("method"), str) else None
-                params = req.get("params")
-                if method is None:
-                    problem = "'method' is missing or not a string"
-        state, _stored = ledger.begin(conn, rpc_id, dig, method)
-        if state == "done":
+        method, params, problem = parse_request(payload)
+        begun = ledger.begin(conn, rpc_id, dig, method, rid)
+        if begun.state == "done":
             self.counters.duplicates += 1
-            log.info("RPC %s (%s) was answered before; duplicate delivery dropped", rpc_id, method)
-            ledger.delete_inbound(conn, rid)
+            self.counters.rpcs += 1
+            log.info("RPC %s (%s) was answered before; sending the same reply again", rpc_id, method)
+            ledger.answer_again(conn, rpc_id, rid, begun.reply or json_text({"error": "answered before"}))
             return
-        if state == "started":
+        if begun.state == "started":
+            if begun.inbound_id != rid and begun.inbound_id in self.pending:
+                self.waiting.add(rid)  # the same request is running here: it gets the same reply
+                return
             self.reply(rid, rpc_id, dig, method, {
                 "error": f"interrupted: the supervisor restarted while running {method!r}; not run again"})
             return
@@ -117,7 +182,7 @@ class RpcLifecycle:
         except commands.BadRequest as e:
             self.reply(rid, rpc_id, dig, method, {"error": str(e)})
             return
-        except Exception as e:  # noqa: BLE001
+        except Exception as e:  # noqa: BLE001 - any failure of a method is its error reply
             log.exception("RPC %s (%s) failed", rpc_id, method)
             self.reply(rid, rpc_id, dig, method, {"error": f"internal error: {type(e).__name__}: {e}"})
             return
@@ -130,17 +195,26 @@ class RpcLifecycle:
                         outcome.action, rpc_id, self.power_delay_s)
             self.power.append(PendingPower(outcome.argv, outcome.action, outbox_id,
                                            self.clock() + self.power_delay_s))
-        else:
+        elif isinstance(outcome, dict):
             self.reply(rid, rpc_id, dig, method, outcome)
+        else:
+            self.reply(rid, rpc_id, dig, method, {"error": f"internal error: {method} returned no JSON object"})
+
+    def fail(self, rid: int, rpc_id: str, payload: bytes, error: str) -> None:
+        """The error reply of a request whose handling failed unexpectedly."""
+        method = parse_request(payload)[0]
+        self.reply(rid, ledger.text(rpc_id), ledger.digest(payload), method, {"error": f"internal error: {error}"})
 
     def reply(self, rid: int, rpc_id: str, dig: str, method: str | None, reply: dict[str, Any]) -> int:
-        payload = ledger.reply_payload(reply)
+        payload = json_text(reply)
+        failed = "error" in reply or payload.startswith('{"error"')
         if not commands.reply_fits(payload, rpc_id, self.max_packet):
-            reply = {"error": f"the reply ({len(payload)} bytes) is larger than the maximum MQTT packet"}
-        if "error" in reply:
+            payload = json_text({"error": f"the reply ({len(payload)} bytes) is larger than the maximum MQTT packet"})
+            failed = True
+        if failed:
             self.counters.rpc_errors += 1
         self.counters.rpcs += 1
-        return ledger.finish(self.db(), rpc_id, dig, method, rid, reply)
+        return ledger.finish(self.db(), rpc_id, dig, method, rid, payload)
 
     # -- requests in progress ------------------------------------------------------------
     def tick(self) -> None:
@@ -167,6 +241,7 @@ class RpcLifecycle:
                 else:
                     self.reply(rid, p.rpc_id, p.digest, p.method, reply)
                 del self.pending[rid]
+                self.waiting.clear()  # their request may be done now: look at them again
             elif not p.replied and now - p.started >= self.deadline_s:
                 job_id = w.id if isinstance(w, Job) else None
                 body: dict[str, Any] = {
@@ -185,7 +260,7 @@ class RpcLifecycle:
                 delivered = not p.outbox_id or not ledger.outbox_has(self.db(), p.outbox_id)
                 if delivered or now >= p.deadline:
                     log.warning("%s: running %s", p.action, " ".join(p.argv))
-                    p.job = self.jobs.submit(p.action, runcmd.run, p.argv, 60.0, 4096)
+                    p.job = self.jobs.submit(p.action, runcmd.run, p.argv, 60.0, 4096, "/", runcmd.clean_env())
             elif p.job.done():
                 self.power.remove(p)
                 res = p.job.result or {}

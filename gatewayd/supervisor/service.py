@@ -32,7 +32,7 @@ from gatewayd.supervisor import commands
 from gatewayd.supervisor.controller import ControllerManager
 from gatewayd.supervisor.files import CONTENT_PREFIX, FILES_KEY, HASHES_KEY, FileManager
 from gatewayd.supervisor.jobs import Jobs
-from gatewayd.supervisor.rpc import RpcLifecycle
+from gatewayd.supervisor.rpc import RpcLifecycle, json_text
 from gatewayd.supervisor.system import DeviceReporter, Devices, system_metrics
 from gatewayd.supervisor.updates import SW_KEYS, Phase, UpdateManager
 
@@ -47,7 +47,6 @@ CLIENT_RPC_RESPONSE = re.compile(r"^v1/devices/me/rpc/response/")
 INBOUND_BATCH = 100
 STATE_EVERY_S = 0.5
 STATE_REFRESH_S = 30.0
-PURGE_EVERY_S = 3600.0
 FILES_STATE = "supervisor.files"
 CONTROLLER_STATE = "supervisor.controller"
 
@@ -81,7 +80,6 @@ class Supervisor:
         self.next_telemetry = 0.0
         self.next_files = 0.0
         self.next_state = 0.0
-        self.next_purge = 0.0
         self._last_state_doc: dict[str, Any] | None = None
         self._state_refresh_at = 0.0
         self._attr_request_seq = (time.time_ns() // 1_000_000) % 1_000_000_000
@@ -126,11 +124,11 @@ class Supervisor:
 
     def publish_telemetry(self, values: dict[str, Any], priority: int = queues.PRIO_ATTRIBUTES) -> None:
         ts = now_ms()
-        payload = json.dumps({"ts": ts, "values": values}, separators=(",", ":"), ensure_ascii=False, default=str)
+        payload = json_text({"ts": ts, "values": values})
         queues.enqueue(self._db(), queues.KIND_TELEMETRY, queues.TOPIC_TELEMETRY, payload, priority, ts=ts)
 
     def publish_attributes(self, values: dict[str, Any]) -> None:
-        payload = json.dumps(values, separators=(",", ":"), ensure_ascii=False, default=str)
+        payload = json_text(values)
         queues.enqueue(self._db(), queues.KIND_ATTRIBUTES, queues.TOPIC_ATTRIBUTES, payload, queues.PRIO_ATTRIBUTES)
 
     def enqueue_raw(self, topic: str, payload: str) -> None:
@@ -170,11 +168,8 @@ class Supervisor:
         self.publish_attributes({"gatewayd_version": __version__})
         # What the bridge asks for after a reconnect may have been consumed by an earlier run.
         self.request_attributes(list(SW_KEYS) + [FILES_KEY], [HASHES_KEY])
-        self._purge()
+        self.rpc.purge()
         self._write_controller_state(force=True)
-
-    def _purge(self) -> None:
-        ledger.purge(self._db(), now_ms() - int(self.cfg["supervisor"]["rpc_dedup_window_s"] * 1000))
 
     def stop(self) -> None:
         if self.controller is not None:
@@ -221,9 +216,7 @@ class Supervisor:
         if now >= self.next_telemetry:
             self.next_telemetry = now + self.telemetry_every
             self._telemetry()
-        if now >= self.next_purge:
-            self.next_purge = now + PURGE_EVERY_S
-            self._purge()
+        self.rpc.purge()
         return True, 0.0 if busy else (0.05 if self.updates.phase == Phase.OTA else 0.2)
 
     # -- inbound -------------------------------------------------------------------------
@@ -242,8 +235,21 @@ class Supervisor:
                 raise
             except Exception as e:  # noqa: BLE001 - one bad message must not stop the queue
                 log.exception("inbound message %d on %s could not be handled", rid, topic)
-                self._dead_letter(rid, topic, payload, f"handler failed: {type(e).__name__}: {e}")
+                self._handler_failed(rid, topic, payload, f"{type(e).__name__}: {e}")
         return handled >= INBOUND_BATCH
+
+    def _handler_failed(self, rid: int, topic: str, payload: bytes, error: str) -> None:
+        """An RPC still gets its error reply; anything else (or a reply that fails too) is dead-lettered."""
+        m = RPC_REQUEST.match(topic)
+        if m:
+            try:
+                self.rpc.fail(rid, m.group(1), payload, error)
+                return
+            except sqlite3.Error:
+                raise
+            except Exception as e:  # noqa: BLE001 - the dead letter below keeps the message
+                error = f"{error}; the error reply failed too: {type(e).__name__}: {e}"
+        self._dead_letter(rid, topic, payload, f"handler failed: {error}")
 
     def _dead_letter(self, rid: int, topic: str, payload: bytes, reason: str) -> None:
         log.warning("inbound message %d on %s dead-lettered: %s", rid, topic, reason)
@@ -278,6 +284,9 @@ class Supervisor:
     def _handle_attributes(self, rid: int, topic: str, payload: bytes, response: bool) -> None:
         try:
             obj = json.loads(payload)
+        except RecursionError:
+            self._dead_letter(rid, topic, payload, "attributes message is nested too deeply to be read")
+            return
         except ValueError as e:
             self._dead_letter(rid, topic, payload, f"attributes message is not valid JSON: {e}")
             return

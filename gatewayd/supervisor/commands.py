@@ -46,7 +46,7 @@ class Context:
     uptime_s: Callable[[], float]
     status_report: Callable[[], dict[str, Any]]
     sw_report: Callable[[], dict[str, Any]]
-    init_files: Callable[[], dict[str, Any]]
+    init_files: Callable[[], Future]
     devices: Callable[[], dict[str, Any]]
     reply_budget: int  # bytes of JSON a reply may hold
 
@@ -234,7 +234,7 @@ def m_job_status(ctx: Context, params: Any) -> Result:
 
 
 def m_init_files(ctx: Context, params: Any) -> Result:
-    return ctx.init_files()
+    return Deferred(ctx.init_files(), dict, "init_files")
 
 
 def _range(params: Any) -> tuple[int, int]:

@@ -31,7 +31,7 @@ from gatewayd.store.db import now_ms, transaction
 from gatewayd.supervisor import commands
 from gatewayd.supervisor.controller import ControllerManager
 from gatewayd.supervisor.files import CONTENT_PREFIX, FILES_KEY, HASHES_KEY, FileManager
-from gatewayd.supervisor.jobs import Jobs
+from gatewayd.supervisor.jobs import Jobs, Serial
 from gatewayd.supervisor.rpc import RpcLifecycle, json_text
 from gatewayd.supervisor.system import DeviceReporter, Devices, system_metrics
 from gatewayd.supervisor.updates import SW_KEYS, Phase, UpdateManager
@@ -92,7 +92,11 @@ class Supervisor:
         max_value = self.max_packet - PUBLISH_OVERHEAD - len(queues.TOPIC_ATTRIBUTES) - 64
         self.files = FileManager(cfg.allowed_roots(), max_value, self.publish_attributes,
                                  self.request_attributes, self.restart_controller,
-                                 lambda st: self.set_state(FILES_STATE, st))
+                                 lambda st: self.set_state(FILES_STATE, st),
+                                 max_file_bytes=cfg["files"]["max_file_bytes"],
+                                 variables={"CONTROLLER_DATA_DIR": str(cfg.controller_data_dir),
+                                            **cfg["files"]["path_variables"]},
+                                 runner=Serial("files"))
         self.devices = devices if devices is not None else Devices(cfg["supervisor"]["udev"])
         self.device_reporter = DeviceReporter(self.devices, cfg["controller"]["restart_on_device"], self.max_packet,
                                               self.publish_attributes,
@@ -174,8 +178,8 @@ class Supervisor:
     def stop(self) -> None:
         if self.controller is not None:
             self.controller.stop_thread()
-        if self.updates is not None:
-            self.updates.stop()
+        self.updates.stop()
+        self.files.stop()
         running = self.jobs.running()
         if running:
             log.info("leaving %d background job(s) unfinished: %s", len(running),
@@ -206,6 +210,7 @@ class Supervisor:
         busy = self._process_inbound()
         self.rpc.tick()
         self.updates.step()
+        self.files.step()
         if now >= self.next_files:
             self.next_files = now + self.files_every
             self.files.check_changes()

@@ -158,7 +158,8 @@ def test_every_malformed_files_entry_is_refused_alone(sup: SupervisorEnv) -> Non
     raw = ('{"good": {"path": "good.txt"}, "\\ud800bad": {"path": "x"}, "": {"path": "y"},'
            ' "surrogate": {"path": "a\\udcffb"}, "dots": {"path": "../etc/passwd"},'
            ' "abs": {"path": "/etc/passwd"}, "nul": {"path": "a\\u0000b"}, "type": {"path": 42},'
-           ' "list": [1], "enc": {"path": "e", "encoding": {"x": 1}}, "flag": {"path": "f", "create_if_not_exist": "yes"},'
+           ' "list": [1], "enc": {"path": "e", "encoding": {"x": 1}},'
+           ' "flag": {"path": "f", "create_if_not_exist": "yes"},'
            ' "nan": {"path": "n", "write_version": NaN}, "deep": ' + "[" * 500 + "]" * 500 + "}")
     sup.b.inbound("v1/devices/me/attributes", '{"FILES": ' + raw + "}")
     sup.b.rpc(1, "ping")

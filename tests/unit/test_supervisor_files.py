@@ -6,6 +6,8 @@ import base64
 import hashlib
 import json
 import os
+import stat
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +17,8 @@ from gatewayd.supervisor import fileio
 from gatewayd.supervisor import files as F
 from gatewayd.supervisor.fileio import FileRefused, atomic_write, lexical_path, read_file
 from gatewayd.supervisor.files import FileManager
+from gatewayd.supervisor.jobs import Serial
+from tests.helpers.daemons import wait_for
 
 
 def confine(raw: str, roots: list[Path], variables: dict[str, str] | None = None) -> Path:
@@ -245,3 +249,90 @@ def test_too_large_to_report(root: Path) -> None:
     fm.on_files({"big": {"path": str(root / "big")}})
     assert "too large" in rec.last("FILE_ERROR_big")
     assert rec.last("FILE_HASHES")["big"]["hash"] == hashlib.md5(b"x" * 1000).hexdigest()
+
+
+def test_a_fifo_is_refused_without_blocking(root: Path) -> None:
+    os.mkfifo(root / "pipe")
+    rec = Recorder()
+    fm = rec.manager([root])
+    t = threading.Thread(target=fm.on_files, args=({"p": {"path": "pipe"}},), daemon=True)
+    t.start()
+    t.join(10)
+    assert not t.is_alive(), "opening the FIFO blocked"
+    assert "a FIFO, not a regular file" in rec.last("FILE_ERROR_p")
+    assert rec.last("FILE_HASHES") == {"p": {"hash": None, "write_version": None}}
+    fm.on_content("p", "data", pushed=True)  # nor is it written to
+    assert "FIFO" in rec.last("FILE_ERROR_p") and stat.S_ISFIFO(os.lstat(root / "pipe").st_mode)
+
+
+def test_a_symlink_swapped_in_after_the_check_is_not_followed(root: Path, tmp_path: Path,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    secret = tmp_path / "credentials.json"
+    secret.write_text('{"token": "s3cr3t"}')
+    target = root / "app.json"
+    target.write_text("{}")
+    real_open_dir = fileio.open_dir
+
+    def open_dir_then_swap(parent: Path, roots: list[Path], create: bool = False) -> int:
+        dfd = real_open_dir(parent, roots, create)
+        if target.is_file() and not target.is_symlink():
+            target.unlink()
+            os.symlink(secret, target)  # the container wins the race: after the check, before the open
+        return dfd
+
+    monkeypatch.setattr(fileio, "open_dir", open_dir_then_swap)
+    rec = Recorder()
+    fm = rec.manager([root])
+    fm.on_files({"app": {"path": "app.json", "encoding": "json"}})
+    assert "symbolic link" in rec.last("FILE_ERROR_app")
+    assert not any("s3cr3t" in json.dumps(p) for p in rec.published)
+    fm.on_content("app", {"x": 1}, pushed=True)  # a write never goes through the link either
+    assert secret.read_text() == '{"token": "s3cr3t"}' and "symbolic link" in rec.last("FILE_ERROR_app")
+
+
+def test_a_directory_swapped_for_a_link_after_the_check_leads_nowhere(root: Path, tmp_path: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "f").write_text("outside")
+    (root / "sub").mkdir()
+    (root / "sub" / "f").write_text("inside")
+    real_realpath = os.path.realpath
+
+    def realpath_then_swap(p: Any, *a: Any, **k: Any) -> str:
+        out = real_realpath(p, *a, **k)
+        if str(p) == str(root / "sub") and not (root / "sub").is_symlink():
+            os.rename(root / "sub", tmp_path / "moved")
+            os.symlink(outside, root / "sub")
+        return out
+
+    monkeypatch.setattr(fileio.os.path, "realpath", realpath_then_swap)
+    snap = read_file(root / "sub" / "f", [root], 1 << 20, 1 << 20)
+    assert snap.data is None and snap.error is not None and "link" in snap.error
+    w = fileio.write_file(root / "sub" / "f", b"new", [root], 1 << 20, create=True)
+    assert w.error is not None and (outside / "f").read_text() == "outside"
+
+
+def test_files_over_the_size_limit_are_refused_unread(root: Path) -> None:
+    with open(root / "huge", "wb") as f:
+        f.truncate(1 << 40)  # sparse: a terabyte nobody could read in a test
+    rec = Recorder()
+    fm = rec.manager([root], max_file_bytes=1 << 20)
+    fm.on_files({"huge": {"path": "huge"}})
+    assert "larger than [files] max_file_bytes (1048576)" in rec.last("FILE_ERROR_huge")
+    assert rec.last("FILE_HASHES")["huge"]["hash"] is None
+
+
+def test_disk_work_in_the_worker_never_holds_the_caller() -> None:
+    worker = Serial("test-files")
+    gate = threading.Event()
+    results: list[int] = []
+    try:
+        worker.submit(lambda: gate.wait(10) and 1, done=results.append)
+        worker.submit(lambda: 2, done=results.append)
+        assert not worker.idle() and worker.drain() == 0 and results == []  # returned at once
+        gate.set()
+        wait_for(lambda: (worker.drain(), results == [1, 2])[1], 10, what="the results")
+        assert worker.idle()
+    finally:
+        worker.stop()

@@ -43,7 +43,8 @@ def deep(n: int, wrap: bool) -> bytes:
 PAYLOADS = st.one_of(
     st.binary(max_size=64),
     JSON.map(encode),
-    st.builds(lambda m, p: encode({"method": m, "params": p}), st.one_of(st.sampled_from(SAFE_METHODS), ANY_TEXT), JSON),
+    st.builds(lambda m, p: encode({"method": m, "params": p}),
+              st.one_of(st.sampled_from(SAFE_METHODS), ANY_TEXT), JSON),
     st.builds(deep, st.integers(1, 100_000), st.booleans()),
     st.sampled_from([b'{"method": "\\ud800"}', b'{"method": "ping", "params": NaN}', b"\xff" * 3, b"", b"null"]),
 )

@@ -412,7 +412,12 @@ class FileManager:
 
     # -- periodic ------------------------------------------------------------------------
     def check_changes(self) -> None:
-        """Re-hash (in the worker) files whose stat changed; report those whose content changed."""
+        """Re-hash (in the worker) files whose stat changed; report those whose content changed.
+
+        Skipped while earlier disk work is unfinished, so a stuck disk never grows the queue.
+        """
+        if not self.runner.idle():
+            return
         for key, path in self.paths.items():
             self.runner.submit(stat_file, path, self.roots, done=functools.partial(self._on_stat, self.defs[key]))
 

@@ -10,6 +10,7 @@ import copy
 import json
 import os
 import re
+import shlex
 import socket
 import tomllib
 from collections.abc import Callable, Mapping
@@ -66,6 +67,26 @@ def _str_list(v: list[Any]) -> str | None:
 def _env_table(v: dict[str, Any]) -> str | None:
     bad = sorted(str(k) for k, x in v.items() if not isinstance(x, (str, int, float, bool)))
     return None if not bad else "values must be strings, numbers or booleans (not: " + ", ".join(bad) + ")"
+
+
+def _command_patterns(v: list[Any]) -> str | None:
+    """`run_command_allow`: each entry a command line (program, then argument patterns; `**` last)."""
+    if not all(isinstance(x, str) for x in v):
+        return "must be a list of strings"
+    for entry in v:
+        try:
+            tokens = shlex.split(entry)
+        except ValueError as e:
+            return f"entry {entry!r} cannot be parsed: {e}"
+        if not tokens or "*" in tokens[0] or "?" in tokens[0] or "[" in tokens[0]:
+            return f"entry {entry!r} must start with a program name or path (no wildcards)"
+        if "**" in tokens[1:-1]:
+            return f"entry {entry!r}: '**' (any further arguments) may only be the last word"
+    return None
+
+
+def _str_dict(v: dict[str, Any]) -> str | None:
+    return None if all(isinstance(x, str) for x in v.values()) else "values must be strings"
 
 
 def _min(n: int) -> Callable[[Any], str | None]:
@@ -156,7 +177,11 @@ SCHEMA: dict[str, dict[str, Key]] = {
     },
     "supervisor": {
         "telemetry_interval_s": Key((int, float), 20.0, _positive),
-        "run_command_allow": Key(list, [], _str_list, doc="argv[0] allowed for run_command"),
+        "run_command_allow": Key(list, [], _command_patterns,
+                                 doc="command lines run_command may run: program, then argument patterns "
+                                     "(* ? [..] within one argument; a last '**' allows any further arguments)"),
+        "run_command_environment": Key(dict, {}, _str_dict, secret=True,
+                                       doc="variables added to run_command's minimal environment (PATH, LANG)"),
         "run_command_timeout_s": Key((int, float), 30.0, _positive),
         # additions for the supervisor (issue 5)
         "run_command_max_output_bytes": Key(int, 16384, _min(256)),
@@ -173,6 +198,11 @@ SCHEMA: dict[str, dict[str, Key]] = {
     "files": {
         "allowed_roots": Key(list, [], _str_list, doc="default: the controller data directory"),
         "check_interval_s": Key((int, float), 10.0, _positive, doc="change detection of managed files"),
+        "max_file_bytes": Key(int, 16 * MIB, _min(1),
+                              doc="managed files larger than this are refused (never read nor hashed)"),
+        "path_variables": Key(dict, {}, _str_dict,
+                              doc="${NAME} in FILES paths: only these names (and CONTROLLER_DATA_DIR); "
+                                  "the environment is never used"),
     },
     "logging": {
         "level": Key(str, "info", _one_of("debug", "info", "warning", "error")),
@@ -247,7 +277,10 @@ class Config:
         environment values whose names look secret (all of them would mask words like "info")."""
         out = [self.data[s][n] for s, keys in SCHEMA.items() for n, k in keys.items()
                if k.secret and isinstance(self.data[s][n], str)]
-        out.extend(str(v) for k, v in self.data["controller"]["environment"].items() if SECRET_NAME.search(k))
+        tables = [self.data["controller"]["environment"]]
+        tables.extend(self.data[s][n] for s, keys in SCHEMA.items() for n, k in keys.items()
+                      if k.secret and isinstance(self.data[s][n], dict))
+        out.extend(str(v) for table in tables for k, v in table.items() if SECRET_NAME.search(k))
         return out
 
     def masked(self) -> dict[str, dict[str, Any]]:
@@ -255,7 +288,10 @@ class Config:
         out = copy.deepcopy(self.data)
         for section, keys in SCHEMA.items():
             for name, key in keys.items():
-                if key.secret and out[section].get(name):
+                value = out[section].get(name)
+                if key.secret and isinstance(value, dict):
+                    out[section][name] = {k: MASK for k in value}
+                elif key.secret and value:
                     out[section][name] = MASK
         out["controller"]["environment"] = {k: MASK for k in out["controller"]["environment"]}
         return {s: {k: _map_strings(v, redact) for k, v in keys.items()} for s, keys in out.items()}

@@ -84,6 +84,11 @@ MIGRATIONS = [
     ) WITHOUT ROWID;
     CREATE INDEX rpc_requests_updated ON rpc_requests(updated_ms)
     """,
+    # 3: the inbound row that started (then last answered) each request. A started request is
+    # recognised by its row, never by its age, so no clock step can make it look new.
+    """
+    ALTER TABLE rpc_requests ADD COLUMN inbound_id INTEGER
+    """,
 ]
 
 

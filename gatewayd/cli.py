@@ -64,7 +64,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"ingest adapters: {', '.join(adapters)}" if adapters else "no ingest adapter configured")
         return 0 if adapters else 1
     from gatewayd import log as gwlog
+    from gatewayd import redact
     from gatewayd.daemon import AlreadyRunning
+
+    redact.register_config(cfg)
 
     logger = gwlog.setup(f"gatewayd.{args.daemon}", cfg["logging"]["level"])
     for w in cfg.warnings:

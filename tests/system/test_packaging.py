@@ -50,6 +50,7 @@ def test_service_contract(name: str) -> None:
     assert svc["PrivateTmp"] == "yes"
     assert svc["ProtectHome"] == "yes"
     assert svc["CapabilityBoundingSet"] == ""
+    assert svc["UMask"] == "0027"
     assert "StartLimitIntervalSec" in un and "StartLimitBurst" in un
     assert un["PartOf"] == "gatewayd.target"
     assert inst["WantedBy"] == "gatewayd.target"

@@ -338,7 +338,7 @@ class Config:
         """Configured values to mask wherever they appear: the secret keys, and the controller
         environment values whose names look secret (all of them would mask words like "info")."""
         out = [self.data[s][n] for s, keys in SCHEMA.items() for n, k in keys.items()
-               if k.secret and isinstance(self.data[s][n], str)]
+               if k.secret and isinstance(self.data[s][n], str) and self.data[s][n]]
         tables = [self.data["controller"]["environment"]]
         tables.extend(self.data[s][n] for s, keys in SCHEMA.items() for n, k in keys.items()
                       if k.secret and isinstance(self.data[s][n], dict))

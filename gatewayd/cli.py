@@ -10,7 +10,7 @@ import sys
 from gatewayd import __version__
 from gatewayd.config import EX_CONFIG, ConfigError, load, render_toml
 
-DAEMONS = ("bridge", "forwarder", "supervisor", "http")
+DAEMONS = ("bridge", "forwarder", "supervisor", "ingest", "http")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -24,6 +24,10 @@ def _parser() -> argparse.ArgumentParser:
         sp = sub.add_parser(name, help="serve /health and /metrics (read-only)" if name == "http"
                             else f"run the {name} in the foreground")
         sp.add_argument("--config", dest="sub_config", help=argparse.SUPPRESS)
+        if name == "ingest":
+            sp.add_argument("--configured", action="store_true",
+                            help="exit 0 if an ingest adapter is configured (or the config is invalid, so "
+                                 "that starting reports it), 1 if none (the unit's ExecCondition=)")
     return p
 
 
@@ -52,8 +56,14 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = load(path)
     except ConfigError as e:
+        if getattr(args, "configured", False):
+            return 0
         _config_problems(e)
         return EX_CONFIG
+    if getattr(args, "configured", False):
+        adapters = cfg.ingest_adapters()
+        print(f"ingest adapters: {', '.join(adapters)}" if adapters else "no ingest adapter configured")
+        return 0 if adapters else 1
     from gatewayd import log as gwlog
     from gatewayd import redact
     from gatewayd.daemon import AlreadyRunning

@@ -20,7 +20,7 @@ from gatewayd.store import dead_letters as dl_store
 from gatewayd.store import queues
 from gatewayd.store.db import corrupt_copies, now_ms, open_readonly
 
-DAEMONS = ("bridge", "forwarder", "supervisor")
+DAEMONS = ("bridge", "forwarder", "supervisor", "ingest")
 HEARTBEAT_MAX_AGE_S = 180.0
 
 EXIT_OK, EXIT_DEGRADED, EXIT_UNREADABLE = 0, 1, 2
@@ -120,6 +120,7 @@ def collect(cfg: Config) -> dict[str, Any]:
                    "requeued": c.get("requeued", 0), "purged": c.get("purged", 0)},
         "archive": {"bytes": archive_bytes},
         "controller": controller,
+        "ingest": {"adapters": cfg.ingest_adapters()},
         "errors": {d: queues.last_error(state, d) for d in DAEMONS},
         "daemons": {d: {"unit": units.get(d, "unknown"), "up": units.get(d) == "active",
                         **queues.daemon_report(state, d)} for d in DAEMONS},
@@ -128,7 +129,9 @@ def collect(cfg: Config) -> dict[str, Any]:
 
 
 def degraded_reasons(st: dict[str, Any]) -> list[str]:
-    reasons = [f"{d} is {s}" for d, s in st["units"].items() if s != "active"]
+    # gatewayd-ingest is meant to be inactive while no adapter is configured.
+    wanted = {d for d in st["units"] if d != "ingest" or st.get("ingest", {}).get("adapters")}
+    reasons = [f"{d} is {s}" for d, s in st["units"].items() if s != "active" and d in wanted]
     if not st["mqtt"]["connected"]:
         reasons.append("MQTT disconnected" + (f" ({st['mqtt']['last_error']})" if st["mqtt"]["last_error"] else ""))
     if st["queues"]["dead_letters_unacknowledged"]:

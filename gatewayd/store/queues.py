@@ -84,7 +84,12 @@ MIGRATIONS = [
     ) WITHOUT ROWID;
     CREATE INDEX rpc_requests_updated ON rpc_requests(updated_ms)
     """,
-    # 3: what a dead letter needs to go back where it came from (its outbox topic and
+    # 3: the inbound row that started (then last answered) each request. A started request is
+    # recognised by its row, never by its age, so no clock step can make it look new.
+    """
+    ALTER TABLE rpc_requests ADD COLUMN inbound_id INTEGER
+    """,
+    # 4: what a dead letter needs to go back where it came from (its outbox topic and
     # priority) and whether it is a ledger record (controller data) or one of gatewayd's
     # own messages; counters of the dead-letter workflow. Older rows from the bridge are
     # taken as ledger records when they were telemetry/attributes and the ledger has room.

@@ -71,14 +71,6 @@ def _own_file(path: Path) -> None:
         os.close(fd)
 
 
-def open_readonly(path: Path, busy_timeout_ms: int = BUSY_TIMEOUT_MS) -> sqlite3.Connection:
-    """A read-only connection to a file another process owns; it never creates nor changes it."""
-    conn = sqlite3.connect(f"file:{urllib.parse.quote(str(path))}?mode=ro", uri=True, timeout=busy_timeout_ms / 1000,
-                           isolation_level=None, check_same_thread=False)
-    conn.execute(f"PRAGMA busy_timeout = {int(busy_timeout_ms)}")
-    return conn
-
-
 def move_aside(path: Path, reason: str) -> Path:
     """Rename a damaged database (and its -wal/-shm) out of the way, keeping it for forensics."""
     stamp = time.strftime("%Y%m%dT%H%M%S")

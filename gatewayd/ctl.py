@@ -95,9 +95,7 @@ def collect(cfg: Config) -> dict[str, Any]:
             cc.close()
     mqtt = {"connected": False, "since_ms": None, "last_puback_ms": None, "last_error": None}
     mqtt.update(state.get("bridge.mqtt") or {})
-    ledger = {k: c.get(k, 0) for k in ("ingested", "delivered", "queued", "dead_lettered", "dropped", "archived")}
-    ledger["balanced"] = ledger["ingested"] == (ledger["delivered"] + ledger["queued"]
-                                               + ledger["dead_lettered"] + ledger["dropped"])
+    ledger = queues.ledger(c)
     controller = dict(state.get("supervisor.controller") or {})
     controller.setdefault("enabled", cfg["controller"]["enabled"])
     controller["last_health_check_ms"] = last_health
@@ -374,11 +372,7 @@ def _dl_ids(args: argparse.Namespace) -> list[int] | None:
     return None if args.all else list(args.ids)
 
 
-def _ledger_line(cfg: Config) -> str:
-    try:
-        led = collect(cfg)["ledger"]
-    except (sqlite3.Error, OSError) as e:
-        return f"ledger: cannot read ({e})"
+def _ledger_line(led: dict[str, Any]) -> str:
     return (f"ledger: ingested {led['ingested']} = delivered {led['delivered']} + queued {led['queued']} + "
             f"dead-lettered {led['dead_lettered']} + dropped {led['dropped']}"
             + ("" if led["balanced"] else "  (DOES NOT ADD UP)"))
@@ -386,13 +380,14 @@ def _ledger_line(cfg: Config) -> str:
 
 def _dl_report(cfg: Config, out: dict[str, Any], verb: str, count: int) -> int:
     print(f"{verb} {count} dead letter{'s' if count != 1 else ''}" + (
-        f" ({out['to_controller_queue']} into the controller queue, {out['to_outbox']} into the outbox)"
+        f" ({out['to_controller_queue']} into the controller queue, {out['to_outbox']} into the outbox, "
+        f"{out['to_inbound']} into the inbound queue)"
         if "to_outbox" in out and count else ""))
     for r in out.get("refused", []):
         print(redact.redact(f"gatewayctl: dead letter {r['id']} not requeued: {r['reason']}"), file=sys.stderr)
     if out["not_found"]:
         print(f"gatewayctl: no dead letter {', '.join(map(str, out['not_found']))}", file=sys.stderr)
-    print(_ledger_line(cfg))
+    print(_ledger_line(out["ledger"]))
     return 1 if out["not_found"] or out.get("refused") else 0
 
 

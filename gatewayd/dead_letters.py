@@ -4,7 +4,8 @@ list/show read only. requeue sends each dead letter back to the stage that refus
 is validated again and a record that is still invalid returns to the dead letters (with a new
 id, so it counts as unacknowledged again): a record the forwarder refused goes back into the
 controller queue exactly as the controller stored it; one the bridge refused (for example
-too large for the server) goes back into the outbox. purge deletes (ledger records count as
+too large for the server) goes back into the outbox; a message from ThingsBoard the
+supervisor could not handle goes back into the inbound queue. purge deletes (ledger records count as
 dropped); ack marks everything present as seen, which ends the degraded state. How each
 counts in the ledger is in `gatewayd.store.dead_letters`.
 """
@@ -170,15 +171,23 @@ def requeue(cfg: Config, ids: Sequence[int] | None) -> dict[str, Any]:
     try:
         stores.finish_pending()
         upto, missing = _selection(stores, ids, None)
-        via_controller = via_outbox = 0
+        via_controller = via_outbox = via_inbound = 0
         refused: list[dict[str, Any]] = []
         for rows in _batches(stores, upto, ids, None):
             controller_rows = [r for r in rows if r.stage == dl_store.STAGE_FORWARDER]
-            outbox_rows, routes = [], []
+            outbox_rows, routes, inbound_rows, payloads = [], [], [], []
             for r in rows:
                 if r.stage == dl_store.STAGE_FORWARDER:
                     continue
-                route = _outbox_route(r)
+                if r.stage == dl_store.STAGE_SUPERVISOR:
+                    payload = dl_store.inbound_payload(r)
+                    if isinstance(payload, bytes):
+                        inbound_rows.append(r)
+                        payloads.append(payload)
+                        continue
+                    route: tuple[int, str, str] | str = payload
+                else:
+                    route = _outbox_route(r)
                 if isinstance(route, str):
                     refused.append({"id": r.id, "reason": route})
                 else:
@@ -188,10 +197,14 @@ def requeue(cfg: Config, ids: Sequence[int] | None) -> dict[str, Any]:
                 via_controller += _through_controller(stores, controller_rows)
             if outbox_rows:
                 via_outbox += dl_store.requeue_to_outbox(stores.q, outbox_rows, routes)
+            if inbound_rows:
+                via_inbound += dl_store.requeue_to_inbound(stores.q, inbound_rows, payloads)
+        led = queues.ledger(queues.counters(stores.q))
     finally:
         stores.close()
-    return {"requeued": via_controller + via_outbox, "to_controller_queue": via_controller,
-            "to_outbox": via_outbox, "refused": refused, "not_found": missing}
+    return {"requeued": via_controller + via_outbox + via_inbound, "to_controller_queue": via_controller,
+            "to_outbox": via_outbox, "to_inbound": via_inbound, "refused": refused, "not_found": missing,
+            "ledger": led}
 
 
 def _outbox_route(r: dl_store.DeadLetter) -> tuple[int, str, str] | str:
@@ -231,15 +244,16 @@ def purge(cfg: Config, ids: Sequence[int] | None = None, before_ms: int | None =
         purged = 0
         for rows in _batches(stores, upto, ids, before_ms):
             purged += dl_store.purge(stores.q, rows)
+        led = queues.ledger(queues.counters(stores.q))
     finally:
         stores.close()
-    return {"purged": purged, "not_found": missing}
+    return {"purged": purged, "not_found": missing, "ledger": led}
 
 
 def ack(cfg: Config) -> dict[str, Any]:
     stores = _Stores(cfg)
     try:
         stores.finish_pending()
-        return dl_store.ack(stores.q)
+        return {**dl_store.ack(stores.q), "ledger": queues.ledger(queues.counters(stores.q))}
     finally:
         stores.close()

@@ -13,17 +13,20 @@ gatewayd's own messages (counted = 0) move without touching the ledger.
 
 from __future__ import annotations
 
+import base64
 import json
 import sqlite3
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from gatewayd.store.db import transaction
+from gatewayd.store import rpc
+from gatewayd.store.db import now_ms, transaction
 from gatewayd.store.queues import append, bump, get_state, set_state
 
 ACKED_KEY = "dead_letters.acked_id"
-STAGE_FORWARDER = "forwarder"
+STAGE_FORWARDER = "forwarder"  # controller records: back into the controller queue
+STAGE_SUPERVISOR = rpc.STAGE  # messages from ThingsBoard: back into the inbound queue
 
 
 @dataclass(frozen=True, slots=True)
@@ -41,6 +44,25 @@ class DeadLetter:
 
 
 _COLUMNS = "id, stage, src_id, type, message, reason, created_ms, counted, topic, priority"
+
+
+def inbound_payload(row: DeadLetter) -> bytes | str:
+    """The bytes of a message from ThingsBoard as its dead letter kept them, or why they
+    cannot be had whole."""
+    message = row.message
+    if not isinstance(message, str) or not row.type:
+        return "its message or topic was not kept"
+    if message.startswith(rpc.BASE64_PREFIX):
+        try:
+            payload = base64.b64decode(message[len(rpc.BASE64_PREFIX):], validate=True)
+        except ValueError:
+            return "its message is not valid base64"
+        if len(payload) >= rpc.KEPT_BINARY_BYTES:
+            return f"only the first {rpc.KEPT_BINARY_BYTES} bytes of its message were kept"
+        return payload
+    if len(message) >= rpc.KEPT_TEXT_CHARS:
+        return f"only the first {rpc.KEPT_TEXT_CHARS} characters of its message were kept"
+    return message.encode()
 
 
 def acked_id(conn: sqlite3.Connection) -> int:
@@ -120,6 +142,21 @@ def requeue_to_outbox(conn: sqlite3.Connection, rows: Sequence[DeadLetter],
             append(conn, [(priority, kind, topic, str(row.message), None, counted)])
             bump(conn, {"dead_lettered": -counted, "requeued": 1})
             requeued += 1
+    return requeued
+
+
+def requeue_to_inbound(conn: sqlite3.Connection, rows: Sequence[DeadLetter], payloads: Sequence[bytes]) -> int:
+    """Put messages from ThingsBoard back into the inbound queue, `payloads[i]` of `rows[i]`, in
+    the transaction that deletes them (they are not ledger records)."""
+    with transaction(conn):
+        requeued = 0
+        for row, payload in zip(rows, payloads, strict=True):
+            n, _ = _delete(conn, [(row.id, row.created_ms)])
+            if n:
+                conn.execute("INSERT INTO inbound(topic, payload, received_ms) VALUES (?,?,?)",
+                             (row.type, payload, now_ms()))
+                requeued += 1
+        bump(conn, {"requeued": requeued})
     return requeued
 
 

@@ -133,6 +133,15 @@ def counters(conn: sqlite3.Connection) -> dict[str, int]:
     return {name: int(value) for name, value in conn.execute("SELECT name, value FROM counters")}
 
 
+def ledger(c: dict[str, int]) -> dict[str, Any]:
+    """The ledger part of `counters()`, and whether it adds up
+    (ingested = delivered + queued + dead_lettered + dropped)."""
+    out: dict[str, Any] = {k: c.get(k, 0) for k in ("ingested", "delivered", "queued", "dead_lettered", "dropped",
+                                                     "archived")}
+    out["balanced"] = out["ingested"] == out["delivered"] + out["queued"] + out["dead_lettered"] + out["dropped"]
+    return out
+
+
 def append(conn: sqlite3.Connection, rows: Sequence[NewRow], created_ms: int | None = None) -> None:
     """Insert outbox rows; the caller holds the transaction."""
     if not rows:
@@ -214,11 +223,13 @@ def dead_letter_outbox(conn: sqlite3.Connection, row: OutboxRow, reason: str, st
 
 def add_dead_letters(conn: sqlite3.Connection, stage: str,
                      items: Sequence[tuple[int | None, str | None, str | None, str]]) -> None:
-    """(src_id, type, message, reason) rows; the caller holds the transaction and the counters."""
+    """(src_id, type, message, reason) rows; the caller holds the transaction and the counters.
+    The forwarder's are controller records, in the ledger; any other stage's are gatewayd's own."""
     created = now_ms()
+    counted = 1 if stage == "forwarder" else 0
     conn.executemany(
-        "INSERT INTO dead_letters(stage, src_id, type, message, reason, created_ms) VALUES (?,?,?,?,?,?)",
-        [(stage, s, t, m, r, created) for s, t, m, r in items])
+        "INSERT INTO dead_letters(stage, src_id, type, message, reason, created_ms, counted) VALUES (?,?,?,?,?,?,?)",
+        [(stage, s, t, m, r, created, counted) for s, t, m, r in items])
 
 
 def enforce_caps(conn: sqlite3.Connection, max_rows: int, max_bytes: int, chunk: int = 5000) -> int:

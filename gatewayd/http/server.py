@@ -207,13 +207,12 @@ class EndpointServer(socketserver.ThreadingMixIn, HTTPServer):
         self.last_activity = time.monotonic()
         self._deadlines: dict[socket.socket, float] = {}
         self._lock = threading.Lock()
-        super().__init__(sock.getsockname(), Handler, bind_and_activate=False)
-        self.socket.close()
+        # Not TCPServer.__init__: it makes a socket of its own, which the sandbox forbids
+        # (RestrictAddressFamilies=AF_UNIX; accepting on the socket systemd passed is allowed).
+        socketserver.BaseServer.__init__(self, sock.getsockname(), Handler)
         self.socket = sock
         self.socket.setblocking(False)
-
-    def server_bind(self) -> None:  # the socket is bound already
-        pass
+        self.server_name, self.server_port = str(self.server_address[0]), int(self.server_address[1])
 
     def process_request(self, request: Any, client_address: Any) -> None:
         with self._lock:

@@ -480,8 +480,9 @@ def test_http_endpoint_is_socket_activated(running: Container) -> None:
     # the bridge stopped: degraded
     c.run(["systemctl", "stop", UNITS["bridge"]])
     try:
-        code, body = scrape(c, "127.0.0.1:9101/health")
-        assert code == 503 and "bridge is inactive" in json.loads(body)["degraded_reasons"]
+        code, body = wait_until(lambda: (lambda r: r if r[0] == 503 else None)(scrape(c, "127.0.0.1:9101/health")),
+                                30, 0.5, "/health 503")
+        assert "bridge is inactive" in json.loads(body)["degraded_reasons"]
     finally:
         c.run(["systemctl", "start", UNITS["bridge"]])
     # another address from the configuration, applied by daemon-reload (the generator)

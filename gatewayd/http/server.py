@@ -21,6 +21,8 @@ from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, HTTPServer
 from typing import Any, BinaryIO
 
+from gatewayd.httputil import refuse_busy
+
 log = logging.getLogger("gatewayd.http")
 
 MAX_LINE = 8192
@@ -28,8 +30,6 @@ MAX_HEAD_BYTES = 32768
 LINGER_S = 1.0
 TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 METHODS = ("GET", "HEAD")
-BUSY = (b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\nContent-Length: 33\r\n"
-        b"Retry-After: 1\r\nConnection: close\r\n\r\n{\"error\": \"too many connections\"}")
 
 # A route answers (status, content type, body) for the request's Accept header.
 Route = Callable[[str], tuple[int, str, bytes]]
@@ -221,11 +221,7 @@ class EndpointServer(socketserver.ThreadingMixIn, HTTPServer):
                 self.active += 1
             self.last_activity = time.monotonic()
         if busy:
-            try:
-                request.settimeout(1.0)
-                request.sendall(BUSY)
-            except OSError:
-                pass
+            refuse_busy(request)
             self.shutdown_request(request)
             return
         super().process_request(request, client_address)

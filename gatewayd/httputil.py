@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import logging
 import socket
+from collections.abc import Iterable
+
+log = logging.getLogger("gatewayd.http")
 
 _BUSY_BODY = b'{"error": "too many connections"}'
 BUSY = (b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\nContent-Length: "
@@ -17,3 +21,14 @@ def refuse_busy(request: socket.socket) -> None:
         request.send(BUSY)
     except OSError:
         pass
+
+
+def shut_late(connections: Iterable[socket.socket], timeout: float) -> None:
+    """End connections whose request did not arrive within `timeout` (slow or silent clients):
+    the thread reading from one sees the end of the stream at once."""
+    for conn in connections:
+        log.debug("http: closing a connection whose request took over %.0f s", timeout)
+        try:
+            conn.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass

@@ -21,7 +21,7 @@ from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, HTTPServer
 from typing import Any, BinaryIO
 
-from gatewayd.httputil import refuse_busy
+from gatewayd.httputil import refuse_busy, shut_late
 
 log = logging.getLogger("gatewayd.http")
 
@@ -251,12 +251,7 @@ class EndpointServer(socketserver.ThreadingMixIn, HTTPServer):
             late = [c for c, t in self._deadlines.items() if t < now]
             for c in late:
                 del self._deadlines[c]
-        for c in late:
-            log.debug("http: closing a connection whose request took over %.0f s", self.request_timeout)
-            try:
-                c.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
+        shut_late(late, self.request_timeout)
 
     def next_deadline(self) -> float | None:
         with self._lock:

@@ -30,7 +30,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import TYPE_CHECKING, Any
 
 from gatewayd.config import Config
-from gatewayd.httputil import refuse_busy
+from gatewayd.httputil import refuse_busy, shut_late
 from gatewayd.ingest import formats
 from gatewayd.ingest.batch import Batch
 from gatewayd.records import parse
@@ -292,12 +292,7 @@ class HttpAdapter:
             late = [s for s, deadline in self._conns.items() if deadline < now]
             for s in late:
                 self._conns[s] = float("inf")
-        for s in late:
-            log.debug("http: closing a connection past its %.0f s request timeout", self.request_timeout)
-            try:
-                s.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
+        shut_late(late, self.request_timeout)
 
     def fill(self, batch: Batch, room: int) -> None:
         taken: list[Submission] = []

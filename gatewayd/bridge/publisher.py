@@ -275,19 +275,6 @@ class Window:
         return pubs
 
 
-def stalled(window: Window, last_ack: float, now: float, timeout: float) -> float:
-    """Seconds the broker has owed us a PUBACK beyond `timeout` (0 = not stalled).
-
-    Waiting starts at the later of the last PUBACK and the oldest unacknowledged publish, so
-    an idle period before new data arrives never counts as a stall.
-    """
-    oldest = window.oldest_sent()
-    if oldest is None:
-        return 0.0
-    waited = now - max(last_ack, oldest)
-    return waited if waited > timeout else 0.0
-
-
 # -- the packet limit of a server that closes the session instead of announcing it -----------
 
 MIN_PACKET = 1024          # never learn a limit below this; a record this small is never blamed

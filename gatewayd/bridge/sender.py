@@ -26,8 +26,8 @@ from gatewayd.bridge.publisher import (
     Row,
     Window,
     plan,
-    stalled,
 )
+from gatewayd.bridge.refusals import DEAD_LETTER, PERMANENT, SHRINK, SPLIT, Refusals, rc_name
 from gatewayd.log import Throttle
 from gatewayd.store import queues
 from gatewayd.store.db import data_version, now_ms
@@ -37,10 +37,8 @@ log = logging.getLogger("gatewayd.bridge")
 POLL_S = 0.025     # how often an idle, connected bridge looks for new outbox rows without inotify
 IDLE_WAIT_S = 1.0  # longest wait when inotify wakes us for new rows (state_dir changes)
 WAIT_S = 0.25      # loop timeout while waiting for acks
+OUTBOX_LOOK_S = 0.5  # how often the stall check reads the outbox depth
 FETCH_ROWS = 8192
-# MQTT 5 PUBACK reason codes that will never succeed for this payload
-RC_PACKET_TOO_LARGE = 0x95
-PERMANENT_FAILURES = {0x90: "topic name invalid", 0x99: "payload format invalid", 0x95: "packet too large"}
 
 Publisher = Callable[[str, str], tuple[int, int]]
 
@@ -66,11 +64,16 @@ class Sender:
         self.paused_until = 0.0
         self.rate_wait_until = 0.0
         self.needs_reset = False
-        self.isolate_upto: dict[int, int] = {}
-        self.retry_backoff = Backoff(1.0, 60.0)
+        self.caps: dict[int, tuple[int, int]] = {}  # priority -> (last id, records per publish up to it)
+        self.refusals = Refusals()
+        self.accepted_any = False               # the server accepted a publish in this session
+        self.retry_backoff = Backoff(0.5, 10.0)
         self.failure = ""                       # why the session cannot go on (publish refused locally)
-        self.last_ack = 0.0
+        self.progress_at = 0.0                  # session start or the last PUBACK that delivered rows
         self.last_ack_ms: int | None = None
+        self.outbox_rows = 0
+        self.nonempty_since: float | None = None
+        self.looked_at = float("-inf")
         self.delivered = 0
         self.changed = False                    # something `gatewayctl status` shows changed
         self.throttle = Throttle(log)
@@ -79,7 +82,10 @@ class Sender:
     def begin(self, publish: Publisher, now: float) -> None:
         """A new session is up: send from the head of the outbox."""
         self.publish = publish
-        self.last_ack = now
+        self.progress_at = now
+        self.accepted_any = False
+        self.nonempty_since = None
+        self.looked_at = float("-inf")
         self.failure = ""
         self._reset()
         self.window = Window(self.limits.inflight())
@@ -87,7 +93,7 @@ class Sender:
     def end(self) -> list[Publish]:
         """The session is gone: delete what it acknowledged, forget the rest (returned, oldest first)."""
         try:
-            self.flush_acks()
+            self.flush_acks(time.monotonic())
         except sqlite3.Error as e:
             log.warning("cannot record the last deliveries of the session (they will be sent again): %s", e)
         self.publish = None
@@ -102,7 +108,28 @@ class Sender:
         self.window.size = self.limits.inflight()
 
     def stalled(self, now: float, timeout: float) -> float:
-        return stalled(self.window, self.last_ack, now, timeout)
+        """Seconds without a PUBACK beyond `timeout` while the outbox holds rows (0 = not stalled).
+
+        The clock starts at the latest of the session's start, the last PUBACK that delivered rows
+        and the moment the outbox was seen holding rows: waiting for data is never a stall, and
+        whether anything is in flight does not matter (a sender that stopped sending is stuck too).
+        A refusal (MQTT 5 reason code >= 0x80) is not a PUBACK in this sense."""
+        self.look(now)
+        if self.nonempty_since is None:
+            return 0.0
+        waited = now - max(self.progress_at, self.nonempty_since)
+        return waited if waited > timeout else 0.0
+
+    def look(self, now: float) -> int:
+        """The outbox depth, read at most every OUTBOX_LOOK_S."""
+        if now - self.looked_at >= OUTBOX_LOOK_S:
+            self.looked_at = now
+            self.outbox_rows = queues.counters(self.db).get("outbox_rows", 0)
+            if not self.outbox_rows:
+                self.nonempty_since = None
+            elif self.nonempty_since is None:
+                self.nonempty_since = now
+        return self.outbox_rows
 
     def wait_timeout(self, now: float, inotify: bool) -> float:
         """How long the loop may sleep on the socket before the sender has work again."""
@@ -159,9 +186,9 @@ class Sender:
             if self.buf_i >= len(self.buf) and not self._refill():
                 return None
             head = self.buf[self.buf_i]
-            single = head[0] <= self.isolate_upto.get(head[1], 0)
-            p = plan(self.buf, self.buf_i, limit, self.mqtt5, 1 if single else 0, max_points,
-                     self.limits.alone_max())
+            cap = self.caps.get(head[1])
+            p = plan(self.buf, self.buf_i, limit, self.mqtt5, cap[1] if cap and head[0] <= cap[0] else 0,
+                     max_points, self.limits.alone_max())
             if isinstance(p, Oversized):
                 self.dead_letter(p.row, self.limits.oversized_reason(p))
                 self.buf_i += 1
@@ -220,9 +247,10 @@ class Sender:
         return (pub.first_id, pub.priority, kind, pub.topic, pub.payload)
 
     # -- lost sessions ---------------------------------------------------------------------
-    def isolate(self, pub: Publish) -> None:
-        """Send the records of `pub` (and any before them of its priority) one by one."""
-        self.isolate_upto[pub.priority] = max(self.isolate_upto.get(pub.priority, 0), pub.last_id)
+    def isolate(self, pub: Publish, records: int = 1) -> None:
+        """Send the records of `pub` (and any before them of its priority) at most `records` at a time."""
+        last, most = self.caps.get(pub.priority, (0, records))
+        self.caps[pub.priority] = (max(last, pub.last_id), min(most, records))
 
     def dead_letter_lost(self, v: LossVerdict) -> None:
         row = self._row_of(v.pub)
@@ -234,26 +262,28 @@ class Sender:
         self.acks.append((mid, reason))
 
     def handle_acks(self, now: float) -> None:
-        if not self.acks:
-            return
-        self.last_ack = now
-        self.last_ack_ms = now_ms()
-        self.flush_acks()
+        if self.acks and self.flush_acks(now):
+            self.progress_at = now
+            self.last_ack_ms = now_ms()
 
-    def flush_acks(self) -> None:
+    def flush_acks(self, now: float) -> bool:
+        """Delete what the PUBACKs delivered; True when they delivered rows."""
         if not self.acks:
-            return
+            return False
         ranges: list[tuple[int, int, int]] = []
         delivered = 0
         failed: list[tuple[Publish, int]] = []
         sizes: list[int] = []
         for mid, reason in self.acks:
+            if reason < 0x80:
+                self.accepted_any = True
             pub = self.window.ack(mid)
             if pub is None:
                 continue  # our own attribute / session-limit requests
             if reason >= 0x80:
                 failed.append((pub, reason))
                 continue
+            self.refusals.accepted(pub)
             ranges.append((pub.priority, pub.first_id, pub.last_id))
             delivered += pub.count
             sizes.append(pub.size)
@@ -270,26 +300,29 @@ class Sender:
         if sizes:
             self.limits.acked(sizes, self.db)
         for pub, reason in failed:
-            self._refused(pub, reason)
+            self._refused(pub, reason, now)
+        return bool(ranges)
 
-    def _refused(self, pub: Publish, reason: int) -> None:
-        """MQTT 5 PUBACK >= 0x80: the rows stay; resend from the head after a pause."""
-        now = time.monotonic()
-        name = PERMANENT_FAILURES.get(reason, f"reason code 0x{reason:02X}")
-        if reason in PERMANENT_FAILURES and pub.count == 1:
+    def _refused(self, pub: Publish, code: int, now: float) -> None:
+        """MQTT 5 PUBACK >= 0x80: resend, split the batch, or dead-letter the one record (refusals.py)."""
+        v = self.refusals.refused(pub, code, self.accepted_any)
+        delay = 0.0 if code in PERMANENT else self.retry_backoff.next()
+        what = f"a publish of {pub.count} records" if pub.count > 1 else f"outbox row {pub.first_id}"
+        if v.action == DEAD_LETTER:
             row = self._row_of(pub)
             if row is not None:
-                self.dead_letter(row, f"the server refused this record: {name} (PUBACK 0x{reason:02X})")
-        elif reason == RC_PACKET_TOO_LARGE:
+                self.dead_letter(row, v.reason)
+            self.caps.pop(pub.priority, None)
+            delay = 0.0
+        elif v.action == SHRINK:
             self.limits.refused_too_large(pub.size)
-        elif reason in PERMANENT_FAILURES:
-            self.isolate(pub)
-            log.warning("the server refused a batch of %d records (%s); resending them one by one",
-                        pub.count, name)
-        delay = self.retry_backoff.next() if reason not in PERMANENT_FAILURES else 0.0
-        self.throttle.log(f"refused{reason}", logging.WARNING,
-                          "the server did not accept a publish of %d records (%s); it stays queued, "
-                          "resending in %.1f s", pub.count, name, delay)
-        self.report(f"publish refused by the server: {name}")
+        elif v.action == SPLIT:
+            self.isolate(pub, v.records)
+            log.warning("the server refused %s %d times (%s): sending them at most %d at a time to find the one "
+                        "it refuses", what, v.times, rc_name(code), v.records)
+        if v.action != DEAD_LETTER:
+            self.throttle.log(f"refused{code}", logging.WARNING, "the server refused %s: %s; it stays queued, "
+                              "resending in %.1f s", what, rc_name(code), delay)
+        self.report(f"publish refused by the server: {rc_name(code)}")
         self.paused_until = max(self.paused_until, now + delay)
         self.needs_reset = True

@@ -23,10 +23,10 @@ import json
 import logging
 import select
 import sqlite3
-import ssl
 import time
 
 from gatewayd.bridge import provisioning
+from gatewayd.bridge.connector import ConnectError, Connector, Resolver, tls_context
 from gatewayd.bridge.limits import ServerLimits
 from gatewayd.bridge.mqtt_compat import PAHO_VERSION, Connection, is_auth_failure
 from gatewayd.bridge.provisioning import Backoff, Credentials, ProvisioningError
@@ -61,6 +61,7 @@ CONNACK_TIMEOUT_S = 30.0
 NO_CREDENTIALS_RECHECK_S = 60.0
 STATE_EVERY_S = 1.0
 STORE_RETRY_S = 1.0      # after an inbound message could not be stored
+RESOLVE_POLL_S = 0.05    # how often the loop looks whether the DNS lookup has finished
 
 
 class Bridge:
@@ -74,6 +75,7 @@ class Bridge:
         self.server = f"{self.host}:{self.port}"
         self.mqtt5: bool = tb["mqtt_version"] == "5"
         self.keepalive: int = tb["keepalive_s"]
+        self.connect_timeout: float = tb["connect_timeout_s"]
         self.stall_timeout: float = tb["stall_timeout_s"]
         self.auth_backoff_s: float = tb["auth_backoff_s"]
         self.device_name = cfg.device_name()
@@ -86,6 +88,8 @@ class Bridge:
         self.sender: Sender | None = None
         self.watch: DirectoryWatch | None = None
         self.conn: Connection | None = None
+        self.connector: Connector | None = None
+        self.resolver = Resolver()
         self.phase = IDLE
         self.creds: Credentials | None = None
         self.retry_at = 0.0
@@ -100,10 +104,8 @@ class Bridge:
         self.connected_since_ms: int | None = None
         self.last_error: str | None = None
         self.stall_logged = False
-        self.outbox_rows = 0
         self.state_dirty = True
         self.state_written = 0.0
-        self.status_refreshed = 0.0
 
     # -- lifecycle -----------------------------------------------------------------------
     def start(self) -> None:
@@ -139,17 +141,15 @@ class Bridge:
         now = time.monotonic()
         if self.phase == ONLINE and self.sender is not None:
             owed = self.sender.stalled(now, self.stall_timeout)
+            rows = self.sender.outbox_rows
             if owed:
-                return f"stalled: no PUBACK for {owed:.0f} s (outbox {self.outbox_rows})"
-            if now - self.status_refreshed >= 1.0 and self.db is not None:
-                self.status_refreshed = now
-                self.outbox_rows = queues.counters(self.db).get("outbox_rows", 0)
+                return f"stalled: no PUBACK for {owed:.0f} s (outbox {rows})"
             return (f"connected to {self.server} (MQTT {'5' if self.mqtt5 else '3.1.1'}): outbox "
-                    f"{self.outbox_rows}, {self.sender.window.records} in flight, {self.sender.delivered} delivered")
+                    f"{rows}, {self.sender.window.records} in flight, {self.sender.delivered} delivered")
         if self.phase in (PROV_CONNECTING, PROV_WAIT):
             return f"provisioning device '{self.device_name}' at {self.server}"
         if self.phase == CONNECTING:
-            return f"connecting to {self.server}"
+            return f"connecting to {self.server} ({self.connector.phase if self.connector else 'MQTT CONNECT'})"
         left = max(0.0, self.retry_at - now)
         return f"{self.waiting_for or 'disconnected'}; retrying in {left:.0f} s"
 
@@ -162,6 +162,8 @@ class Bridge:
                 return True, min(self.retry_at - now, IDLE_STEP_S)
             self._open(now)
             return True, 0.0
+        if self.connector is not None:
+            return self._step_connecting(now)
 
         conn = self.conn
         assert self.sender is not None
@@ -214,8 +216,9 @@ class Bridge:
         owed = self.sender.stalled(now, self.stall_timeout)
         if owed and not self.stall_logged:
             self.stall_logged = True
-            log.error("stalled: connected to %s but no PUBACK for %.0f s with %d publishes in flight; no longer "
-                      "feeding the watchdog", self.server, owed, len(self.sender.window))
+            log.error("stalled: connected to %s but no PUBACK for %.0f s with %d records queued and %d publishes "
+                      "in flight; no longer feeding the watchdog", self.server, owed, self.sender.outbox_rows,
+                      len(self.sender.window))
             self._set_error(f"stalled: no PUBACK for {owed:.0f} s")
         self._write_state()
         return not owed
@@ -256,9 +259,6 @@ class Bridge:
     def _new_connection(self, client_id: str, username: str, password: str | None) -> Connection:
         conn = Connection(client_id, self.mqtt5, username=username or None, password=password,
                           inflight=self.limits.client_inflight())
-        tb = self.cfg["thingsboard"]
-        if tb["tls"]:
-            conn.tls(tb["ca_cert"], tb["client_cert"], tb["client_key"])
         conn.on_connect = self._on_connect
         conn.on_disconnect = self._on_disconnect
         conn.on_publish = self._on_publish
@@ -286,7 +286,7 @@ class Bridge:
         self.creds = creds
         client_id = creds.client_id or "gatewayd-" + hashlib.sha1(
             f"{self.device_name}@{self.server}".encode()).hexdigest()[:12]
-        self._connect(self._new_connection(client_id, creds.username, creds.password), CONNECTING, now, "")
+        self._connect(self._new_connection(client_id, creds.username, creds.password), CONNECTING, now)
 
     def _start_provisioning(self, now: float) -> None:
         tb = self.cfg["thingsboard"]
@@ -296,19 +296,45 @@ class Bridge:
                                                          tb["provision_device_secret"])
         conn = self._new_connection(provisioning.client_id_for_provisioning(), provisioning.PROVISION_USERNAME,
                                     None)
-        self._connect(conn, PROV_CONNECTING, now, " to provision")
+        self._connect(conn, PROV_CONNECTING, now)
 
-    def _connect(self, conn: Connection, phase: str, now: float, purpose: str) -> None:
+    def _connect(self, conn: Connection, phase: str, now: float) -> None:
+        """Start opening the transport; `_step_connecting` finishes it without blocking the loop."""
         self.conn = conn
         self.phase = phase
+        tb = self.cfg["thingsboard"]
+        try:
+            ctx = tls_context(tb["ca_cert"], tb["client_cert"], tb["client_key"]) if tb["tls"] else None
+            self.connector = Connector(self.host, self.port, ctx, self.connect_timeout, self.resolver, now)
+        except (OSError, ValueError) as e:  # unreadable CA or client certificate; a socket we cannot open
+            self._transport_failed(f"cannot connect to {self.server}: {e}", now)
+
+    def _step_connecting(self, now: float) -> tuple[bool, float]:
+        """Wait a little for the transport, advance it, and send CONNECT once it is open."""
+        assert self.connector is not None and self.conn is not None
+        rlist, wlist = self.connector.wait_fds()
+        if rlist or wlist:
+            try:
+                select.select(rlist, wlist, [], max(0.0, min(WAIT_S, self.connector.deadline - now)))
+            except (OSError, ValueError):
+                pass
+            now = time.monotonic()
+        try:
+            sock = self.connector.poll(now)
+        except ConnectError as e:
+            self._transport_failed(str(e), now)
+            return True, 0.0
+        if sock is None:
+            # nothing to wait on while the DNS lookup runs in its thread: look again soon
+            return True, 0.0 if rlist or wlist else RESOLVE_POLL_S
+        self.connector = None
         self.deadline = now + CONNACK_TIMEOUT_S
         try:
-            conn.connect(self.host, self.port, self.keepalive)
-        except ssl.SSLError as e:
-            self._transport_failed(f"TLS failure with {self.server}: {e}", now)
+            self.conn.connect(self.host, self.port, self.keepalive, sock)
         except (OSError, ValueError) as e:
-            why = (e.strerror or str(e)) if isinstance(e, OSError) else str(e)
-            self._transport_failed(f"cannot connect to {self.server}{purpose}: {why}", now)
+            sock.close()
+            self._transport_failed(f"cannot connect to {self.server}: {e}", now)
+        return True, 0.0
 
     def _handle_connack(self, now: float) -> None:
         assert self.connack is not None and self.conn is not None
@@ -433,6 +459,9 @@ class Bridge:
         was, conn, now = self.phase, self.conn, time.monotonic()
         self.conn = None
         self.phase = IDLE
+        if self.connector is not None:
+            self.connector.close()
+            self.connector = None
         if conn is not None:
             if graceful and was in (ONLINE, PROV_WAIT):
                 conn.disconnect()

@@ -3,9 +3,11 @@ closed, and the rate limits that follow from both.
 
 ThingsBoard 3.8+ answers the client-side RPC `getSessionLimits` with `maxPayloadSize`,
 `maxInflightMessages` and `rateLimits`; the answer is remembered in state
-`bridge.session_limits` per server. A server that does not announce its packet limit and closes
-the session on a too-large PUBLISH teaches it through lost sessions (`PacketLimit`); that is
-remembered in state `bridge.packet_limit` per server and configured maximum.
+`bridge.session_limits` per server. An announced packet limit wins: nothing is learned while one
+is known. A server that does not announce its packet limit and closes the session on a
+too-large PUBLISH teaches it through lost sessions (`PacketLimit`); what was learned (limit,
+ceiling, the largest acknowledged packet, when it changed) is remembered in state
+`bridge.packet_limit` per server and configured maximum.
 
 No MQTT here: the bridge hands in answers and lost sessions, and asks for the limits to use.
 """
@@ -20,6 +22,8 @@ from typing import Any
 from gatewayd.bridge.publisher import (
     DEAD_LETTER,
     ISOLATE,
+    NOTHING,
+    PROBE,
     SHRINK,
     LossVerdict,
     Oversized,
@@ -59,7 +63,6 @@ class ServerLimits:
         self.announced_rates: dict[str, Any] | None = None
         self.limiter = RateLimiter.build(rate_per_s)
         self.packet = PacketLimit()
-        self.packet_announced: int | None = None  # the server's announced maximum when it was learned
         self.override: int | None = None           # what an MQTT 5 "packet too large" taught
         self.request_id: str | None = None
         self.deadline = 0.0
@@ -78,20 +81,28 @@ class ServerLimits:
             log.info("thingsboard.max_packet_bytes changed: forgetting the packet limit learned from %s",
                      self.server)
             return
-        self.packet.restore(positive_int(saved.get("limit")), positive_int(saved.get("ceiling")))
-        self.packet_announced = positive_int(saved.get("announced"))
-        if self.packet.active:
+        self.packet.restore(positive_int(saved.get("limit")), positive_int(saved.get("ceiling")),
+                            positive_int(saved.get("acked")), positive_int(saved.get("changed_ms")))
+        if self.packet.active and self.learning:
             log.info("using the packet limit learned from %s: %s bytes per packet, a single record up to %s bytes",
                      self.server, self.max_packet(), self.alone_max())
 
     def save_packet_limit(self, db: sqlite3.Connection) -> None:
-        value: dict[str, Any] | None = None
-        if self.packet.active:
-            self.packet_announced = self.announced_packet
-            value = {"server": self.server, "configured": self.cfg_max_packet,
-                     "announced": self.announced_packet, "limit": self.packet.learned,
-                     "ceiling": self.packet.ceiling, "acked": self.packet.acked_max, "ms": now_ms()}
-        queues.save_state(db, PACKET_LIMIT_KEY, value)
+        p = self.packet
+        queues.save_state(db, PACKET_LIMIT_KEY, {
+            "server": self.server, "configured": self.cfg_max_packet, "limit": p.learned, "ceiling": p.ceiling,
+            "acked": p.acked_max, "changed_ms": p.changed_ms or None})
+        p.dirty = False
+
+    def save_if_changed(self, db: sqlite3.Connection) -> None:
+        """Persist what was learned when it changed (the largest acknowledged packet grows often)."""
+        if self.packet.dirty:
+            self.save_packet_limit(db)
+
+    @property
+    def learning(self) -> bool:
+        """The packet limit is learned only from a server that does not announce it."""
+        return self.announced_packet is None
 
     # -- getSessionLimits ----------------------------------------------------------------
     def request(self, request_id: int, now: float) -> tuple[str, str]:
@@ -130,6 +141,10 @@ class ServerLimits:
         if not isinstance(data, dict) or "error" in data:
             log.info("the server does not support getSessionLimits (%r); using the configured limits",
                      payload[:200])
+            if self.announced_packet or self.announced_inflight or self.announced_rates:
+                self._apply({}, None)  # what an older version of the server announced no longer holds
+                queues.save_state(db, SESSION_LIMITS_KEY, None)
+                return True
             return False
         self._apply(data, db)
         return True
@@ -138,7 +153,7 @@ class ServerLimits:
         """Use an answer; `db` given: a live answer, logged and remembered."""
         mps, mim, rates = data.get("maxPayloadSize"), data.get("maxInflightMessages"), data.get("rateLimits")
         self.announced_packet = positive_int(mps)
-        if db is not None and self.packet.active and self.announced_packet != self.packet_announced:
+        if db is not None and self.packet.active and self.announced_packet is not None:
             # the server says what it accepts: that beats what we guessed from closed sessions
             log.info("%s announced its session limits: forgetting the packet limit learned from closed "
                      "sessions (%s bytes)", self.server, self.packet.learned)
@@ -164,11 +179,13 @@ class ServerLimits:
 
     def max_packet(self) -> int:
         """Largest packet to build from several records."""
-        return self.packet.limit(self.hard_max_packet())
+        hard = self.hard_max_packet()
+        return self.packet.limit(hard) if self.learning else hard
 
     def alone_max(self) -> int:
         """Largest packet to try for a single record on its own."""
-        return self.packet.alone_limit(self.hard_max_packet())
+        hard = self.hard_max_packet()
+        return self.packet.alone_limit(hard) if self.learning else hard
 
     def inflight(self) -> int:
         """Publishes in flight at most: the configured window, or the server's when smaller."""
@@ -181,7 +198,7 @@ class ServerLimits:
         return max(self.cfg_inflight, self.announced_inflight or 0)
 
     def oversized_reason(self, p: Oversized) -> str:
-        if self.packet.ceiling is None or p.limit >= self.hard_max_packet():
+        if self.packet.ceiling is None or p.limit >= self.hard_max_packet() or not self.learning:
             return p.reason
         return (f"record needs a {p.size}-byte MQTT packet; {self.server} closed the connection on every "
                 f"attempt to publish a {self.packet.ceiling + 1}-byte record (its limit appears to be below "
@@ -197,23 +214,21 @@ class ServerLimits:
     def acked(self, sizes: list[int], db: sqlite3.Connection) -> None:
         """PUBACKs for packets of these sizes arrived."""
         learned = 0
+        stamp = now_ms()
         for size in sizes:
-            if self.packet.acked(size):
+            if self.packet.acked(size, stamp):
                 learned = max(learned, size)
-        if not learned:
-            return
-        log.info("%s acknowledged a %d-byte publish: publishing up to %d bytes per packet, a single record "
-                 "up to %d bytes", self.server, learned, self.max_packet(), self.alone_max())
-        try:
-            self.save_packet_limit(db)
-        except sqlite3.Error as e:  # kept in memory; saved with the next change
-            log.warning("cannot save the learned packet limit: %s", e)
+        if learned and self.learning:
+            log.info("%s acknowledged a %d-byte publish: publishing up to %d bytes per packet, a single "
+                     "record up to %d bytes", self.server, learned, self.max_packet(), self.alone_max())
 
     def judge_loss(self, inflight: list[Publish], reason: str, now: float,
                    db: sqlite3.Connection) -> LossVerdict:
         """The server ended the session with `inflight` unacknowledged: was one of them too large?"""
         limit = self.max_packet()
-        v = self.packet.lost(inflight, limit, now)
+        if not self.learning:  # it announced its limit: a lost session is not about size
+            return LossVerdict(NOTHING, inflight[0], 0)
+        v = self.packet.lost(inflight, limit, now, now_ms())
         log.debug("session lost with %d publishes unacknowledged (largest %d bytes, %d records; largest "
                   "acknowledged %d bytes; %d lost in a row): %s", len(inflight), v.size, v.pub.count,
                   self.packet.acked_max, v.losses, v.action)
@@ -222,13 +237,15 @@ class ServerLimits:
                         "may no longer be accepted; learning its packet limit again", self.server,
                         v.losses, v.distrusted)
         if v.action == SHRINK:
-            said = (f", although it announced {self.announced_packet} bytes" if self.announced_packet
-                    else " (it does not answer getSessionLimits)")
             log.warning("%s closed the session %d times in a row with a %d-byte publish in flight and no "
                         "PUBACK (last: %s); the largest publish it acknowledged is %d bytes, so its maximum "
-                        "packet appears to be below %d bytes%s: publishing at most %d bytes per packet from "
-                        "now on", self.server, v.losses, v.size, reason, self.packet.acked_max, limit, said,
-                        v.limit)
+                        "packet appears to be below %d bytes (it does not answer getSessionLimits): publishing "
+                        "at most %d bytes per packet from now on", self.server, v.losses, v.size, reason,
+                        self.packet.acked_max, limit, v.limit)
+        elif v.action == PROBE:
+            log.info("%s closed the session with a %d-byte %s row in flight, larger than any it acknowledged: "
+                     "sending one publish at a time until the next PUBACK", self.server, v.size,
+                     "RPC reply" if v.pub.topic.startswith(TOPIC_RPC_RESPONSE) else "urgent")
         elif v.action == ISOLATE:
             log.warning("%s closed the session %d times in a row with a %d-byte publish of %d records in "
                         "flight and no PUBACK, and the packet limit is at its floor (%d bytes): sending "
@@ -242,5 +259,16 @@ class ServerLimits:
 
     def lost_reason(self, v: LossVerdict) -> str:
         """Why a record sent alone that lost every session is dead-lettered."""
+        if v.pub.priority > 0:
+            return (f"{self.server} closed the connection without PUBACK each time this {v.size}-byte MQTT packet "
+                    f"was the only publish in flight ({v.losses} times in a row)")
         return (f"{self.server} closed the connection without PUBACK on every attempt to publish this record "
                 f"alone ({v.size}-byte MQTT packet); its packet limit appears to be below {v.size} bytes")
+
+    def reprobe(self) -> None:
+        """Relax a limit learned long ago (see `PacketLimit.reprobe`)."""
+        before = (self.max_packet(), self.alone_max())
+        if self.learning and self.packet.reprobe(self.hard_max_packet(), now_ms()):
+            log.info("the packet limit learned from %s is old: trying up to %d bytes per packet again "
+                     "(was %d), a single record up to %d bytes (was %d)", self.server, self.max_packet(),
+                     before[0], self.alone_max(), before[1])

@@ -67,6 +67,7 @@ class Sender:
         self.caps: dict[int, tuple[int, int]] = {}  # priority -> (last id, records per publish up to it)
         self.refusals = Refusals()
         self.accepted_any = False               # the server accepted a publish in this session
+        self.probe = False                      # one publish at a time until the next PUBACK
         self.retry_backoff = Backoff(0.5, 10.0)
         self.failure = ""                       # why the session cannot go on (publish refused locally)
         self.progress_at = 0.0                  # session start or the last PUBACK that delivered rows
@@ -133,7 +134,7 @@ class Sender:
 
     def wait_timeout(self, now: float, inotify: bool) -> float:
         """How long the loop may sleep on the socket before the sender has work again."""
-        if self.window.full:
+        if self.window.full or (self.probe and len(self.window)):
             return WAIT_S
         if now < self.paused_until:
             return min(WAIT_S, self.paused_until - now)
@@ -156,7 +157,7 @@ class Sender:
         limit = self.limits.max_packet()
         limiter = self.limits.limiter
         max_points = limiter.max_points
-        while not self.window.full:
+        while not self.window.full and not (self.probe and len(self.window)):
             pub = self._next(limit, max_points)
             if pub is None:
                 return
@@ -284,6 +285,7 @@ class Sender:
                 failed.append((pub, reason))
                 continue
             self.refusals.accepted(pub)
+            self.probe = False
             ranges.append((pub.priority, pub.first_id, pub.last_id))
             delivered += pub.count
             sizes.append(pub.size)

@@ -30,7 +30,7 @@ from gatewayd.bridge.connector import ConnectError, Connector, Resolver, tls_con
 from gatewayd.bridge.limits import ServerLimits
 from gatewayd.bridge.mqtt_compat import PAHO_VERSION, Connection, is_auth_failure
 from gatewayd.bridge.provisioning import Backoff, Credentials, ProvisioningError
-from gatewayd.bridge.publisher import DEAD_LETTER, ISOLATE, Publish
+from gatewayd.bridge.publisher import DEAD_LETTER, ISOLATE, PROBE, Publish
 from gatewayd.bridge.sender import POLL_S, WAIT_S, Sender
 from gatewayd.config import Config
 from gatewayd.inotify import DirectoryWatch
@@ -367,6 +367,7 @@ class Bridge:
         self.connected_since_ms = now_ms()
         self.stall_logged = False
         self.waiting_for = ""
+        self.limits.reprobe()
         self.sender.begin(self.conn.publish, now)
         log.info("connected to %s as device '%s' (%s, MQTT %s)", self.server, self.device_name,
                  self.creds.describe() if self.creds else "?", "5" if self.mqtt5 else "3.1.1")
@@ -489,7 +490,9 @@ class Bridge:
         assert self.db is not None and self.sender is not None
         v = self.limits.judge_loss(lost, reason, now, self.db)
         try:
-            if v.action == ISOLATE:
+            if v.action == PROBE:
+                self.sender.probe = True
+            elif v.action == ISOLATE:
                 self.sender.isolate(v.pub)
             elif v.action == DEAD_LETTER:
                 self.sender.dead_letter_lost(v)
@@ -506,7 +509,8 @@ class Bridge:
 
     def _write_state(self, force: bool = False) -> None:
         now = time.monotonic()
-        if self.db is None or not (force or (self.state_dirty and now - self.state_written >= STATE_EVERY_S)):
+        dirty = self.state_dirty or self.limits.packet.dirty
+        if self.db is None or not (force or (dirty and now - self.state_written >= STATE_EVERY_S)):
             return
         connected = self.phase == ONLINE
         value = {"connected": connected, "since_ms": self.connected_since_ms if connected else None,
@@ -515,5 +519,6 @@ class Bridge:
                  "device_name": self.device_name, "mqtt_version": "5" if self.mqtt5 else "3.1.1",
                  "max_packet_bytes": self.limits.max_packet()}
         queues.save_state(self.db, "bridge.mqtt", value)
+        self.limits.save_if_changed(self.db)
         self.state_dirty = False
         self.state_written = now

@@ -18,17 +18,12 @@ import threading
 from pathlib import Path
 
 
-class StalledListener:
-    """A TCP listener on loopback that accepts and then says nothing, until `close()`."""
+class _Served:
+    """A socket served by a thread of its own until `close()`."""
 
-    def __init__(self, host: str = "127.0.0.1", port: int = 0) -> None:
-        self.srv = socket.socket()
-        self.srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self.srv.bind((host, port))
-        self.srv.listen(16)
-        self.srv.settimeout(0.2)
-        self.port = int(self.srv.getsockname()[1])
-        self.accepted: list[socket.socket] = []
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.sock.settimeout(0.2)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
@@ -36,15 +31,36 @@ class StalledListener:
     def _run(self) -> None:
         while not self._stop.is_set():
             try:
-                conn, _ = self.srv.accept()
+                self.serve_once()
             except (TimeoutError, OSError):
                 continue
-            self.accepted.append(conn)
+
+    def serve_once(self) -> None:
+        raise NotImplementedError
 
     def close(self) -> None:
         self._stop.set()
         self._thread.join(5)
-        self.srv.close()
+        self.sock.close()
+
+
+class StalledListener(_Served):
+    """A TCP listener on loopback that accepts and then says nothing, until `close()`."""
+
+    def __init__(self, host: str = "127.0.0.1", port: int = 0) -> None:
+        srv = socket.socket()
+        srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        srv.bind((host, port))
+        srv.listen(16)
+        self.port = int(srv.getsockname()[1])
+        self.accepted: list[socket.socket] = []
+        super().__init__(srv)
+
+    def serve_once(self) -> None:
+        self.accepted.append(self.sock.accept()[0])
+
+    def close(self) -> None:
+        super().close()
         for c in self.accepted:
             with contextlib.suppress(OSError):
                 c.close()
@@ -59,7 +75,7 @@ def _dns_name(packet: bytes, pos: int) -> tuple[str, int]:
     return ".".join(labels).lower(), pos + 1
 
 
-class SlowDNS:
+class SlowDNS(_Served):
     """UDP DNS on `ip`:53 answering A queries for `names` only while `answering` is set."""
 
     def __init__(self, ip: str, names: dict[str, str]) -> None:
@@ -67,28 +83,21 @@ class SlowDNS:
         self.names = {k.lower(): v for k, v in names.items()}
         self.answering = threading.Event()
         self.queries = 0
-        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        self.sock.bind((ip, 53))
-        self.sock.settimeout(0.2)
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
+        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        sock.bind((ip, 53))
+        super().__init__(sock)
 
     def resolv_conf(self, path: Path) -> Path:
         # glibc asks again every 2 s, so an answer is picked up soon after `answering` is set
         path.write_text(f"nameserver {self.ip}\noptions timeout:2 attempts:5\n")
         return path
 
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            try:
-                packet, peer = self.sock.recvfrom(4096)
-            except (TimeoutError, OSError):
-                continue
-            self.queries += 1
-            if self.answering.is_set() and len(packet) > 12:
-                with contextlib.suppress(Exception):
-                    self.sock.sendto(self._answer(packet), peer)
+    def serve_once(self) -> None:
+        packet, peer = self.sock.recvfrom(4096)
+        self.queries += 1
+        if self.answering.is_set() and len(packet) > 12:
+            with contextlib.suppress(Exception):
+                self.sock.sendto(self._answer(packet), peer)
 
     def _answer(self, query: bytes) -> bytes:
         qid = query[:2]
@@ -101,12 +110,6 @@ class SlowDNS:
         if ip is not None and qtype == 1:
             answers = b"\xc0\x0c" + struct.pack("!HHIH", 1, 1, 5, 4) + socket.inet_aton(ip)
         return qid + struct.pack("!HHHHH", flags, 1, 1 if answers else 0, 0, 0) + question + answers
-
-    def close(self) -> None:
-        self._stop.set()
-        self._thread.join(5)
-        self.sock.close()
-
 
 def private_resolv_conf(resolv_conf: Path) -> list[str]:
     """A command prefix running the rest in a mount namespace where /etc/resolv.conf is `resolv_conf`."""

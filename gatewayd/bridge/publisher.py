@@ -439,12 +439,7 @@ class PacketLimit:
             self.dirty = True
         self.losses += 1
         if suspect.count == 1 and size > self.floor:
-            key = (suspect.priority, suspect.first_id)
-            if key != self.alone:
-                self.alone, self.alone_losses = key, 0
-            self.alone_losses += 1
-            if self.alone_losses >= LOSSES_TO_DEAD_LETTER:
-                self.alone, self.alone_losses = None, 0
+            if self._lost_alone(suspect, LOSSES_TO_DEAD_LETTER):
                 self.ceiling = size - 1 if self.ceiling is None else min(self.ceiling, size - 1)
                 if limit > self.ceiling:
                     self.learned = self.ceiling if self.learned is None else min(self.learned, self.ceiling)
@@ -465,13 +460,17 @@ class PacketLimit:
 
     def _urgent_lost(self, pub: Publish, alone: bool) -> LossVerdict:
         """A loss with an urgent row larger than anything acknowledged in flight."""
-        if not alone:
-            return LossVerdict(PROBE, pub, self.streak)
+        if alone and self._lost_alone(pub, URGENT_LOSSES_TO_DEAD_LETTER):
+            return LossVerdict(DEAD_LETTER, pub, self.streak)
+        return LossVerdict(PROBE, pub, self.streak)
+
+    def _lost_alone(self, pub: Publish, enough: int) -> bool:
+        """Count a loss of this single-record publish; True (and the count restarts) at `enough` in a row."""
         key = (pub.priority, pub.first_id)
         if key != self.alone:
             self.alone, self.alone_losses = key, 0
         self.alone_losses += 1
-        if self.alone_losses >= URGENT_LOSSES_TO_DEAD_LETTER:
-            self.alone, self.alone_losses = None, 0
-            return LossVerdict(DEAD_LETTER, pub, self.streak)
-        return LossVerdict(PROBE, pub, self.streak)
+        if self.alone_losses < enough:
+            return False
+        self.alone, self.alone_losses = None, 0
+        return True

@@ -73,6 +73,7 @@ class Sender:
         self.progress_at = 0.0                  # session start or the last PUBACK that delivered rows
         self.last_ack_ms: int | None = None
         self.outbox_rows = 0
+        self.owed = 0.0                         # the last `stalled()` answer, for STATUS=
         self.nonempty_since: float | None = None
         self.looked_at = float("-inf")
         self.delivered = 0
@@ -84,6 +85,7 @@ class Sender:
         """A new session is up: send from the head of the outbox."""
         self.publish = publish
         self.progress_at = now
+        self.owed = 0.0
         self.accepted_any = False
         self.nonempty_since = None
         self.looked_at = float("-inf")
@@ -91,10 +93,12 @@ class Sender:
         self._reset()
         self.window = Window(self.limits.inflight())
 
-    def end(self) -> list[Publish]:
-        """The session is gone: delete what it acknowledged, forget the rest (returned, oldest first)."""
+    def end(self, flush: bool = True) -> list[Publish]:
+        """The session is gone: delete what it acknowledged (`flush`), forget the rest (returned, oldest
+        first). What is not deleted is sent again in the next session."""
         try:
-            self.flush_acks(time.monotonic())
+            if flush:
+                self.flush_acks(time.monotonic())
         except sqlite3.Error as e:
             log.warning("cannot record the last deliveries of the session (they will be sent again): %s", e)
         self.publish = None
@@ -116,10 +120,9 @@ class Sender:
         whether anything is in flight does not matter (a sender that stopped sending is stuck too).
         A refusal (MQTT 5 reason code >= 0x80) is not a PUBACK in this sense."""
         self.look(now)
-        if self.nonempty_since is None:
-            return 0.0
-        waited = now - max(self.progress_at, self.nonempty_since)
-        return waited if waited > timeout else 0.0
+        waited = 0.0 if self.nonempty_since is None else now - max(self.progress_at, self.nonempty_since)
+        self.owed = waited if waited > timeout else 0.0
+        return self.owed
 
     def look(self, now: float) -> int:
         """The outbox depth, read at most every OUTBOX_LOOK_S."""

@@ -32,6 +32,7 @@ from gatewayd.bridge.mqtt_compat import PAHO_VERSION, Connection, is_auth_failur
 from gatewayd.bridge.provisioning import Backoff, Credentials, ProvisioningError
 from gatewayd.bridge.publisher import DEAD_LETTER, ISOLATE, PROBE, Publish
 from gatewayd.bridge.sender import POLL_S, WAIT_S, Sender
+from gatewayd.bridge.storefault import StoreFault
 from gatewayd.config import Config
 from gatewayd.inotify import DirectoryWatch
 from gatewayd.log import Throttle
@@ -60,7 +61,6 @@ IDLE_STEP_S = 1.0        # longest sleep while waiting to reconnect (status and 
 CONNACK_TIMEOUT_S = 30.0
 NO_CREDENTIALS_RECHECK_S = 60.0
 STATE_EVERY_S = 1.0
-STORE_RETRY_S = 1.0      # after an inbound message could not be stored
 RESOLVE_POLL_S = 0.05    # how often the loop looks whether the DNS lookup has finished
 
 
@@ -106,24 +106,56 @@ class Bridge:
         self.stall_logged = False
         self.state_dirty = True
         self.state_written = 0.0
+        self.store = StoreFault(cfg.queues_db)
+        self.inbound_failed = False
 
     # -- lifecycle -----------------------------------------------------------------------
     def start(self) -> None:
-        self.cfg.ensure_dirs()
-        self.db = queues.open_queues(self.cfg.queues_db)
-        self.sender = Sender(self.db, self.limits, self.mqtt5, self._set_error)
+        log.info("bridge for device '%s' to %s (MQTT %s, TLS %s, paho-mqtt %s)", self.device_name,
+                 self.server, "5" if self.mqtt5 else "3.1.1", "on" if self.cfg["thingsboard"]["tls"] else "off",
+                 PAHO_VERSION)
         try:
+            self.cfg.ensure_dirs()
             # every commit to queues.db appends to queues.db-wal in the state directory
             self.watch = DirectoryWatch(self.cfg.state_dir)
         except OSError as e:
             log.warning("inotify unavailable (%s); polling the outbox every %.0f ms", e, POLL_S * 1000)
             self.watch = None
-        self.limits.restore(self.db)
-        self.sender.resize()
-        log.info("bridge for device '%s' to %s (MQTT %s, TLS %s, paho-mqtt %s)", self.device_name,
-                 self.server, "5" if self.mqtt5 else "3.1.1", "on" if self.cfg["thingsboard"]["tls"] else "off",
-                 PAHO_VERSION)
-        self._write_state(force=True)
+        self._use_store(time.monotonic(), check=True)
+
+    def _use_store(self, now: float, check: bool = False) -> bool:
+        """(Re)open queues.db and write the connection state, the proof that it takes writes.
+
+        True when it did; otherwise the fault is reported and the next try scheduled."""
+        if now < self.store.retry_at:
+            return False
+        was_faulted = self.store.faulted
+        try:
+            self.db = self.store.open(self.db, check)
+            if self.sender is None:
+                self.limits.restore(self.db)
+                self.sender = Sender(self.db, self.limits, self.mqtt5, self._set_error)
+                self.sender.resize()
+            self.sender.db = self.db
+            self._write_state(force=True)
+            self.store.flush(self.db)
+        except (sqlite3.Error, OSError) as e:
+            self.store.failed(e, now, f"cannot use the state database {self.cfg.queues_db}")
+            self.waiting_for = self.store.status(now)
+            return False
+        if was_faulted:
+            self.store.recovered(now)
+        self.retry_at = now
+        return True
+
+    def _store_failed(self, e: sqlite3.Error, now: float) -> None:
+        """A database call failed mid-session: close the session and retry the store (storefault.py)."""
+        what = ("cannot store an inbound message (not acknowledged)" if self.inbound_failed
+                else "the state database failed")
+        self.inbound_failed = False
+        self.store.failed(e, now, what)
+        self._teardown(None, 0.0)
+        self._set_error(f"{what}: {self.store.reason}")
 
     def stop(self) -> None:
         self._teardown(None, 0.0, graceful=True)
@@ -134,13 +166,19 @@ class Bridge:
             self.watch.close()
             self.watch = None
 
+    def health(self) -> dict[str, str | None]:
+        """The fault the bridge waits out, for a status file outside the database (it may take no writes)."""
+        return {"fault": self.store.status(time.monotonic()) if self.store.faulted else None}
+
     def report_error(self, text: str) -> None:
         self._set_error(text)
 
     def status(self) -> str:
         now = time.monotonic()
+        if self.store.faulted:
+            return self.store.status(now)
         if self.phase == ONLINE and self.sender is not None:
-            owed = self.sender.stalled(now, self.stall_timeout)
+            owed = self.sender.owed
             rows = self.sender.outbox_rows
             if owed:
                 return f"stalled: no PUBACK for {owed:.0f} s (outbox {rows})"
@@ -156,6 +194,15 @@ class Bridge:
     # -- the loop --------------------------------------------------------------------------
     def step(self) -> tuple[bool, float]:
         now = time.monotonic()
+        if self.store.faulted and not self._use_store(now):
+            return True, min(max(0.0, self.store.retry_at - now), IDLE_STEP_S)
+        try:
+            return self._step(now)
+        except sqlite3.Error as e:
+            self._store_failed(e, time.monotonic())
+            return True, 0.0
+
+    def _step(self, now: float) -> tuple[bool, float]:
         if self.conn is None:
             if now < self.retry_at:
                 self._write_state()
@@ -169,11 +216,6 @@ class Bridge:
         assert self.sender is not None
         try:
             rc = self._wait_and_loop(conn, self._loop_timeout(now))
-        except sqlite3.Error as e:
-            # put_inbound failed inside on_message: paho has not sent the PUBACK; drop the session
-            self._teardown(f"cannot store an inbound message, not acknowledged: {e}", STORE_RETRY_S,
-                           level=logging.WARNING)
-            return False, STORE_RETRY_S
         except (OSError, ValueError) as e:
             rc = -1
             self.lost_reason = self.lost_reason or f"{type(e).__name__}: {e}"
@@ -410,8 +452,13 @@ class Bridge:
             self.limits.answer = payload
             return
         assert self.db is not None
-        # Durable before acknowledged: paho sends the PUBACK only after this returns.
-        queues.put_inbound(self.db, topic, payload)
+        # Durable before acknowledged: paho sends the PUBACK only after this returns; an exception
+        # leaves paho's loop before the PUBACK is written, and the session is closed (`_store_failed`).
+        try:
+            queues.put_inbound(self.db, topic, payload)
+        except sqlite3.Error:
+            self.inbound_failed = True
+            raise
 
     # -- provisioning ------------------------------------------------------------------------
     def _handle_prov_answer(self, now: float) -> None:
@@ -467,9 +514,10 @@ class Bridge:
             if graceful and was in (ONLINE, PROV_WAIT):
                 conn.disconnect()
             conn.close()
+        usable = not self.store.faulted  # a failed database is not asked again (each try may wait on a lock)
         if self.sender is not None:
-            lost = self.sender.end()
-            if judge and was == ONLINE and lost and self.db is not None:
+            lost = self.sender.end(flush=usable)
+            if judge and was == ONLINE and lost and usable:
                 self._judge(lost, reason or "", now)
         self.limits.forget_request()
         if self.connected_since_ms is not None:
@@ -481,10 +529,11 @@ class Bridge:
             log.log(level, "%s", reason)
         if reason:
             self._set_error(reason)
-        try:
-            self._write_state(force=True)
-        except sqlite3.Error as e:
-            log.warning("cannot record the connection state: %s", e)
+        if usable:
+            try:
+                self._write_state(force=True)
+            except sqlite3.Error as e:
+                log.warning("cannot record the connection state: %s", e)
 
     def _judge(self, lost: list[Publish], reason: str, now: float) -> None:
         assert self.db is not None and self.sender is not None
@@ -504,8 +553,7 @@ class Bridge:
         if text != self.last_error:
             self.last_error = text
             self.state_dirty = True
-            if self.db is not None:
-                queues.record_error(self.db, "bridge", text)
+            self.store.record(None if self.store.faulted else self.db, text)
 
     def _write_state(self, force: bool = False) -> None:
         now = time.monotonic()

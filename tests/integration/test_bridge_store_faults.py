@@ -133,8 +133,9 @@ def test_a_full_disk_keeps_the_bridge_up_and_everything_is_delivered_once_space_
         filler.unlink()
         filler = None
         wait_for(lambda: outbox_empty(base), 60, what="the outbox to drain after space returned")
-        wait_for(lambda: len(set(captured_seqs(sim.capture_path))) >= TOTAL, 20, what="all records captured")
-        check_complete_and_ordered(captured_seqs(sim.capture_path), TOTAL)
+        capture = tmp_path / "capture.jsonl"
+        wait_for(lambda: len(set(captured_seqs(capture))) >= TOTAL, 20, what="all records captured")
+        check_complete_and_ordered(captured_seqs(capture), TOTAL)
         c = counters(base)
         assert c["delivered"] == TOTAL and c["queued"] == 0 and c["dead_lettered"] == 0 and not dead_letters(base)
         assert c["ingested"] == c["delivered"] + c["queued"] + c["dead_lettered"] + c["dropped"]

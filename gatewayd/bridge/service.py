@@ -25,6 +25,7 @@ import select
 import sqlite3
 import time
 
+from gatewayd import redact
 from gatewayd.bridge import provisioning
 from gatewayd.bridge.connector import ConnectError, Connector, Resolver, tls_context
 from gatewayd.bridge.limits import ServerLimits
@@ -469,6 +470,7 @@ class Bridge:
         except ProvisioningError as e:
             self._provisioning_failed(str(e), now)
             return
+        redact.register([creds.username, creds.password, creds.client_id])
         provisioning.save(self.cfg.credentials_file, creds, self.device_name)
         log.info("device '%s' provisioned; credentials saved to %s", self.device_name,
                  self.cfg.credentials_file)

@@ -161,7 +161,7 @@ class NotifySocket:
 
 def start_bridge(cfg: Path, env: dict[str, str] | None = None, python: str | None = None,
                  prefix: list[str] | None = None) -> Daemon:
-    return Daemon("bridge", cfg, python=python, env=env, prefix=prefix).start()
+    return Daemon("bridge", cfg, python=python, env=env, argv_prefix=prefix).start()
 
 
 __all__ = ["wait_for"]

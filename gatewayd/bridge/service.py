@@ -132,7 +132,8 @@ class Bridge:
             return False
         was_faulted = self.store.faulted
         try:
-            self.db = self.store.open(self.db, check)
+            old, self.db = self.db, None
+            self.db = self.store.open(old, check)
             if self.sender is None:
                 self.limits.restore(self.db)
                 self.sender = Sender(self.db, self.limits, self.mqtt5, self._set_error)
@@ -142,11 +143,10 @@ class Bridge:
             self.store.flush(self.db)
         except (sqlite3.Error, OSError) as e:
             self.store.failed(e, now, f"cannot use the state database {self.cfg.queues_db}")
-            self.waiting_for = self.store.status(now)
+            self._set_error(f"cannot use the state database: {self.store.reason}")
             return False
         if was_faulted:
             self.store.recovered(now)
-        self.retry_at = now
         return True
 
     def _store_failed(self, e: sqlite3.Error, now: float) -> None:

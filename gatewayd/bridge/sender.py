@@ -254,6 +254,8 @@ class Sender:
     def isolate(self, pub: Publish, records: int = 1) -> None:
         """Send the records of `pub` (and any before them of its priority) at most `records` at a time."""
         last, most = self.caps.get(pub.priority, (0, records))
+        if last < pub.first_id:  # the earlier cap was passed already
+            last, most = 0, records
         self.caps[pub.priority] = (max(last, pub.last_id), min(most, records))
 
     def dead_letter_lost(self, v: LossVerdict) -> None:

@@ -132,6 +132,8 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "provision_device_secret": Key(str, "", secret=True),
         "mqtt_version": Key(str, "3.1.1", _one_of("3.1.1", "5")),
         "keepalive_s": Key(int, 60, _min(5)),
+        "connect_timeout_s": Key((int, float), 10.0, _positive,
+                                 doc="DNS lookup, TCP connect and TLS handshake each give up after this long"),
         "reconnect_max_s": Key((int, float), 5.0, _positive),
         "auth_backoff_s": Key((int, float), 300.0, _positive),
         "stall_timeout_s": Key((int, float), 60.0, _positive),

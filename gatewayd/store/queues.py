@@ -334,3 +334,15 @@ def mark_delivered_ranges(conn: sqlite3.Connection, ranges: Iterable[tuple[int, 
             counted += c
         _count_delivered(conn, total, size, counted)
     return total
+
+
+def outbox_kind(conn: sqlite3.Connection, row_id: int) -> str | None:
+    """The kind of one outbox row, None when it is gone."""
+    row = conn.execute("SELECT kind FROM outbox WHERE id = ?", (row_id,)).fetchone()
+    return str(row[0]) if row else None
+
+
+def save_state(conn: sqlite3.Connection, key: str, value: Any) -> None:
+    """`set_state` in a transaction of its own."""
+    with transaction(conn):
+        set_state(conn, key, value)

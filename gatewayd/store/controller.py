@@ -1,7 +1,8 @@
 """The controller contract database (`<controller_data_dir>/communication_queue.db`).
 
 Its schema belongs to the controllers written for the seed gateway, so gatewayd only ever
-adds what is missing (IF NOT EXISTS) and never sets `user_version` on it.
+adds what is missing (IF NOT EXISTS) and never sets `user_version` on it. The file is the
+controller's: gatewayd never moves it aside, whatever SQLite says about it.
 """
 
 from __future__ import annotations
@@ -9,9 +10,11 @@ from __future__ import annotations
 import logging
 import sqlite3
 import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
-from gatewayd.store.db import now_ms, open_db, transaction
+from gatewayd.store.db import now_ms, open_db, schema_version, transaction
 
 log = logging.getLogger("gatewayd.store")
 
@@ -25,26 +28,49 @@ CREATE TABLE IF NOT EXISTS gatewayd_meta(key TEXT PRIMARY KEY, value TEXT)
 CONTROLLER_BUSY_TIMEOUT_MS = 2000
 
 
-def open_controller(path: Path, check: bool = True) -> sqlite3.Connection:
-    conn = open_db(path, check=check, create_sql=CREATE_SQL, busy_timeout_ms=CONTROLLER_BUSY_TIMEOUT_MS)
-    _ensure_autoincrement(conn)
+@dataclass(slots=True)
+class Row:
+    """One controller row as stored, whatever its SQL types.
+
+    `type` and `message` are bytes for TEXT and BLOB values (never decoded by SQLite or the
+    driver), int / float for INTEGER / REAL, None for NULL, and None as well when the value is
+    longer than the reader's limit (its length is then in `type_len` / `message_len`).
+    """
+
+    id: int
+    type: bytes | int | float | None
+    message: bytes | int | float | None
+    type_len: int | None
+    message_len: int | None
+
+
+def open_controller(path: Path) -> sqlite3.Connection:
+    """Open the controller's file; errors (damage included) reach the caller, the file stays where it is."""
+    conn = open_db(path, check=False, create_sql=CREATE_SQL, busy_timeout_ms=CONTROLLER_BUSY_TIMEOUT_MS)
+    try:
+        ensure_autoincrement(conn)
+    except BaseException:
+        conn.close()
+        raise
     return conn
 
 
-def _ensure_autoincrement(conn: sqlite3.Connection) -> None:
+def ensure_autoincrement(conn: sqlite3.Connection) -> bool:
     """Row ids must never be reused, or a replay after a crash could skip a new row.
 
-    A `messages` table created without AUTOINCREMENT is rebuilt with it in one transaction.
+    A `messages` table created without AUTOINCREMENT is rebuilt with it in one transaction;
+    returns True when it was.
     """
-    sql = conn.execute("SELECT sql FROM sqlite_master WHERE type = 'table' AND name = 'messages'").fetchone()[0]
-    if "AUTOINCREMENT" in sql.upper():
-        return
+    row = conn.execute("SELECT sql FROM sqlite_master WHERE type = 'table' AND name = 'messages'").fetchone()
+    if row is None or "AUTOINCREMENT" in str(row[0]).upper():
+        return False
     log.warning("controller table 'messages' lacks AUTOINCREMENT; rebuilding it so row ids are never reused")
     with transaction(conn):
         conn.execute("ALTER TABLE messages RENAME TO messages_gatewayd_old")
         conn.execute("CREATE TABLE messages(id INTEGER PRIMARY KEY AUTOINCREMENT, type TEXT, message TEXT)")
         conn.execute("INSERT INTO messages(id, type, message) SELECT id, type, message FROM messages_gatewayd_old")
         conn.execute("DROP TABLE messages_gatewayd_old")
+    return True
 
 
 def epoch(conn: sqlite3.Connection) -> str:
@@ -61,14 +87,84 @@ def epoch(conn: sqlite3.Connection) -> str:
     return value
 
 
-def protect_ids(conn: sqlite3.Connection, above: int) -> None:
-    """Make sure the next row id the controller gets is above `above` (ids already moved)."""
+def new_epoch(conn: sqlite3.Connection) -> str:
+    """Start a new epoch in the same file: its `messages` table is not the one the marks refer to."""
+    value = uuid.uuid4().hex
     with transaction(conn):
-        row = conn.execute("SELECT seq FROM sqlite_sequence WHERE name = 'messages'").fetchone()
-        if row is None:
-            conn.execute("INSERT INTO sqlite_sequence(name, seq) VALUES ('messages', ?)", (above,))
-        elif row[0] < above:
-            conn.execute("UPDATE sqlite_sequence SET seq = ? WHERE name = 'messages'", (above,))
+        conn.execute("INSERT INTO gatewayd_meta(key, value) VALUES ('epoch', ?) "
+                     "ON CONFLICT(key) DO UPDATE SET value = excluded.value", (value,))
+    return value
+
+
+def sequence(conn: sqlite3.Connection) -> int | None:
+    """The AUTOINCREMENT high-water mark of `messages` (None: no row was ever inserted in this table)."""
+    row = conn.execute("SELECT seq FROM sqlite_sequence WHERE name = 'messages'").fetchone()
+    return int(row[0]) if row and row[0] is not None else None
+
+
+def has_rows_upto(conn: sqlite3.Connection, upto: int) -> bool:
+    return conn.execute("SELECT 1 FROM messages WHERE id <= ? LIMIT 1", (upto,)).fetchone() is not None
+
+
+def read_batch(conn: sqlite3.Connection, after: int, limit: int, max_type: int, max_message: int,
+               max_total: int) -> tuple[int, list[Row]]:
+    """(schema version, rows with id > after in id order), read in one snapshot.
+
+    Values are read as stored (see `Row`); one longer than its limit is not read at all, so a
+    single huge value cannot exhaust memory. Reading stops after about `max_total` message bytes.
+    """
+    rows: list[Row] = []
+    total = 0
+    factory = conn.text_factory
+    conn.text_factory = bytes
+    try:
+        conn.execute("BEGIN")
+        try:
+            version = schema_version(conn)
+            cur = conn.execute(
+                "SELECT id, CASE WHEN length(CAST(type AS BLOB)) <= ?1 THEN type END, "
+                "CASE WHEN length(CAST(message AS BLOB)) <= ?2 THEN message END, "
+                "length(CAST(type AS BLOB)), length(CAST(message AS BLOB)) "
+                "FROM messages WHERE id > ?3 ORDER BY id LIMIT ?4", (max_type, max_message, after, limit))
+            while total < max_total:
+                chunk = cur.fetchmany(500)
+                if not chunk:
+                    break
+                for r in chunk:
+                    rows.append(Row(*r))
+                    total += min(r[4] or 0, max_message) + 32
+                    if total >= max_total:
+                        break
+            cur.close()
+        finally:
+            conn.execute("COMMIT")
+    finally:
+        conn.text_factory = factory
+    return version, rows
+
+
+def read_prefix(conn: sqlite3.Connection, row_id: int, column: str, size: int) -> bytes | None:
+    """The first `size` bytes of one value, for keeping what an oversized row held."""
+    if column not in ("type", "message"):
+        raise ValueError(column)
+    row = conn.execute(f"SELECT substr(CAST({column} AS BLOB), 1, ?) FROM messages WHERE id = ?",
+                       (size, row_id)).fetchone()
+    return bytes(row[0]) if row and row[0] is not None else None
+
+
+def delete_ranges(conn: sqlite3.Connection, ranges: Sequence[tuple[int, int]], expect_schema: int | None) -> bool:
+    """Delete the rows moved, given as inclusive id ranges, in one short transaction.
+
+    With `expect_schema`, nothing is deleted (False is returned) if the schema changed since the
+    rows were read: the table may have been dropped and recreated, and its ids are new rows.
+    """
+    if not ranges:
+        return True
+    with transaction(conn):
+        if expect_schema is not None and schema_version(conn) != expect_schema:
+            return False
+        conn.executemany("DELETE FROM messages WHERE id BETWEEN ? AND ?", ranges)
+    return True
 
 
 def enqueue(conn: sqlite3.Connection, type_: str, message: str) -> int:

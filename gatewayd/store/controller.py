@@ -28,20 +28,20 @@ CREATE TABLE IF NOT EXISTS gatewayd_meta(key TEXT PRIMARY KEY, value TEXT)
 CONTROLLER_BUSY_TIMEOUT_MS = 2000
 
 
-@dataclass(slots=True)
-class Row:
-    """One controller row as stored, whatever its SQL types.
+@dataclass(frozen=True, slots=True)
+class Oversized:
+    """Stands for a value longer than the reader's limit, which was not read."""
 
-    `type` and `message` are bytes for TEXT and BLOB values (never decoded by SQLite or the
-    driver), int / float for INTEGER / REAL, None for NULL, and None as well when the value is
-    longer than the reader's limit (its length is then in `type_len` / `message_len`).
-    """
+    length: int
 
-    id: int
-    type: bytes | int | float | None
-    message: bytes | int | float | None
-    type_len: int | None
-    message_len: int | None
+
+# One controller row as stored, whatever its SQL types: (id, type, message). `type` and
+# `message` are bytes for TEXT and BLOB values (never decoded by SQLite or the driver), int /
+# float for INTEGER / REAL, None for NULL, Oversized for a value too long to read. Plain
+# tuples: the forwarder reads millions of them.
+Value = bytes | int | float | Oversized | None
+Row = tuple[int, Value, Value]
+FIRST_FETCH = 32
 
 
 def open_controller(path: Path) -> sqlite3.Connection:
@@ -110,37 +110,62 @@ def read_batch(conn: sqlite3.Connection, after: int, limit: int, max_type: int, 
                max_total: int) -> tuple[int, list[Row]]:
     """(schema version, rows with id > after in id order), read in one snapshot.
 
-    Values are read as stored (see `Row`); one longer than its limit is not read at all, so a
-    single huge value cannot exhaust memory. Reading stops after about `max_total` message bytes.
+    Values are read as stored (see `Row`). Memory stays bounded whatever the controller wrote:
+    the fast path reads with SQLite's length limit lowered so that `limit` rows fit in
+    `max_total` bytes; a batch holding a longer value is read again by the careful path, which
+    reads no value longer than its limit and stops after about `max_total` message bytes.
     """
-    rows: list[Row] = []
-    total = 0
     factory = conn.text_factory
     conn.text_factory = bytes
     try:
         conn.execute("BEGIN")
         try:
             version = schema_version(conn)
-            cur = conn.execute(
-                "SELECT id, CASE WHEN length(CAST(type AS BLOB)) <= ?1 THEN type END, "
-                "CASE WHEN length(CAST(message AS BLOB)) <= ?2 THEN message END, "
-                "length(CAST(type AS BLOB)), length(CAST(message AS BLOB)) "
-                "FROM messages WHERE id > ?3 ORDER BY id LIMIT ?4", (max_type, max_message, after, limit))
-            while total < max_total:
-                chunk = cur.fetchmany(500)
-                if not chunk:
-                    break
-                for r in chunk:
-                    rows.append(Row(*r))
-                    total += min(r[4] or 0, max_message) + 32
-                    if total >= max_total:
-                        break
-            cur.close()
+            cap = max(4096, max_total // max(limit, 1))
+            if cap < max(max_type, max_message):
+                rows = _read_fast(conn, after, limit, cap)
+                if rows is not None:
+                    return version, rows
+            return version, _read_careful(conn, after, limit, max_type, max_message, max_total)
         finally:
             conn.execute("COMMIT")
     finally:
         conn.text_factory = factory
-    return version, rows
+
+
+def _read_fast(conn: sqlite3.Connection, after: int, limit: int, cap: int) -> list[Row] | None:
+    """None when a value is longer than `cap` (SQLite refuses to load it: SQLITE_TOOBIG)."""
+    default = conn.setlimit(sqlite3.SQLITE_LIMIT_LENGTH, cap)
+    try:
+        return conn.execute("SELECT id, type, message FROM messages WHERE id > ? ORDER BY id LIMIT ?",
+                            (after, limit)).fetchall()
+    except sqlite3.DataError:
+        return None
+    finally:
+        conn.setlimit(sqlite3.SQLITE_LIMIT_LENGTH, default)
+
+
+def _read_careful(conn: sqlite3.Connection, after: int, limit: int, max_type: int, max_message: int,
+                  max_total: int) -> list[Row]:
+    cur = conn.execute(
+        "SELECT id, CASE WHEN length(CAST(type AS BLOB)) <= ?1 THEN type END, "
+        "CASE WHEN length(CAST(message AS BLOB)) <= ?2 THEN message END, "
+        "coalesce(length(CAST(type AS BLOB)), 0), coalesce(length(CAST(message AS BLOB)), 0) "
+        "FROM messages WHERE id > ?3 ORDER BY id LIMIT ?4", (max_type, max_message, after, limit))
+    rows: list[Row] = []
+    total = 0
+    size = FIRST_FETCH
+    while total < max_total:
+        chunk = cur.fetchmany(size)
+        if not chunk:
+            break
+        for rid, type_, message, type_len, message_len in chunk:
+            rows.append((rid, Oversized(type_len) if type_len > max_type else type_,
+                         Oversized(message_len) if message_len > max_message else message))
+            total += min(message_len, max_message) + 64
+        size = max(1, min(4096, (max_total - total) * len(rows) // max(total, 1)))
+    cur.close()
+    return rows
 
 
 def read_prefix(conn: sqlite3.Connection, row_id: int, column: str, size: int) -> bytes | None:

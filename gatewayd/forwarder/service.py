@@ -104,8 +104,6 @@ def _display(value: object) -> tuple[str | None, bytes | None]:
             return value.decode("utf-8", "backslashreplace"), value
     if value is None:
         return None, None
-    if isinstance(value, Oversized):
-        return f"<{value.length} bytes, not read>", None
     return repr(value), None
 
 
@@ -520,13 +518,11 @@ class Forwarder:
                 head = controller_store.read_prefix(ctrl, rid, "type", MAX_TYPE_BYTES)
             text = _display(head)[0]
             return self._dead(row, f"type is {type_len} bytes long, more than {MAX_TYPE_BYTES}",
-                              type_text=f"{text}…" if text is not None else None)
+                              f"{text}…" if text is not None else None, ctrl)
         if isinstance(message, Oversized):
-            with on(CONTROLLER):
-                head = controller_store.read_prefix(ctrl, rid, "message", RAW_KEEP_BYTES)
-            return DeadLetter(rid, _display(type_)[0], None,
-                              f"message is {message.length} bytes, more than the {self.max_message} a record "
-                              f"may have (the first {len(head or b'')} bytes are kept)", head, message.length)
+            return self._dead(row, f"message is {message.length} bytes, more than the {self.max_message} a "
+                              f"record may have (the first {min(message.length, RAW_KEEP_BYTES)} bytes are kept)",
+                              None, ctrl)
         name = type_name(type_)
         if len(self._type_names) >= 1000:
             self._type_names.clear()
@@ -540,11 +536,20 @@ class Forwarder:
         return rid, rec, name
 
     @staticmethod
-    def _dead(row: controller_store.Row, reason: str, type_text: str | None = None) -> DeadLetter:
-        message, raw = _display(row[2])
+    def _dead(row: controller_store.Row, reason: str, type_text: str | None = None,
+              ctrl: sqlite3.Connection | None = None) -> DeadLetter:
+        """The dead letter of a row: its reason, readable text, and the exact bytes when text cannot
+        hold them (the first RAW_KEEP_BYTES of a value too long to read whole)."""
+        rid, type_, message = row
         if type_text is None:
-            type_text = _display(row[1])[0]
-        return DeadLetter(row[0], type_text, message, reason, raw, len(raw) if raw is not None else None)
+            type_text = _display(type_)[0]
+        if isinstance(message, Oversized):
+            assert ctrl is not None
+            with on(CONTROLLER):
+                head = controller_store.read_prefix(ctrl, rid, "message", RAW_KEEP_BYTES)
+            return DeadLetter(rid, type_text, None, reason, head, message.length)
+        text, raw = _display(message)
+        return DeadLetter(rid, type_text, text, reason, raw, len(raw) if raw is not None else None)
 
     def _commit_archive(self, good: list[Good], bad: list[DeadLetter], last: int) -> None:
         archive = self.archive

@@ -10,11 +10,11 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any
 
 import pytest
 
 from tests.helpers.daemons import ROOT, Daemon, wait_for, write_config
+from tests.helpers.datapath import balanced, controller_db, controller_depth, counters, outbox_payloads, ro
 
 pytestmark = pytest.mark.integration
 
@@ -58,36 +58,6 @@ for i in range(n):
     time.sleep(0.01)
 print(json.dumps({"max_wait_ms": max(waits) * 1000, "n": len(waits)}))
 """
-
-
-def controller_db(base: Path) -> Path:
-    return base / "controller" / "communication_queue.db"
-
-
-def ro(path: Path) -> sqlite3.Connection:
-    return sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=10)
-
-
-def outbox_payloads(base: Path) -> list[dict[str, Any]]:
-    with ro(base / "state" / "queues.db") as c:
-        return [json.loads(p) for (p,) in c.execute("SELECT payload FROM outbox ORDER BY id")]
-
-
-def counters(base: Path) -> dict[str, int]:
-    with ro(base / "state" / "queues.db") as c:
-        return dict(c.execute("SELECT name, value FROM counters").fetchall())
-
-
-def controller_depth(base: Path) -> int:
-    path = controller_db(base)
-    if not path.exists():
-        return -1
-    with ro(path) as c:
-        return int(c.execute("SELECT count(*) FROM messages").fetchone()[0])
-
-
-def balanced(c: dict[str, int]) -> bool:
-    return c["ingested"] == c["delivered"] + c["queued"] + c["dead_lettered"] + c["dropped"]
 
 
 def run_controller(base: Path, total: int, per_tx: int = 100, pause: float = 0.0) -> subprocess.Popen[str]:

@@ -168,11 +168,9 @@ class Forwarder:
         self.cfg.ensure_dirs()
         self.headroom.low()  # a nearly full disk releases the reserve before anything is opened
         self.unclean = self.marker.arm() or self.unclean
-        with on(QUEUES):
-            self.q.open()
+        self.q.open()  # a failure here is the Runner's to classify and wait out
         if self.archive_enabled:
-            with on(ARCHIVE):
-                self.a.open()
+            self.a.open()
         if self.watch is None:
             try:
                 self.watch = DirectoryWatch(self.cfg.controller_data_dir)
@@ -219,7 +217,7 @@ class Forwarder:
         self.fault = text
         if key != self.fault_key:
             self.fault_key = key
-            log.log(level, "%s", text)
+            log.log(level, "%s; will retry", text)
             self.report_error(text)
 
     def _clear_fault(self) -> None:
@@ -252,8 +250,7 @@ class Forwarder:
             self.headroom.on_full()
         if f.where == CONTROLLER and code not in (SQLITE_BUSY, SQLITE_LOCKED) and not self.draining:
             self.c.close()  # reopened on the next attempt (a file can come back writable or replaced)
-        what = "a bug" if kind is Fault.BUG else "will retry"
-        self._set_fault((f.where, name), f"{f.where}: {describe(f.exc)} ({what})",
+        self._set_fault((f.where, name), f"{f.where}: {describe(f.exc)}",
                         logging.ERROR if kind is Fault.BUG else logging.WARNING)
         if kind is Fault.BUG:
             log.debug("traceback", exc_info=f.exc)
@@ -350,7 +347,7 @@ class Forwarder:
             return
         for r in self.check.results():
             if r.problem is None:
-                log.info("integrity check of %s: ok (%.1f s)", r.path, r.seconds)
+                log.info("integrity check of %s: ok (%.1f s in %d slices)", r.path, r.seconds, r.slices)
                 continue
             tracked = self.q if r.path == self.cfg.queues_db else self.a
             self._move_aside(tracked, r.problem)
@@ -452,13 +449,13 @@ class Forwarder:
         ctrl = self.c.conn
         assert ctrl is not None and self.q.conn is not None
         with on(CONTROLLER):
-            schema, rows = controller_store.read_batch(ctrl, self.mark, self.batch_size, MAX_TYPE_BYTES,
-                                                       self.max_message, BATCH_MAX_BYTES)
+            schema, rows = controller_store.read_batch(ctrl, self.mark, self.batch_size, self.max_message,
+                                                       BATCH_MAX_BYTES)
         if schema != self.schema and not self.draining:
             self._reconcile()
             with on(CONTROLLER):
-                schema, rows = controller_store.read_batch(ctrl, self.mark, self.batch_size, MAX_TYPE_BYTES,
-                                                           self.max_message, BATCH_MAX_BYTES)
+                schema, rows = controller_store.read_batch(ctrl, self.mark, self.batch_size, self.max_message,
+                                                           BATCH_MAX_BYTES)
         if not rows:
             return 0
         last = rows[-1][0]
@@ -514,8 +511,11 @@ class Forwarder:
         rid, type_, message = row
         type_len = type_.length if isinstance(type_, Oversized) else len(type_) if isinstance(type_, bytes) else 0
         if type_len > MAX_TYPE_BYTES:
-            with on(CONTROLLER):
-                head = controller_store.read_prefix(ctrl, rid, "type", MAX_TYPE_BYTES)
+            if isinstance(type_, bytes):
+                head: bytes | None = type_[:MAX_TYPE_BYTES]
+            else:
+                with on(CONTROLLER):
+                    head = controller_store.read_prefix(ctrl, rid, "type", MAX_TYPE_BYTES)
             text = _display(head)[0]
             return self._dead(row, f"type is {type_len} bytes long, more than {MAX_TYPE_BYTES}",
                               f"{text}…" if text is not None else None, ctrl)

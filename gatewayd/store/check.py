@@ -30,6 +30,7 @@ class Result:
     path: Path
     problem: str | None      # None: the file is sound
     seconds: float
+    slices: int              # how often the check paused (its cost, in units of STEPS_PER_SLICE)
 
 
 class UncleanMarker:
@@ -63,6 +64,7 @@ class BackgroundCheck:
         self._stop = threading.Event()
         self._lock = threading.Lock()
         self._results: list[Result] = []
+        self._slices = 0
         self._thread = threading.Thread(target=self._run, name="integrity-check", daemon=True)
 
     def start(self) -> BackgroundCheck:
@@ -88,10 +90,11 @@ class BackgroundCheck:
             if self._stop.is_set():
                 return
             t0 = time.monotonic()
+            self._slices = 0
             problem = self._check(path)
             if self._stop.is_set():
                 return
-            result = Result(path, problem, time.monotonic() - t0)
+            result = Result(path, problem, time.monotonic() - t0, self._slices)
             with self._lock:
                 self._results.append(result)
 
@@ -105,6 +108,7 @@ class BackgroundCheck:
             nonlocal slice_start
             if self._stop.is_set():
                 return 1  # interrupts the statement
+            self._slices += 1
             worked = time.monotonic() - slice_start
             time.sleep(worked * (1 - self.duty) / self.duty)
             slice_start = time.monotonic()

@@ -106,14 +106,15 @@ def has_rows_upto(conn: sqlite3.Connection, upto: int) -> bool:
     return conn.execute("SELECT 1 FROM messages WHERE id <= ? LIMIT 1", (upto,)).fetchone() is not None
 
 
-def read_batch(conn: sqlite3.Connection, after: int, limit: int, max_type: int, max_message: int,
+def read_batch(conn: sqlite3.Connection, after: int, limit: int, max_value: int,
                max_total: int) -> tuple[int, list[Row]]:
     """(schema version, rows with id > after in id order), read in one snapshot.
 
-    Values are read as stored (see `Row`). Memory stays bounded whatever the controller wrote:
-    the fast path reads with SQLite's length limit lowered so that `limit` rows fit in
-    `max_total` bytes; a batch holding a longer value is read again by the careful path, which
-    reads no value longer than its limit and stops after about `max_total` message bytes.
+    Values are read as stored (see `Row`); a value longer than `max_value` bytes is not read at
+    all (Oversized). Memory stays bounded whatever the controller wrote: the fast path reads
+    with SQLite's length limit lowered so that `limit` rows fit in `max_total` bytes; a batch
+    holding a longer value is read again by the careful path, which stops after about
+    `max_total` bytes.
     """
     factory = conn.text_factory
     conn.text_factory = bytes
@@ -122,11 +123,11 @@ def read_batch(conn: sqlite3.Connection, after: int, limit: int, max_type: int, 
         try:
             version = schema_version(conn)
             cap = max(4096, max_total // max(limit, 1))
-            if cap < max(max_type, max_message):
+            if cap < max_value:
                 rows = _read_fast(conn, after, limit, cap)
                 if rows is not None:
                     return version, rows
-            return version, _read_careful(conn, after, limit, max_type, max_message, max_total)
+            return version, _read_careful(conn, after, limit, max_value, max_total)
         finally:
             conn.execute("COMMIT")
     finally:
@@ -145,13 +146,12 @@ def _read_fast(conn: sqlite3.Connection, after: int, limit: int, cap: int) -> li
         conn.setlimit(sqlite3.SQLITE_LIMIT_LENGTH, default)
 
 
-def _read_careful(conn: sqlite3.Connection, after: int, limit: int, max_type: int, max_message: int,
-                  max_total: int) -> list[Row]:
+def _read_careful(conn: sqlite3.Connection, after: int, limit: int, max_value: int, max_total: int) -> list[Row]:
     cur = conn.execute(
         "SELECT id, CASE WHEN length(CAST(type AS BLOB)) <= ?1 THEN type END, "
-        "CASE WHEN length(CAST(message AS BLOB)) <= ?2 THEN message END, "
+        "CASE WHEN length(CAST(message AS BLOB)) <= ?1 THEN message END, "
         "coalesce(length(CAST(type AS BLOB)), 0), coalesce(length(CAST(message AS BLOB)), 0) "
-        "FROM messages WHERE id > ?3 ORDER BY id LIMIT ?4", (max_type, max_message, after, limit))
+        "FROM messages WHERE id > ?2 ORDER BY id LIMIT ?3", (max_value, after, limit))
     rows: list[Row] = []
     total = 0
     size = FIRST_FETCH
@@ -160,9 +160,9 @@ def _read_careful(conn: sqlite3.Connection, after: int, limit: int, max_type: in
         if not chunk:
             break
         for rid, type_, message, type_len, message_len in chunk:
-            rows.append((rid, Oversized(type_len) if type_len > max_type else type_,
-                         Oversized(message_len) if message_len > max_message else message))
-            total += min(message_len, max_message) + 64
+            rows.append((rid, Oversized(type_len) if type_len > max_value else type_,
+                         Oversized(message_len) if message_len > max_value else message))
+            total += min(type_len, max_value) + min(message_len, max_value) + 64
         size = max(1, min(4096, (max_total - total) * len(rows) // max(total, 1)))
     cur.close()
     return rows

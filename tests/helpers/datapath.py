@@ -212,7 +212,9 @@ def can_mount() -> bool:
 
 
 def _run(*argv: str) -> None:
-    subprocess.run(argv, check=True, capture_output=True, timeout=60)
+    r = subprocess.run(argv, capture_output=True, text=True, timeout=60)
+    if r.returncode:
+        raise RuntimeError(f"{' '.join(argv)}: exit {r.returncode}: {r.stderr.strip()}")
 
 
 @contextlib.contextmanager
@@ -256,6 +258,41 @@ def read_only(path: Path) -> Iterator[ReadOnly]:
         yield r
     finally:
         r.close()
+
+
+@contextlib.contextmanager
+def immutable(*paths: Path) -> Iterator[None]:
+    """`chattr +i` the files that exist: even open file descriptors can no longer write them
+    (a read-only remount is refused while a file is open for writing)."""
+    done: list[Path] = []
+    try:
+        for p in paths:
+            if p.exists():
+                _run("chattr", "+i", str(p))
+                done.append(p)
+        yield
+    finally:
+        for p in done:
+            subprocess.run(["chattr", "-i", str(p)], capture_output=True, timeout=60)
+
+
+def can_chattr(directory: Path) -> bool:
+    probe = directory / ".chattr-probe"
+    probe.touch()
+    try:
+        ok = subprocess.run(["chattr", "+i", str(probe)], capture_output=True, timeout=60).returncode == 0
+        subprocess.run(["chattr", "-i", str(probe)], capture_output=True, timeout=60)
+        return ok
+    except OSError:
+        return False
+    finally:
+        probe.unlink()
+
+
+def sidecars(db: Path) -> list[Path]:
+    """A database file and its -wal: what a writer writes. (The -shm is memory-mapped: an
+    immutable one turns a write into SIGBUS, which no real fault does.)"""
+    return [db, Path(str(db) + "-wal")]
 
 
 def fill(directory: Path, name: str = "filler") -> Path:

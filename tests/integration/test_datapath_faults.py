@@ -13,7 +13,7 @@ import os
 import signal
 import sqlite3
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -39,14 +39,6 @@ from tests.helpers.datapath import (
 
 pytestmark = pytest.mark.integration
 needs_root = pytest.mark.skipif(not can_mount(), reason="needs root to mount file systems")
-
-
-@pytest.fixture
-def daemons() -> Iterator[list[Daemon]]:
-    started: list[Daemon] = []
-    yield started
-    for d in started:
-        d.stop()
 
 
 def forwarder(base: Path, daemons: list[Daemon], **sections: dict[str, object]) -> Daemon:
@@ -94,13 +86,17 @@ def test_controller_transaction_open_while_the_forwarder_starts(tmp_path: Path, 
 
 
 @contextlib.contextmanager
-def paused(fwd: Daemon) -> Iterator[None]:
-    """SIGSTOP the daemon, so that what happens meanwhile is waiting for it when it goes on."""
-    os.kill(fwd.pid, signal.SIGSTOP)
-    try:
+def frozen_after(fwd: Daemon, write: Callable[[], object], files: list[Path]) -> Iterator[None]:
+    """With the daemon stopped (SIGSTOP), let the controller write, then make `files` immutable
+    and let the daemon go on: it finds the new rows and a file it can no longer write."""
+    with contextlib.ExitStack() as frozen:
+        os.kill(fwd.pid, signal.SIGSTOP)
+        try:
+            write()
+            frozen.enter_context(immutable(*files))
+        finally:
+            os.kill(fwd.pid, signal.SIGCONT)
         yield
-    finally:
-        os.kill(fwd.pid, signal.SIGCONT)
 
 
 @needs_root
@@ -123,10 +119,7 @@ def test_read_only_controller_file(tmp_path: Path, daemons: list[Daemon]) -> Non
         pytest.skip("the file system has no immutable flag")
     # Read-only while running: the rows are moved but cannot be deleted yet; none moves twice.
     with writer(controller_db(tmp_path)) as w:
-        with contextlib.ExitStack() as frozen:
-            with paused(fwd):
-                w.records(range(50, 90))
-                frozen.enter_context(immutable(*sidecars(controller_db(tmp_path))))
+        with frozen_after(fwd, lambda: w.records(range(50, 90)), sidecars(controller_db(tmp_path))):
             wait_for(lambda: "controller database" in fault_of(tmp_path), 30, what="the fault in gatewayctl status")
             wait_for(lambda: len(outbox_seqs(tmp_path)) == 90, 30, what="rows moved")
             time.sleep(1)
@@ -157,10 +150,7 @@ def test_queues_db_that_cannot_be_written(tmp_path: Path, daemons: list[Daemon])
     if not can_chattr(tmp_path):
         pytest.skip("the file system has no immutable flag")
     with writer(controller_db(tmp_path)) as w:
-        with contextlib.ExitStack() as frozen:
-            with paused(fwd):
-                w.records(range(100, 300))
-                frozen.enter_context(immutable(*sidecars(state / "queues.db")))
+        with frozen_after(fwd, lambda: w.records(range(100, 300)), sidecars(state / "queues.db")):
             wait_for(lambda: "queues.db" in fault_of(tmp_path), 30, what="the fault in gatewayctl status")
             time.sleep(2)
             assert fwd.proc is not None and fwd.proc.poll() is None   # still up

@@ -5,7 +5,6 @@ finds is moved aside while the forwarder carries on."""
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -18,14 +17,6 @@ from tests.helpers.daemons import Daemon, wait_for, write_config
 from tests.helpers.datapath import balanced, controller_db, counters, moved_aside, outbox_seqs, writer
 
 pytestmark = pytest.mark.integration
-
-
-@pytest.fixture
-def daemons() -> Iterator[list[Daemon]]:
-    started: list[Daemon] = []
-    yield started
-    for d in started:
-        d.stop()
 
 
 def big_archive(path: Path, rows: int) -> int:

@@ -66,14 +66,6 @@ def run_controller(base: Path, total: int, per_tx: int = 100, pause: float = 0.0
                              str(per_tx), str(pause)], stdout=subprocess.PIPE, text=True)
 
 
-@pytest.fixture
-def daemons():
-    started: list[Daemon] = []
-    yield started
-    for d in started:
-        d.stop()
-
-
 def test_seed_controller_works_unchanged(tmp_path: Path, daemons: list[Daemon]) -> None:
     # The controller creates its tables first, as the seed gateway's controllers do.
     ctrl = run_controller(tmp_path, 500, per_tx=50, pause=0.01)

@@ -248,8 +248,13 @@ class Forwarder:
             return True, self._retry_later(now)
         if code == SQLITE_FULL or (isinstance(f.exc, OSError) and f.exc.errno == 28):
             self.headroom.on_full()
-        if f.where == CONTROLLER and code not in (SQLITE_BUSY, SQLITE_LOCKED) and not self.draining:
-            self.c.close()  # reopened on the next attempt (a file can come back writable or replaced)
+        # Reopen on the next attempt, except while merely waiting for a lock or for space: a file
+        # opened read-only stays read-only, and one that came back may be another file.
+        if code not in (SQLITE_BUSY, SQLITE_LOCKED, SQLITE_FULL):
+            if f.where == CONTROLLER and not self.draining:
+                self.c.close()
+            elif f.where in (QUEUES, ARCHIVE):
+                (self.q if f.where == QUEUES else self.a).close()
         self._set_fault((f.where, name), f"{f.where}: {describe(f.exc)}",
                         logging.ERROR if kind is Fault.BUG else logging.WARNING)
         if kind is Fault.BUG:

@@ -281,3 +281,26 @@ def test_queues_db_replaced_under_the_forwarder(tmp_path: Path, daemons: list[Da
         wait_for(lambda: outbox_seqs(tmp_path) == list(range(10, 20)), 30, what="rows in the new queues.db")
     code, st = status_json(tmp_path / "gatewayd.toml")
     assert st["stale_queues_db"] == []
+
+
+def test_replaced_controller_file_is_drained_before_switching(tmp_path: Path, daemons: list[Daemon]) -> None:
+    fwd = forwarder(tmp_path, daemons)
+    fwd.start()
+    db = controller_db(tmp_path)
+    with writer(db) as w:
+        w.records(range(0, 50))
+        all_arrived(tmp_path, 50)
+        os.kill(fwd.pid, signal.SIGSTOP)
+        try:
+            w.records(range(50, 80))         # committed to the old file, not yet moved
+        finally:
+            w.close()
+            for suffix in ("", "-wal", "-shm"):
+                if Path(str(db) + suffix).exists():
+                    os.replace(str(db) + suffix, str(tmp_path / "controller" / "old.db") + suffix)
+            with writer(db) as new:          # a new file at the same path, ids from 1 again
+                new.records(range(80, 100))
+            os.kill(fwd.pid, signal.SIGCONT)
+    all_arrived(tmp_path, 100)
+    log = fwd.log()
+    assert log.index("moving what the old file still holds") < log.index("drained; switching")

@@ -10,6 +10,7 @@ import copy
 import json
 import os
 import re
+import shlex
 import socket
 import tomllib
 from collections.abc import Callable, Mapping
@@ -17,9 +18,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from gatewayd.redact import MASK, redact
+
 DEFAULT_CONFIG_PATH = "/etc/gatewayd/gatewayd.toml"
 EX_CONFIG = 78
-MASK = "********"
 
 
 class ConfigError(Exception):
@@ -62,11 +64,56 @@ def _str_list(v: list[Any]) -> str | None:
     return None if all(isinstance(x, str) for x in v) else "must be a list of strings"
 
 
+def _env_table(v: dict[str, Any]) -> str | None:
+    bad = sorted(str(k) for k, x in v.items() if not isinstance(x, (str, int, float, bool)))
+    return None if not bad else "values must be strings, numbers or booleans (not: " + ", ".join(bad) + ")"
+
+
+def _command_patterns(v: list[Any]) -> str | None:
+    """`run_command_allow`: each entry a command line (program, then argument patterns; `**` last)."""
+    if not all(isinstance(x, str) for x in v):
+        return "must be a list of strings"
+    for entry in v:
+        try:
+            tokens = shlex.split(entry)
+        except ValueError as e:
+            return f"entry {entry!r} cannot be parsed: {e}"
+        if not tokens or "*" in tokens[0] or "?" in tokens[0] or "[" in tokens[0]:
+            return f"entry {entry!r} must start with a program name or path (no wildcards)"
+        if "**" in tokens[1:-1]:
+            return f"entry {entry!r}: '**' (any further arguments) may only be the last word"
+    return None
+
+
+def _str_dict(v: dict[str, Any]) -> str | None:
+    return None if all(isinstance(x, str) for x in v.values()) else "values must be strings"
+
+
 def _min(n: int) -> Callable[[Any], str | None]:
     def check(v: Any) -> str | None:
         return None if v >= n else f"must be at least {n}"
 
     return check
+
+
+def _range(lo: int, hi: int) -> Callable[[Any], str | None]:
+    def check(v: Any) -> str | None:
+        return None if lo <= v <= hi else f"must be between {lo} and {hi}"
+
+    return check
+
+
+def _non_empty(v: str) -> str | None:
+    return None if v.strip() else "must not be empty"
+
+
+def _listen_address(v: str) -> str | None:
+    if not v:
+        return None
+    host, sep, port = v.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 1 <= int(port) <= 65535:
+        return "must be HOST:PORT (port 1-65535), or empty"
+    return None
 
 
 MIB = 1024 * 1024
@@ -78,7 +125,7 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "tls": Key(bool, False),
         "ca_cert": Key(str, ""),
         "client_cert": Key(str, "", doc="X.509 device certificate (PEM)"),
-        "client_key": Key(str, "", secret=True),
+        "client_key": Key(str, "", doc="its private key (PEM); the path is shown, the file is never read into output"),
         "access_token": Key(str, "", secret=True),
         "device_name": Key(str, ""),
         "provision_device_key": Key(str, "", secret=True),
@@ -106,7 +153,7 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "repository": Key(str, "", doc="local git repository built with docker build"),
         "dockerfile": Key(str, "Dockerfile"),
         "command": Key(list, [], _str_list),
-        "environment": Key(dict, {}),
+        "environment": Key(dict, {}, _env_table, doc="values are treated as secrets: masked wherever shown"),
         "mounts": Key(list, [], _str_list),
         "network_mode": Key(str, "host"),
         "data_mount_target": Key(str, "/data"),
@@ -154,7 +201,11 @@ SCHEMA: dict[str, dict[str, Key]] = {
     },
     "supervisor": {
         "telemetry_interval_s": Key((int, float), 20.0, _positive),
-        "run_command_allow": Key(list, [], _str_list, doc="argv[0] allowed for run_command"),
+        "run_command_allow": Key(list, [], _command_patterns,
+                                 doc="command lines run_command may run: program, then argument patterns "
+                                     "(* ? [..] within one argument; a last '**' allows any further arguments)"),
+        "run_command_environment": Key(dict, {}, _str_dict, secret=True,
+                                       doc="variables added to run_command's minimal environment (PATH, LANG)"),
         "run_command_timeout_s": Key((int, float), 30.0, _positive),
         # additions for the supervisor (issue 5)
         "run_command_max_output_bytes": Key(int, 16384, _min(256)),
@@ -171,11 +222,58 @@ SCHEMA: dict[str, dict[str, Key]] = {
     "files": {
         "allowed_roots": Key(list, [], _str_list, doc="default: the controller data directory"),
         "check_interval_s": Key((int, float), 10.0, _positive, doc="change detection of managed files"),
+        "max_file_bytes": Key(int, 16 * MIB, _min(1),
+                              doc="managed files larger than this are refused (never read nor hashed)"),
+        "path_variables": Key(dict, {}, _str_dict,
+                              doc="${NAME} in FILES paths: only these names (and CONTROLLER_DATA_DIR); "
+                                  "the environment is never used"),
     },
     "logging": {
         "level": Key(str, "info", _one_of("debug", "info", "warning", "error")),
     },
+    # `gatewayd ingest` (issue 12): each adapter is off while its address is empty.
+    "ingest": {
+        "max_queue_rows": Key(int, 1_000_000, _min(1),
+                              doc="controller queue depth above which ingest stops accepting (HTTP 503)"),
+        "stall_timeout_s": Key((int, float), 60.0, _positive,
+                               doc="commits failing this long stop the watchdog pings"),
+    },
+    "ingest.mqtt": {
+        "host": Key(str, "", doc="the local broker; empty: MQTT ingest off"),
+        "port": Key(int, 1883, _port),
+        "username": Key(str, ""),
+        "password": Key(str, "", secret=True),
+        "client_id": Key(str, "gatewayd-ingest", _non_empty, doc="fixed: the broker keeps its session"),
+        "mqtt_version": Key(str, "5", _one_of("3.1.1", "5")),
+        "topics": Key(list, ["v1/devices/me/telemetry"], _str_list, doc="telemetry, device format"),
+        "attribute_topics": Key(list, ["v1/devices/me/attributes"], _str_list,
+                                doc="client attributes, device format"),
+        "gateway_topics": Key(list, ["v1/gateway/telemetry"], _str_list, doc="telemetry, gateway format"),
+        "gateway_attribute_topics": Key(list, ["v1/gateway/attributes"], _str_list,
+                                        doc="client attributes, gateway format"),
+        "receive_maximum": Key(int, 1000, _range(1, 65535), doc="MQTT 5: unacknowledged messages in flight"),
+        "session_expiry_s": Key(int, 604800, _range(1, 0xFFFFFFFF),
+                                doc="MQTT 5: how long the broker keeps the session while ingest is away"),
+        "keepalive_s": Key(int, 30, _min(5)),
+        "reconnect_max_s": Key((int, float), 5.0, _positive),
+    },
+    "ingest.http": {
+        "listen": Key(str, "", _listen_address, doc="HOST:PORT; empty: HTTP ingest off"),
+        "max_body_bytes": Key(int, MIB, _min(256)),
+        "bearer_token": Key(str, "", secret=True, doc="empty: no Authorization required"),
+        "max_connections": Key(int, 32, _min(1)),
+        "request_timeout_s": Key((int, float), 10.0, _positive,
+                                 doc="longest a request may take to arrive, body included"),
+    },
+    "ingest.spool": {
+        "directory": Key(str, "", doc="*.json / *.jsonl files renamed in; empty: spool ingest off"),
+        "settle_s": Key((int, float), 2.0, _non_negative,
+                        doc="a file found without a close/rename event must be unchanged this long"),
+        "max_file_bytes": Key(int, 64 * MIB, _min(1024), doc="a larger .json file is renamed *.rejected"),
+    },
 }
+
+INGEST_TOPIC_KEYS = ("topics", "attribute_topics", "gateway_topics", "gateway_attribute_topics")
 
 ENV_OVERRIDES: dict[str, tuple[str, str]] = {
     "THINGSBOARD_HOST": ("thingsboard", "host"),
@@ -187,6 +285,9 @@ ENV_OVERRIDES: dict[str, tuple[str, str]] = {
     "THINGSBOARD_CA_CERT": ("thingsboard", "ca_cert"),
     "GATEWAYD_STATE_DIR": ("paths", "state_dir"),
 }
+
+# Environment variable names whose values are masked in any text, not only in printed configs.
+SECRET_NAME = re.compile(r"PASS|PWD|SECRET|TOKEN|KEY|CRED|AUTH|PRIVATE|SALT|COOKIE|SESSION|DSN", re.IGNORECASE)
 
 _VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 
@@ -237,18 +338,49 @@ class Config:
         roots = self.data["files"]["allowed_roots"] or [str(self.controller_data_dir)]
         return [Path(r) for r in roots]
 
+    def secret_values(self) -> list[str]:
+        """Configured values to mask wherever they appear: the secret keys, and the controller
+        environment values whose names look secret (all of them would mask words like "info")."""
+        out = [self.data[s][n] for s, keys in SCHEMA.items() for n, k in keys.items()
+               if k.secret and isinstance(self.data[s][n], str) and self.data[s][n]]
+        tables = [self.data["controller"]["environment"]]
+        tables.extend(self.data[s][n] for s, keys in SCHEMA.items() for n, k in keys.items()
+                      if k.secret and isinstance(self.data[s][n], dict))
+        out.extend(str(v) for table in tables for k, v in table.items() if SECRET_NAME.search(k))
+        return out
+
     def masked(self) -> dict[str, dict[str, Any]]:
-        """A copy safe to print or ship in a support bundle."""
+        """A copy safe to print or ship in a support bundle: secrets and URL passwords masked."""
         out = copy.deepcopy(self.data)
         for section, keys in SCHEMA.items():
             for name, key in keys.items():
-                if key.secret and out[section].get(name):
+                value = out[section].get(name)
+                if key.secret and isinstance(value, dict):
+                    out[section][name] = {k: MASK for k in value}
+                elif key.secret and value:
                     out[section][name] = MASK
-        return out
+        out["controller"]["environment"] = {k: MASK for k in out["controller"]["environment"]}
+        return {s: {k: _map_strings(v, redact) for k, v in keys.items()} for s, keys in out.items()}
+
+    def ingest_adapters(self) -> list[str]:
+        """The ingest adapters switched on (an address set); none: `gatewayd ingest` has nothing to do."""
+        on = {"mqtt": self.data["ingest.mqtt"]["host"], "http": self.data["ingest.http"]["listen"],
+              "spool": self.data["ingest.spool"]["directory"]}
+        return [name for name, address in on.items() if address]
 
     def ensure_dirs(self) -> None:
         for d in (self.state_dir, self.runtime_dir, self.controller_data_dir):
             d.mkdir(parents=True, exist_ok=True)
+
+
+def _map_strings(value: Any, fn: Callable[[str], str]) -> Any:
+    if isinstance(value, str):
+        return fn(value)
+    if isinstance(value, list):
+        return [_map_strings(v, fn) for v in value]
+    if isinstance(value, dict):
+        return {k: _map_strings(v, fn) for k, v in value.items()}
+    return value
 
 
 def _expand(value: Any, env: Mapping[str, str], where: str, problems: list[str]) -> Any:
@@ -343,7 +475,9 @@ def load(path: str | Path | None = None, env: Mapping[str, str] | None = None) -
 
     data: dict[str, dict[str, Any]] = {}
     for section, keys in SCHEMA.items():
-        given = merged.get(section, {})
+        given: Any = merged
+        for part in section.split("."):  # "ingest.mqtt" is the TOML table [ingest.mqtt]
+            given = given.get(part, {}) if isinstance(given, dict) else None
         if not isinstance(given, dict):
             problems.append(f"[{section}]: must be a table")
             given = {}
@@ -351,6 +485,8 @@ def load(path: str | Path | None = None, env: Mapping[str, str] | None = None) -
         for name, key in keys.items():
             data[section][name] = copy.deepcopy(key.default)
         for name, value in given.items():
+            if f"{section}.{name}" in SCHEMA:
+                continue
             if name not in keys:
                 warnings.append(f"[{section}] {name}: unknown key, ignored")
                 continue
@@ -373,16 +509,16 @@ def load(path: str | Path | None = None, env: Mapping[str, str] | None = None) -
     for section, keys in SCHEMA.items():
         for name, key in keys.items():
             value = data[section][name]
+            shown = MASK if key.secret or (section, name) == ("controller", "environment") else repr(value)
             if not _check_type(value, key):
-                problems.append(
-                    f"[{section}] {name} = {value!r}: must be {_type_name(key.type)}")
+                problems.append(f"[{section}] {name} = {shown}: must be {_type_name(key.type)}")
                 continue
             if isinstance(key.type, tuple) and float in key.type:
                 data[section][name] = value = float(value)
             if key.check is not None:
                 msg = key.check(value)
                 if msg:
-                    problems.append(f"[{section}] {name} = {value!r}: {msg}")
+                    problems.append(f"[{section}] {name} = {shown}: {msg}")
 
     tb = data["thingsboard"]
     if isinstance(tb.get("host"), str) and not tb["host"].strip():
@@ -399,6 +535,13 @@ def load(path: str | Path | None = None, env: Mapping[str, str] | None = None) -
         p = data["paths"].get(name)
         if isinstance(p, str) and not os.path.isabs(p):
             problems.append(f"[paths] {name} = {p!r}: must be an absolute path")
+
+    mq = data["ingest.mqtt"]
+    if mq.get("host") and not any(mq.get(k) for k in INGEST_TOPIC_KEYS):
+        problems.append("[ingest.mqtt] topics: with a host set, at least one topic list must be non-empty")
+    spool = data["ingest.spool"].get("directory")
+    if isinstance(spool, str) and spool and not os.path.isabs(spool):
+        problems.append(f"[ingest.spool] directory = {spool!r}: must be an absolute path")
 
     if problems:
         raise ConfigError(problems)

@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from gatewayd import redact
 from gatewayd.config import EX_CONFIG, Config, ConfigError, load
 from gatewayd.daemon import read_runtime_status
 from gatewayd.store import controller as controller_store
@@ -20,10 +21,15 @@ from gatewayd.store import queues
 from gatewayd.store.db import corrupt_copies, file_identity, now_ms, open_readonly
 from gatewayd.store.errors import describe
 
-DAEMONS = ("bridge", "forwarder", "supervisor")
+DAEMONS = ("bridge", "forwarder", "supervisor", "ingest")
 HEARTBEAT_MAX_AGE_S = 180.0
 
 EXIT_OK, EXIT_DEGRADED, EXIT_UNREADABLE = 0, 1, 2
+
+
+def _json(obj: Any) -> str:
+    """JSON for output, registered secrets masked in every string (the JSON stays valid)."""
+    return json.dumps(redact.redact_obj(obj), indent=2)
 
 
 def _systemd_running() -> bool:
@@ -122,6 +128,7 @@ def collect(cfg: Config) -> dict[str, Any]:
         "ledger": ledger,
         "archive": {"bytes": archive_bytes},
         "controller": controller,
+        "ingest": {"adapters": cfg.ingest_adapters()},
         "errors": {d: queues.last_error(state, d) for d in DAEMONS},
         "corrupt_files": corrupt_copies(cfg.state_dir, cfg.controller_data_dir),
         **daemon_faults(cfg),
@@ -129,7 +136,9 @@ def collect(cfg: Config) -> dict[str, Any]:
 
 
 def degraded_reasons(st: dict[str, Any]) -> list[str]:
-    reasons = [f"{d} is {s}" for d, s in st["units"].items() if s != "active"]
+    # gatewayd-ingest is meant to be inactive while no adapter is configured.
+    wanted = {d for d in st["units"] if d != "ingest" or st.get("ingest", {}).get("adapters")}
+    reasons = [f"{d} is {s}" for d, s in st["units"].items() if s != "active" and d in wanted]
     if not st["mqtt"]["connected"]:
         reasons.append("MQTT disconnected" + (f" ({st['mqtt']['last_error']})" if st["mqtt"]["last_error"] else ""))
     if st["queues"]["dead_letters"]:
@@ -188,14 +197,53 @@ def cmd_status(cfg: Config, args: argparse.Namespace) -> int:
                 if fault:
                     print(f"gatewayctl: {d}: {fault}", file=sys.stderr)
         return EXIT_UNREADABLE
+    st = redact.redact_obj(st)
     reasons = degraded_reasons(st)
     st["healthy"] = not reasons
     st["degraded_reasons"] = reasons
     if args.json:
-        print(json.dumps(st, indent=2))
+        print(_json(st))
     else:
         _print_status(st, reasons)
     return EXIT_OK if not reasons else EXIT_DEGRADED
+
+
+def act_as_state_owner(cfg: Config) -> None:
+    """Run as root, become the owner of the state directory before writing under it.
+
+    The daemons run as that user (gatewayd); a database or directory root created there
+    would be one they cannot write. Like `sudo -u gatewayd`, and said on stderr. A state
+    directory owned by root (daemons running as root) needs nothing.
+    """
+    if os.geteuid() != 0:
+        return
+    import pwd
+
+    for d in (cfg.state_dir, cfg.controller_data_dir):
+        try:
+            st = os.stat(d)
+        except OSError:
+            continue
+        uid, gid, why = st.st_uid, st.st_gid, f"the owner of {d}"
+        break
+    else:
+        try:
+            pw = pwd.getpwnam("gatewayd")
+        except KeyError:
+            return
+        uid, gid, why = pw.pw_uid, pw.pw_gid, f"the daemons' user ({cfg.state_dir} does not exist yet)"
+    if uid == 0:
+        return
+    try:
+        name = pwd.getpwuid(uid).pw_name
+        os.initgroups(name, gid)
+    except KeyError:
+        name = str(uid)
+        os.setgroups([])
+    os.setgid(gid)
+    os.setuid(uid)
+    print(f"gatewayctl: running as root: acting as user {name} (uid {uid}), {why}, so that the daemons "
+          "can write what it creates", file=sys.stderr)
 
 
 def cmd_send(cfg: Config, args: argparse.Namespace) -> int:
@@ -224,11 +272,11 @@ def cmd_check(cfg: Config, args: argparse.Namespace) -> int:
 
     results = diagnostics.run_all(cfg)
     if args.json:
-        print(json.dumps(diagnostics.as_dicts(results), indent=2))
+        print(_json(diagnostics.as_dicts(results)))
     else:
         marks = {diagnostics.OK: " ok ", diagnostics.WARN: "warn", diagnostics.FAIL: "FAIL"}
         for r in results:
-            print(f"[{marks[r.outcome]}] {r.name}: {r.detail}")
+            print(redact.redact(f"[{marks[r.outcome]}] {r.name}: {r.detail}"))
     return 1 if any(r.outcome == diagnostics.FAIL for r in results) else 0
 
 
@@ -266,22 +314,22 @@ def cmd_support_bundle(cfg: Config, args: argparse.Namespace) -> int:
     out = Path(args.output or f"gatewayd-support-{platform.node()}-{time.strftime('%Y%m%dT%H%M%S')}.tar.gz")
     files: dict[str, str] = {}
     try:
-        files["status.json"] = json.dumps(collect(cfg), indent=2)
+        files["status.json"] = _json(collect(cfg))
     except (sqlite3.Error, OSError) as e:
-        files["status.json"] = json.dumps({"error": f"cannot read gateway state: {e}"})
+        files["status.json"] = _json({"error": f"cannot read gateway state: {e}"})
     files["config.toml"] = f"# sources: {', '.join(cfg.sources)}\n" + render_toml(cfg.masked())
-    files["check.json"] = json.dumps(diagnostics.as_dicts(diagnostics.run_all(cfg)), indent=2)
+    files["check.json"] = _json(diagnostics.as_dicts(diagnostics.run_all(cfg)))
     files["journal.txt"] = _journal(args.journal_lines)
     try:
-        files["dead_letters.json"] = json.dumps(_dead_letter_sample(cfg), indent=2)
+        files["dead_letters.json"] = _json(_dead_letter_sample(cfg))
     except sqlite3.Error as e:
-        files["dead_letters.json"] = json.dumps({"error": str(e)})
+        files["dead_letters.json"] = _json({"error": str(e)})
     files["version.txt"] = (f"gatewayd {__version__}\npython {platform.python_version()}\n"
                             f"platform {platform.platform()}\n")
     stamp = time.time()
     with tarfile.open(out, "w:gz") as tar:
         for name, text in files.items():
-            data = text.encode()
+            data = (text if name.endswith(".json") else redact.redact(text)).encode()
             info = tarfile.TarInfo(f"gatewayd-support/{name}")
             info.size, info.mtime, info.mode = len(data), int(stamp), 0o600
             tar.addfile(info, io.BytesIO(data))
@@ -301,7 +349,7 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--type", default="telemetry", choices=["telemetry", "attributes"])
     s.add_argument("json_text", metavar="JSON",
                    help='{"ts": ms, "values": {...}}, or a bare object of values stamped with the current time')
-    s.set_defaults(func=cmd_send)
+    s.set_defaults(func=cmd_send, writes_state=True)
     s = sub.add_parser("check", help="diagnostics: config, broker, TLS, credentials, Docker, disk, clock, journal")
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=cmd_check)
@@ -322,6 +370,9 @@ def main(argv: list[str] | None = None) -> int:
         for line in e.problems:
             print(f"gatewayctl: config: {line}", file=sys.stderr)
         return EX_CONFIG
+    redact.register_config(cfg)
+    if getattr(args, "writes_state", False):
+        act_as_state_owner(cfg)
     return int(args.func(cfg, args))
 
 

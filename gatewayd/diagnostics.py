@@ -5,6 +5,7 @@ Each check returns a Result; none of them changes anything on the device.
 
 from __future__ import annotations
 
+import calendar
 import json
 import os
 import shutil
@@ -38,12 +39,108 @@ def check_config(cfg: Config) -> Result:
     return Result("config", OK, detail)
 
 
-def _tls_context(cfg: Config) -> ssl.SSLContext:
+def _tls_context(cfg: Config, verify: bool = True) -> ssl.SSLContext:
     tb = cfg["thingsboard"]
-    ctx = ssl.create_default_context(cafile=tb["ca_cert"] or None)
+    if verify:
+        ctx = ssl.create_default_context(cafile=tb["ca_cert"] or None)
+    else:  # only to read the certificate of a server that failed verification
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        ctx.check_hostname = False
+        ctx.verify_mode = ssl.CERT_NONE
     if tb["client_cert"]:
         ctx.load_cert_chain(tb["client_cert"], tb["client_key"] or None)
     return ctx
+
+
+def _der_item(der: bytes, pos: int) -> tuple[int, int, int]:
+    """(tag, start, end) of the content of the DER element at `pos`; ValueError when malformed."""
+    if pos + 2 > len(der):
+        raise ValueError("truncated certificate")
+    tag, length = der[pos], der[pos + 1]
+    pos += 2
+    if length & 0x80:
+        n = length & 0x7F
+        if not 1 <= n <= 4 or pos + n > len(der):
+            raise ValueError("bad length in certificate")
+        length = int.from_bytes(der[pos:pos + n], "big")
+        pos += n
+    if pos + length > len(der):
+        raise ValueError("truncated certificate")
+    return tag, pos, pos + length
+
+
+def _der_time(der: bytes, pos: int) -> tuple[float, int]:
+    tag, start, end = _der_item(der, pos)
+    text = der[start:end].decode("ascii", "replace")
+    if tag == 0x17:  # UTCTime: YYMMDDHHMMSSZ, years 1950-2049
+        fmt, text = "%Y%m%d%H%M%SZ", ("19" if int(text[:2] or 0) >= 50 else "20") + text
+    elif tag == 0x18:
+        fmt = "%Y%m%d%H%M%SZ"
+    else:
+        raise ValueError("certificate validity is not a time")
+    try:
+        when = calendar.timegm(time.strptime(text, fmt))
+    except ValueError:
+        raise ValueError(f"certificate time {text!r} not understood") from None
+    return float(when), end
+
+
+def cert_validity(der: bytes) -> tuple[float, float]:
+    """(notBefore, notAfter) in epoch seconds of a DER X.509 certificate (no dependency beyond
+    the standard library: Debian's python3-ssl exposes no parser for a local certificate)."""
+    tag, pos, _ = _der_item(der, 0)
+    if tag != 0x30:
+        raise ValueError("not a certificate")
+    tag, pos, _ = _der_item(der, pos)
+    if tag != 0x30:
+        raise ValueError("not a certificate")
+    tag, _, end = _der_item(der, pos)
+    if tag == 0xA0:  # [0] version
+        pos = end
+    for _ in range(3):  # serialNumber, signature, issuer
+        _, _, pos = _der_item(der, pos)
+    tag, pos, _ = _der_item(der, pos)
+    if tag != 0x30:
+        raise ValueError("certificate has no validity")
+    not_before, pos = _der_time(der, pos)
+    not_after, _ = _der_time(der, pos)
+    return not_before, not_after
+
+
+def pem_certificate(path: str) -> bytes:
+    """The first certificate of a PEM file, as DER (only certificates are read: never a key)."""
+    with open(path, encoding="ascii", errors="replace") as f:
+        text = f.read(1024 * 1024)
+    begin, end = "-----BEGIN CERTIFICATE-----", "-----END CERTIFICATE-----"
+    i = text.find(begin)
+    j = text.find(end, i)
+    if i < 0 or j < 0:
+        raise ValueError("no PEM certificate in it")
+    return ssl.PEM_cert_to_DER_cert(text[i:j + len(end)])
+
+
+def _expiry(der: bytes, what: str) -> Result:
+    """OK, WARN (under CERT_WARN_DAYS) or FAIL (expired or not yet valid), with days to expiry."""
+    not_before, not_after = cert_validity(der)
+    now = time.time()
+    days = (not_after - now) / 86400
+    date = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(not_after))
+    if days < 0:
+        return Result(what, FAIL, f"expired {date} ({-days:.0f} days ago)")
+    if now < not_before:
+        start = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(not_before))
+        return Result(what, FAIL, f"not valid before {start} (is the clock right?); expires {date}")
+    return Result(what, WARN if days < CERT_WARN_DAYS else OK, f"expires {date} ({days:.0f} days)")
+
+
+def _unverified_server_cert(cfg: Config, timeout: float) -> bytes | None:
+    tb = cfg["thingsboard"]
+    try:
+        with socket.create_connection((tb["host"], tb["port"]), timeout=timeout) as sock, \
+                _tls_context(cfg, verify=False).wrap_socket(sock, server_hostname=tb["host"]) as tls:
+            return tls.getpeercert(binary_form=True)
+    except (ssl.SSLError, OSError, ValueError):
+        return None
 
 
 def check_broker(cfg: Config, timeout: float = 5.0) -> list[Result]:
@@ -60,19 +157,44 @@ def check_broker(cfg: Config, timeout: float = 5.0) -> list[Result]:
         return results
     try:
         with _tls_context(cfg).wrap_socket(sock, server_hostname=tb["host"]) as tls:
-            cert = tls.getpeercert() or {}
+            der = tls.getpeercert(binary_form=True)
     except (ssl.SSLError, OSError) as e:
         sock.close()
-        results.append(Result("tls certificate", FAIL, f"{where}: {e}"))
+        why = f"certificate verify failed: {e.verify_message}" if isinstance(e, ssl.SSLCertVerificationError) else e
+        detail = f"{where}: {why}"
+        seen = _unverified_server_cert(cfg, timeout)
+        if seen is not None:
+            try:
+                detail += f"; its certificate {_expiry(seen, '').detail}"
+            except ValueError:
+                pass
+        results.append(Result("tls certificate", FAIL, detail))
         return results
-    not_after = cert.get("notAfter")
-    if not isinstance(not_after, str):
-        results.append(Result("tls certificate", WARN, "server certificate has no expiry date"))
+    if not der:
+        results.append(Result("tls certificate", WARN, "the server sent no certificate"))
         return results
-    days = (ssl.cert_time_to_seconds(not_after) - time.time()) / 86400
-    outcome = FAIL if days < 0 else WARN if days < CERT_WARN_DAYS else OK
-    results.append(Result("tls certificate", outcome, f"valid, expires {not_after} ({days:.0f} days)"))
+    try:
+        r = _expiry(der, "tls certificate")
+    except ValueError as e:
+        r = Result("tls certificate", WARN, f"verified, but its validity is unreadable: {e}")
+    results.append(Result(r.name, r.outcome, f"verified for {tb['host']}, {r.detail}"))
     return results
+
+
+def check_client_certificate(cfg: Config) -> list[Result]:
+    """The X.509 device certificate: readable, matching its key, days to expiry."""
+    tb = cfg["thingsboard"]
+    if not tb["client_cert"]:
+        return []
+    name = "tls client certificate"
+    if not tb["tls"]:
+        return [Result(name, WARN, "client_cert is set but tls = false: it is not used")]
+    try:
+        r = _expiry(pem_certificate(tb["client_cert"]), name)
+        ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT).load_cert_chain(tb["client_cert"], tb["client_key"] or None)
+    except (OSError, ValueError) as e:  # ssl.SSLError is an OSError; its text never holds key material
+        return [Result(name, FAIL, f"{tb['client_cert']}: {getattr(e, 'strerror', None) or e}")]
+    return [Result(name, r.outcome, f"{tb['client_cert']}: {r.detail}")]
 
 
 def check_credentials(cfg: Config) -> Result:
@@ -163,6 +285,7 @@ def run_all(cfg: Config) -> list[Result]:
         lambda: check_config(cfg),
         lambda: check_credentials(cfg),
         lambda: check_broker(cfg),
+        lambda: check_client_certificate(cfg),
         lambda: check_docker(cfg),
         lambda: check_disk(cfg),
         check_clock,

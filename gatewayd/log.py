@@ -6,6 +6,9 @@ import logging
 import os
 import sys
 import time
+from typing import Any
+
+from gatewayd.redact import redact
 
 _PRIORITY = {
     logging.CRITICAL: 2,
@@ -24,7 +27,9 @@ def priority(levelno: int) -> int:
 
 
 class SyslogPrefixFormatter(logging.Formatter):
-    """`<N>name: message`, every line of a traceback prefixed too (journald splits lines)."""
+    """`<N>name: message`, every line of a traceback prefixed too (journald splits lines).
+
+    Registered secrets (`gatewayd.redact`) are masked in the message and the traceback."""
 
     def __init__(self, timestamps: bool):
         super().__init__()
@@ -33,7 +38,7 @@ class SyslogPrefixFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         text = record.getMessage()
         if record.exc_info:
-            text += "\n" + self.formatException(record.exc_info)
+            text += "\n" + redact(record.exc_text or self.formatException(record.exc_info))
         prefix = f"<{priority(record.levelno)}>"
         if self.timestamps:
             ms = int(record.msecs)
@@ -42,8 +47,22 @@ class SyslogPrefixFormatter(logging.Formatter):
         return "\n".join(prefix + line for line in text.splitlines() or [""])
 
 
+class _RedactingRecord(logging.LogRecord):
+    """A record whose message and traceback have registered secrets masked, whichever handler
+    formats it (formatters use a preset `exc_text` instead of formatting the exception again)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        if self.exc_info and self.exc_info[0] is not None:
+            self.exc_text = redact(logging.Formatter().formatException(self.exc_info))
+
+    def getMessage(self) -> str:  # noqa: N802 - the logging API's name
+        return redact(super().getMessage())
+
+
 def setup(name: str, level: str = "info") -> logging.Logger:
     """Configure the root logger once per process; journald adds its own timestamps."""
+    logging.setLogRecordFactory(_RedactingRecord)
     root = logging.getLogger()
     for h in list(root.handlers):
         root.removeHandler(h)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 import socket
 
+from gatewayd.redact import redact
+
 
 class Notifier:
     def __init__(self, env: dict[str, str] | None = None):
@@ -34,7 +36,8 @@ class Notifier:
         try:
             if self._sock is None:
                 self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
-            self._sock.sendto("\n".join(lines).encode(), addr)
+            # STATUS= is readable by every local user (systemctl status): never a secret in it.
+            self._sock.sendto("\n".join(redact(x) if x.startswith("STATUS=") else x for x in lines).encode(), addr)
         except OSError:
             self._sock = None
 

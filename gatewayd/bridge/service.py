@@ -36,6 +36,7 @@ import ssl
 import time
 from typing import Any
 
+from gatewayd import redact
 from gatewayd.bridge import provisioning
 from gatewayd.bridge.mqtt_compat import PAHO_VERSION, Connection, is_auth_failure
 from gatewayd.bridge.provisioning import Backoff, Credentials, ProvisioningError
@@ -803,6 +804,7 @@ class Bridge:
         except ProvisioningError as e:
             self._provisioning_failed(str(e), now)
             return
+        redact.register([creds.username, creds.password, creds.client_id])
         provisioning.save(self.cfg.credentials_file, creds, self.device_name)
         log.info("device '%s' provisioned; credentials saved to %s", self.device_name,
                  self.cfg.credentials_file)

@@ -142,6 +142,7 @@ class Forwarder:
         self._rate = 0.0
         self._last_move = float("-inf")
         self.watch: DirectoryWatch | None = None
+        self.woken = False
         self._type_names: dict[controller_store.Value, str] = {}
         self.fault: str | None = None
         self.fault_key: tuple[str, str] | None = None
@@ -272,8 +273,7 @@ class Forwarder:
 
     # -- the loop ------------------------------------------------------------------------
     def step(self) -> tuple[bool, float]:
-        if self.watch is not None:
-            self.watch.drain()
+        self.woken = self.watch.drain() if self.watch is not None else False
         now = time.monotonic()
         if now < self.retry_at:
             return True, self.retry_at - now
@@ -304,7 +304,8 @@ class Forwarder:
         with on(CONTROLLER):
             version = data_version(ctrl)
         if version == self.seen_version and not self.draining:
-            return True, idle_wait
+            # The event is the WAL write; the commit shows in data_version only a moment later.
+            return True, self.poll_s if self.woken else idle_wait
         if self.headroom.low():
             raise Paused(f"only {self.headroom.free()} bytes free under {self.cfg.state_dir} (keeping "
                          f"{self.headroom.min_free} for the ledger and replies): controller records wait in "

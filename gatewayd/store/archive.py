@@ -74,3 +74,26 @@ def enforce_limits(conn: sqlite3.Connection, max_bytes: int, retention_days: flo
 def count_range(conn: sqlite3.Connection, start_ms: int, end_ms: int) -> int:
     return int(conn.execute("SELECT count(*) FROM archive WHERE ts >= ? AND ts < ?",
                             (start_ms, end_ms)).fetchone()[0])
+
+
+def page_range(conn: sqlite3.Connection, start_ms: int, end_ms: int, after: tuple[int, int] | None,
+               limit: int) -> list[tuple[int, int, str, str]]:
+    """`(id, ts, type, message)` with start <= ts < end, in (ts, id) order, after the `(ts, id)` given.
+
+    Paging by the pair never skips records sharing a timestamp.
+    """
+    last_ts, last_id = after if after is not None else (start_ms, -1)
+    return conn.execute("SELECT id, ts, type, message FROM archive WHERE ts >= ? AND ts < ? AND (ts, id) > (?, ?) "
+                        "ORDER BY ts, id LIMIT ?", (start_ms, end_ms, last_ts, last_id, limit)).fetchall()
+
+
+def discard_range(conn: sqlite3.Connection, start_ms: int, end_ms: int, batch: int = 10000) -> int:
+    """Delete records with start <= ts < end in short transactions; the real number deleted."""
+    count = 0
+    while True:
+        with transaction(conn):
+            n = conn.execute("DELETE FROM archive WHERE id IN (SELECT id FROM archive WHERE ts >= ? AND ts < ? "
+                             "LIMIT ?)", (start_ms, end_ms, batch)).rowcount
+        count += n
+        if n < batch:
+            return count

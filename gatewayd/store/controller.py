@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from gatewayd.store.db import now_ms, open_db, schema_version, transaction
+from gatewayd.store.db import now_ms, open_db, open_readonly, schema_version, transaction
 
 log = logging.getLogger("gatewayd.store")
 
@@ -200,8 +200,28 @@ def enqueue(conn: sqlite3.Connection, type_: str, message: str) -> int:
 
 
 def last_health_check_ms(conn: sqlite3.Connection) -> int | None:
+    """Row 1 of `health_check` in epoch ms; None when missing or not a number (the controller writes it)."""
     row = conn.execute("SELECT timestamp_ms FROM health_check WHERE id = 1").fetchone()
-    return int(row[0]) if row and row[0] is not None else None
+    if not row or row[0] is None:
+        return None
+    try:
+        return int(row[0])
+    except (TypeError, ValueError):
+        return None
+
+
+def read_health_check_ms(path: Path, busy_timeout_ms: int = 1000) -> int | None:
+    """`last_health_check_ms` of a file, read-only and without waiting long; None when unreadable."""
+    if not path.exists():
+        return None
+    try:
+        conn = open_readonly(path, busy_timeout_ms)
+        try:
+            return last_health_check_ms(conn)
+        finally:
+            conn.close()
+    except sqlite3.Error:
+        return None
 
 
 def depth(conn: sqlite3.Connection) -> int:

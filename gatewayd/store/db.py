@@ -14,7 +14,9 @@ import contextlib
 import logging
 import os
 import sqlite3
+import stat
 import time
+import urllib.parse
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
@@ -25,6 +27,7 @@ log = logging.getLogger("gatewayd.store")
 BUSY_TIMEOUT_MS = 5000
 CORRUPT_SUFFIX = ".corrupt-"
 SIDE_FILES = ("-wal", "-shm", "-journal")
+DB_FILE_MODE = 0o640
 SQLITE_HEADER = b"SQLite format 3\x00"
 
 
@@ -46,9 +49,28 @@ def _connect(path: Path, busy_timeout_ms: int) -> sqlite3.Connection:
     return conn
 
 
+def _own_file(path: Path) -> None:
+    """Create a missing database file with mode 0640 (SQLite alone gives 0644 minus the umask),
+    or bring one of ours back to 0640. SQLite gives the -wal and -shm files it creates the mode
+    (and, running as root, the owner) of the database file."""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, DB_FILE_MODE)
+    except FileExistsError:
+        for p in (path, Path(str(path) + "-wal"), Path(str(path) + "-shm")):
+            with contextlib.suppress(OSError):
+                st = os.lstat(p)
+                if stat.S_ISREG(st.st_mode) and st.st_uid == os.geteuid() and stat.S_IMODE(st.st_mode) != DB_FILE_MODE:
+                    os.chmod(p, DB_FILE_MODE)
+        return
+    try:
+        os.fchmod(fd, DB_FILE_MODE)
+    finally:
+        os.close(fd)
+
+
 def open_readonly(path: Path, busy_timeout_ms: int = BUSY_TIMEOUT_MS) -> sqlite3.Connection:
-    """A connection that can never write (gatewayctl, integrity checks)."""
-    conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=busy_timeout_ms / 1000,
+    """A read-only connection to a file another process owns; it never creates nor changes it."""
+    conn = sqlite3.connect(f"file:{urllib.parse.quote(str(path))}?mode=ro", uri=True, timeout=busy_timeout_ms / 1000,
                            isolation_level=None, check_same_thread=False)
     conn.execute(f"PRAGMA busy_timeout = {int(busy_timeout_ms)}")
     return conn
@@ -108,6 +130,7 @@ def open_db(path: Path, migrations: Sequence[str] = (), *, check: bool = True,
 
 
 def _open(path: Path, migrations: Sequence[str], busy_timeout_ms: int, create_sql: str) -> sqlite3.Connection:
+    _own_file(path)
     check_header(path)
     conn = _connect(path, busy_timeout_ms)
     try:

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from gatewayd.redact import redact
 from gatewayd.store.db import now_ms, open_db, transaction
 
 TOPIC_TELEMETRY = "v1/devices/me/telemetry"
@@ -84,7 +85,12 @@ MIGRATIONS = [
     ) WITHOUT ROWID;
     CREATE INDEX rpc_requests_updated ON rpc_requests(updated_ms)
     """,
-    # 3: a dead letter keeps what the controller stored even when it is not text: `raw` holds
+    # 3: the inbound row that started (then last answered) each request. A started request is
+    # recognised by its row, never by its age, so no clock step can make it look new.
+    """
+    ALTER TABLE rpc_requests ADD COLUMN inbound_id INTEGER
+    """,
+    # 4: a dead letter keeps what the controller stored even when it is not text: `raw` holds
     # the exact bytes (a prefix of `raw_size` bytes for an oversized value), `message` a
     # readable rendering.
     """
@@ -286,7 +292,7 @@ def set_state(conn: sqlite3.Connection, key: str, value: Any) -> None:
 def record_error(conn: sqlite3.Connection, daemon: str, text: str) -> None:
     """Remember a daemon's last error (`<daemon>.last_error`), which `gatewayctl status` shows."""
     with transaction(conn):
-        set_state(conn, f"{daemon}.last_error", {"message": text, "ms": now_ms()})
+        set_state(conn, f"{daemon}.last_error", {"message": redact(text), "ms": now_ms()})
 
 
 def last_error(state: dict[str, Any], daemon: str) -> str | None:

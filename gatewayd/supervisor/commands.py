@@ -11,7 +11,7 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from gatewayd import __version__
 from gatewayd.config import Config
@@ -21,10 +21,34 @@ from gatewayd.store import queues
 from gatewayd.store.db import transaction
 from gatewayd.supervisor import runcmd
 from gatewayd.supervisor.docker_api import Docker
-from gatewayd.supervisor.jobs import Future, Job
+from gatewayd.supervisor.jobs import Future, Job, Jobs
 
-if TYPE_CHECKING:
-    from gatewayd.supervisor.service import Supervisor
+
+class ControllerOps(Protocol):
+    """What RPC methods may ask of the controller thread."""
+
+    def restart(self, reason: str) -> Future: ...
+
+    def stop_container(self) -> Future: ...
+
+    def start_container(self) -> Future: ...
+
+    def snapshot(self) -> dict[str, Any]: ...
+
+
+@dataclass
+class Context:
+    """Everything an RPC method may use, and nothing more (methods never see the supervisor)."""
+
+    cfg: Config
+    jobs: Jobs
+    controller: ControllerOps | None
+    uptime_s: Callable[[], float]
+    status_report: Callable[[], dict[str, Any]]
+    sw_report: Callable[[], dict[str, Any]]
+    init_files: Callable[[], Future]
+    devices: Callable[[], dict[str, Any]]
+    reply_budget: int  # bytes of JSON a reply may hold
 
 
 class BadRequest(Exception):
@@ -52,7 +76,7 @@ Result = dict[str, Any] | Deferred | PowerAction
 
 @dataclass
 class Method:
-    fn: Callable[[Supervisor, Any], Result]
+    fn: Callable[[Context, Any], Result]
     doc: str
     params: dict[str, str] = field(default_factory=dict)
 
@@ -86,76 +110,76 @@ def _int(p: dict[str, Any], name: str, required: bool = True, default: int | Non
     return v
 
 
-def _need_controller(sup: Supervisor) -> Any:
-    if sup.controller is None:
+def _need_controller(ctx: Context) -> Any:
+    if ctx.controller is None:
         raise BadRequest("the controller is disabled ([controller] enabled = false)")
-    return sup.controller
+    return ctx.controller
 
 
 # -- methods -----------------------------------------------------------------------------
 
-def m_list(sup: Supervisor, params: Any) -> Result:
+def m_list(ctx: Context, params: Any) -> Result:
     return {"methods": {name: ({"doc": m.doc, "params": m.params} if m.params else {"doc": m.doc})
                         for name, m in sorted(METHODS.items())}}
 
 
-def m_ping(sup: Supervisor, params: Any) -> Result:
-    return {"pong": True, "ts": int(time.time() * 1000), "uptime_s": round(sup.uptime_s(), 1)}
+def m_ping(ctx: Context, params: Any) -> Result:
+    return {"pong": True, "ts": int(time.time() * 1000), "uptime_s": round(ctx.uptime_s(), 1)}
 
 
-def m_status(sup: Supervisor, params: Any) -> Result:
-    return sup.status_report()
+def m_status(ctx: Context, params: Any) -> Result:
+    return ctx.status_report()
 
 
-def _controller_reply(sup: Supervisor, key: str) -> Callable[[Any], dict[str, Any]]:
+def _controller_reply(ctx: Context, key: str) -> Callable[[Any], dict[str, Any]]:
     def build(result: Any) -> dict[str, Any]:
-        snap = sup.controller.snapshot() if sup.controller is not None else {}
+        snap = ctx.controller.snapshot() if ctx.controller is not None else {}
         return {key: True, "state": snap.get("state"), "restarts": snap.get("restarts")}
 
     return build
 
 
-def m_restart_controller(sup: Supervisor, params: Any) -> Result:
-    ctl = _need_controller(sup)
-    return Deferred(ctl.restart("requested by RPC restart_controller"), _controller_reply(sup, "restarted"),
+def m_restart_controller(ctx: Context, params: Any) -> Result:
+    ctl = _need_controller(ctx)
+    return Deferred(ctl.restart("requested by RPC restart_controller"), _controller_reply(ctx, "restarted"),
                     "restart_controller")
 
 
-def m_stop_controller(sup: Supervisor, params: Any) -> Result:
-    ctl = _need_controller(sup)
-    return Deferred(ctl.stop_container(), _controller_reply(sup, "stopped"), "stop_controller")
+def m_stop_controller(ctx: Context, params: Any) -> Result:
+    ctl = _need_controller(ctx)
+    return Deferred(ctl.stop_container(), _controller_reply(ctx, "stopped"), "stop_controller")
 
 
-def m_start_controller(sup: Supervisor, params: Any) -> Result:
-    ctl = _need_controller(sup)
-    return Deferred(ctl.start_container(), _controller_reply(sup, "started"), "start_controller")
+def m_start_controller(ctx: Context, params: Any) -> Result:
+    ctl = _need_controller(ctx)
+    return Deferred(ctl.start_container(), _controller_reply(ctx, "started"), "start_controller")
 
 
-def _power(sup: Supervisor, action: str, key: str) -> Result:
-    argv = list(sup.cfg["supervisor"][key])
+def _power(ctx: Context, action: str, key: str) -> Result:
+    argv = list(ctx.cfg["supervisor"][key])
     if not argv:
         raise BadRequest(f"{action} is disabled ([supervisor] {key} is empty)")
-    if shutil.which(argv[0]) is None:
+    if shutil.which(argv[0], path=runcmd.CLEAN_PATH) is None:
         raise BadRequest(f"cannot {action}: {argv[0]} not found")
-    delay = sup.cfg["supervisor"]["power_action_delay_s"]
+    delay = ctx.cfg["supervisor"]["power_action_delay_s"]
     return PowerAction({"ok": True, "action": action, "command": argv,
                         "note": f"acting after this reply is delivered (at most {delay:.0f} s)"}, argv, action)
 
 
-def m_reboot(sup: Supervisor, params: Any) -> Result:
-    return _power(sup, "reboot", "reboot_command")
+def m_reboot(ctx: Context, params: Any) -> Result:
+    return _power(ctx, "reboot", "reboot_command")
 
 
-def m_shutdown(sup: Supervisor, params: Any) -> Result:
-    return _power(sup, "shutdown", "shutdown_command")
+def m_shutdown(ctx: Context, params: Any) -> Result:
+    return _power(ctx, "shutdown", "shutdown_command")
 
 
-def m_restart_gateway(sup: Supervisor, params: Any) -> Result:
-    return _power(sup, "restart_gateway", "restart_gateway_command")
+def m_restart_gateway(ctx: Context, params: Any) -> Result:
+    return _power(ctx, "restart_gateway", "restart_gateway_command")
 
 
 def allowed_argv(cfg: Config, command: Any) -> list[str]:
-    """The argv of an allowed command; BadRequest naming why not."""
+    """The argv of an allowed command line (see runcmd.py); BadRequest naming why not."""
     if isinstance(command, str):
         try:
             argv = shlex.split(command)
@@ -170,37 +194,27 @@ def allowed_argv(cfg: Config, command: Any) -> list[str]:
     allow = list(cfg["supervisor"]["run_command_allow"])
     if not allow:
         raise BadRequest("run_command is disabled ([supervisor] run_command_allow is empty)")
-    prog = argv[0]
-    chosen = None
-    for entry in allow:
-        if prog == entry:
-            chosen = entry
-            break
-        if "/" not in prog and "/" in entry and os.path.basename(entry) == prog:
-            chosen = entry
-            break
-    if chosen is None:
-        raise BadRequest(f"command {prog!r} is not allowed ([supervisor] run_command_allow)")
-    resolved = chosen if "/" in chosen else shutil.which(chosen)
-    if not resolved:
-        raise BadRequest(f"command {prog!r} is allowed but not installed")
-    return [resolved, *argv[1:]]
+    try:
+        return runcmd.check_argv(argv, allow)
+    except runcmd.NotAllowed as e:
+        raise BadRequest(str(e)) from e
 
 
-def m_run_command(sup: Supervisor, params: Any) -> Result:
+def m_run_command(ctx: Context, params: Any) -> Result:
     p = _params(params)
     if "command" not in p:
         raise BadRequest("params.command is required")
-    argv = allowed_argv(sup.cfg, p["command"])
-    limit = sup.cfg["supervisor"]["run_command_timeout_s"]
+    argv = allowed_argv(ctx.cfg, p["command"])
+    limit = ctx.cfg["supervisor"]["run_command_timeout_s"]
     timeout = float(limit)
     if "timeout_s" in p:
         t = p["timeout_s"]
         if isinstance(t, bool) or not isinstance(t, (int, float)) or t <= 0:
             raise BadRequest("params.timeout_s must be a positive number")
         timeout = min(float(t), float(limit))
-    max_out = sup.cfg["supervisor"]["run_command_max_output_bytes"]
-    job = sup.jobs.submit(f"run {os.path.basename(argv[0])}", runcmd.run, argv, timeout, max_out)
+    max_out = ctx.cfg["supervisor"]["run_command_max_output_bytes"]
+    env = runcmd.clean_env(ctx.cfg["supervisor"]["run_command_environment"])
+    job = ctx.jobs.submit(f"run {os.path.basename(argv[0])}", runcmd.run, argv, timeout, max_out, "/", env)
 
     def reply(result: Any) -> dict[str, Any]:
         out = dict(result)
@@ -211,16 +225,16 @@ def m_run_command(sup: Supervisor, params: Any) -> Result:
     return Deferred(job, reply, "run_command")
 
 
-def m_job_status(sup: Supervisor, params: Any) -> Result:
+def m_job_status(ctx: Context, params: Any) -> Result:
     p = _params(params)
-    job = sup.jobs.get(_int(p, "job", lo=1))
+    job = ctx.jobs.get(_int(p, "job", lo=1))
     if job is None:
         raise BadRequest("no such job (finished jobs are remembered for a while only)")
     return job.summary()
 
 
-def m_init_files(sup: Supervisor, params: Any) -> Result:
-    return sup.files.init_files()
+def m_init_files(ctx: Context, params: Any) -> Result:
+    return Deferred(ctx.init_files(), dict, "init_files")
 
 
 def _range(params: Any) -> tuple[int, int]:
@@ -232,8 +246,8 @@ def _range(params: Any) -> tuple[int, int]:
     return start, end
 
 
-def _archive_enabled(sup: Supervisor) -> None:
-    if not sup.cfg["archive"]["enabled"]:
+def _archive_enabled(ctx: Context) -> None:
+    if not ctx.cfg["archive"]["enabled"]:
         raise BadRequest("the archive is disabled ([archive] enabled = false)")
 
 
@@ -242,16 +256,15 @@ def republish(cfg: Config, start: int, end: int, batch: int = 2000) -> dict[str,
     a = archive_store.open_archive(cfg.archive_db, check=False)
     q = queues.open_queues(cfg.queues_db, check=False)
     count = skipped = 0
-    last_ts, last_id = start, -1
+    after: tuple[int, int] | None = None
     try:
         while True:
-            rows = a.execute("SELECT id, ts, type, message FROM archive WHERE ts < ? AND (ts, id) > (?, ?) "
-                             "ORDER BY ts, id LIMIT ?", (end, last_ts, last_id, batch)).fetchall()
+            rows = archive_store.page_range(a, start, end, after, batch)
             if not rows:
                 break
             new: list[queues.NewRow] = []
             for rid, ts, _type, message in rows:
-                last_ts, last_id = ts, rid
+                after = (ts, rid)
                 payload = archived_to_telemetry(ts, message)
                 if payload is None:
                     skipped += 1
@@ -287,18 +300,10 @@ def archived_to_telemetry(ts: int, message: Any) -> str | None:
 
 def discard(cfg: Config, start: int, end: int, batch: int = 10000) -> dict[str, int]:
     a = archive_store.open_archive(cfg.archive_db, check=False)
-    count = 0
     try:
-        while True:
-            with transaction(a):
-                n = a.execute("DELETE FROM archive WHERE id IN (SELECT id FROM archive WHERE ts >= ? AND ts < ? "
-                              "LIMIT ?)", (start, end, batch)).rowcount
-            count += n
-            if n < batch:
-                break
+        return {"count": archive_store.discard_range(a, start, end, batch)}
     finally:
         a.close()
-    return {"count": count}
 
 
 def count(cfg: Config, start: int, end: int) -> dict[str, int]:
@@ -309,23 +314,23 @@ def count(cfg: Config, start: int, end: int) -> dict[str, int]:
         a.close()
 
 
-def _archive_job(sup: Supervisor, name: str, fn: Callable[..., dict[str, int]], params: Any) -> Result:
-    _archive_enabled(sup)
+def _archive_job(ctx: Context, name: str, fn: Callable[..., dict[str, int]], params: Any) -> Result:
+    _archive_enabled(ctx)
     start, end = _range(params)
-    job = sup.jobs.submit(name, fn, sup.cfg, start, end)
+    job = ctx.jobs.submit(name, fn, ctx.cfg, start, end)
     return Deferred(job, lambda r: {**r, "start_timestamp_ms": start, "end_timestamp_ms": end}, name)
 
 
-def m_archive_republish(sup: Supervisor, params: Any) -> Result:
-    return _archive_job(sup, "archive_republish_messages", republish, params)
+def m_archive_republish(ctx: Context, params: Any) -> Result:
+    return _archive_job(ctx, "archive_republish_messages", republish, params)
 
 
-def m_archive_discard(sup: Supervisor, params: Any) -> Result:
-    return _archive_job(sup, "archive_discard_messages", discard, params)
+def m_archive_discard(ctx: Context, params: Any) -> Result:
+    return _archive_job(ctx, "archive_discard_messages", discard, params)
 
 
-def m_archive_count(sup: Supervisor, params: Any) -> Result:
-    return _archive_job(sup, "archive_count_messages", count, params)
+def m_archive_count(ctx: Context, params: Any) -> Result:
+    return _archive_job(ctx, "archive_count_messages", count, params)
 
 
 def fit_lines(lines: list[str], budget: int) -> tuple[list[str], bool]:
@@ -349,13 +354,13 @@ def _logs(cfg: Config, name: str, lines: int) -> list[str]:
         d.close()
 
 
-def m_controller_logs(sup: Supervisor, params: Any) -> Result:
-    _need_controller(sup)
+def m_controller_logs(ctx: Context, params: Any) -> Result:
+    _need_controller(ctx)
     p = _params(params)
     lines = _int(p, "lines", required=False, default=100, lo=1, hi=5000)
-    name = sup.cfg["controller"]["container_name"]
-    job = sup.jobs.submit("controller_logs", _logs, sup.cfg, name, lines)
-    budget = sup.reply_budget() - 200
+    name = ctx.cfg["controller"]["container_name"]
+    job = ctx.jobs.submit("controller_logs", _logs, ctx.cfg, name, lines)
+    budget = ctx.reply_budget - 200
 
     def reply(result: Any) -> dict[str, Any]:
         kept, truncated = fit_lines(list(result), budget)
@@ -364,21 +369,21 @@ def m_controller_logs(sup: Supervisor, params: Any) -> Result:
     return Deferred(job, reply, "controller_logs")
 
 
-def m_sw_status(sup: Supervisor, params: Any) -> Result:
-    return sup.updates.report()
+def m_sw_status(ctx: Context, params: Any) -> Result:
+    return ctx.sw_report()
 
 
-def m_system_info(sup: Supervisor, params: Any) -> Result:
+def m_system_info(ctx: Context, params: Any) -> Result:
     from gatewayd.supervisor.system import system_metrics
 
     info: dict[str, Any] = {"gatewayd": __version__, "python": sys.version.split()[0],
                             "platform": platform.platform(), "hostname": platform.node()}
-    info.update(system_metrics(sup.cfg.state_dir))
+    info.update(system_metrics(ctx.cfg.state_dir))
     return info
 
 
-def m_devices(sup: Supervisor, params: Any) -> Result:
-    return {"devices": sup.devices.devices, "monitoring": sup.devices.enabled}
+def m_devices(ctx: Context, params: Any) -> Result:
+    return ctx.devices()
 
 
 METHODS: dict[str, Method] = {
@@ -412,13 +417,13 @@ METHODS: dict[str, Method] = {
 }
 
 
-def dispatch(sup: Supervisor, method: Any, params: Any) -> Result:
+def dispatch(ctx: Context, method: Any, params: Any) -> Result:
     if not isinstance(method, str) or not method:
         raise BadRequest("'method' must be a non-empty string")
     m = METHODS.get(method)
     if m is None:
         raise BadRequest(f"unknown method {method!r} (the 'list' method names all)")
-    return m.fn(sup, params)
+    return m.fn(ctx, params)
 
 
 def reply_fits(payload: str, rpc_id: str, max_packet: int) -> bool:

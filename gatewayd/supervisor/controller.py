@@ -24,15 +24,14 @@ from __future__ import annotations
 
 import logging
 import queue
-import sqlite3
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from gatewayd.config import Config
+from gatewayd.store.controller import read_health_check_ms
 from gatewayd.supervisor.docker_api import (
     LABEL_SPEC,
     ContainerInfo,
@@ -84,27 +83,6 @@ def build_spec(cfg: Config, image: str = "", version: str = "") -> tuple[Contain
                          binds=tuple(binds), network_mode=c["network_mode"], devices=tuple(c["devices"]),
                          version=version)
     return spec, problems
-
-
-def read_health_check_ms(path: Path) -> int | None:
-    """The controller's last `health_check` (row 1) in epoch ms, read-only, without waiting long."""
-    if not path.exists():
-        return None
-    try:
-        conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=1.0)
-        try:
-            conn.execute("PRAGMA busy_timeout = 1000")
-            row = conn.execute("SELECT timestamp_ms FROM health_check WHERE id = 1").fetchone()
-        finally:
-            conn.close()
-    except sqlite3.Error:
-        return None
-    if not row or row[0] is None:
-        return None
-    try:
-        return int(row[0])
-    except (TypeError, ValueError):
-        return None
 
 
 class ControllerManager:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import queue
 import threading
 import time
 import traceback
@@ -129,3 +130,80 @@ class Future:
 
     def wait(self, timeout: float | None = None) -> bool:
         return self._event.wait(timeout)
+
+
+_FAILED: Any = object()
+
+
+class Serial:
+    """One worker thread running tasks in submission order; `drain()`, called by the main loop,
+    hands each result to its `done` callback there (so shared state changes in one thread only).
+
+    For disk work that may be slow (hashing a large file) or hang (a path that is not a regular
+    file): the main loop never waits for it, and tasks about one file never overtake each other.
+    """
+
+    def __init__(self, name: str):
+        self.name = name
+        self._tasks: queue.SimpleQueue[tuple[Callable[..., Any], tuple[Any, ...], Callable[[Any], None]] | None] = (
+            queue.SimpleQueue())
+        self._results: queue.SimpleQueue[tuple[Callable[[Any], None], Any]] = queue.SimpleQueue()
+        self._outstanding = 0
+        self._thread: threading.Thread | None = None
+
+    def submit(self, fn: Callable[..., Any], *args: Any, done: Callable[[Any], None]) -> None:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name=self.name, daemon=True)
+            self._thread.start()
+        self._outstanding += 1
+        self._tasks.put((fn, args, done))
+
+    def _run(self) -> None:
+        while True:
+            task = self._tasks.get()
+            if task is None:
+                return
+            fn, args, done = task
+            try:
+                result = fn(*args)
+            except Exception:  # noqa: BLE001 - the task's own errors are in its result; this is a bug
+                log.exception("%s: task %s failed", self.name, getattr(fn, "__name__", fn))
+                result = _FAILED
+            self._results.put((done, result))
+
+    def drain(self, limit: int = 1000) -> int:
+        """Apply up to `limit` finished results; how many were applied."""
+        n = 0
+        for _ in range(limit):
+            try:
+                done, result = self._results.get_nowait()
+            except queue.Empty:
+                break
+            self._outstanding -= 1
+            n += 1
+            if result is not _FAILED:
+                done(result)
+        return n
+
+    def idle(self) -> bool:
+        return self._outstanding == 0
+
+    def stop(self) -> None:
+        if self._thread is not None:
+            self._tasks.put(None)
+
+
+class Inline:
+    """Runs each task at once in the caller's thread (the same interface as `Serial`)."""
+
+    def submit(self, fn: Callable[..., Any], *args: Any, done: Callable[[Any], None]) -> None:
+        done(fn(*args))
+
+    def drain(self, limit: int = 1000) -> int:
+        return 0
+
+    def idle(self) -> bool:
+        return True
+
+    def stop(self) -> None:
+        pass

@@ -3,7 +3,7 @@
 One iteration (never blocking on Docker, git, builds or commands — those run in the
 controller thread or in background jobs):
 1. take new rows from the inbound table: RPC requests, shared-attribute updates and
-   attribute responses, OTA chunks; answer or hand over each durably (rpcstore.py);
+   attribute responses, OTA chunks; answer or hand over each durably (rpc.py, store/rpc.py);
 2. finish RPCs whose background work is done, or answer "running" at the RPC deadline;
 3. drive the software update (updates.py) and the remote files (files.py);
 4. poll udev for hot-plugged devices;
@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import logging
+import queue
 import re
 import sqlite3
 import time
@@ -25,13 +26,15 @@ from gatewayd import __version__
 from gatewayd.config import Config
 from gatewayd.records import PUBLISH_OVERHEAD
 from gatewayd.store import queues
+from gatewayd.store import rpc as ledger
 from gatewayd.store.db import now_ms, transaction
-from gatewayd.supervisor import commands, rpcstore
+from gatewayd.supervisor import commands
 from gatewayd.supervisor.controller import ControllerManager
 from gatewayd.supervisor.files import CONTENT_PREFIX, FILES_KEY, HASHES_KEY, FileManager
-from gatewayd.supervisor.jobs import Job, Jobs
-from gatewayd.supervisor.system import Devices, matches, system_metrics
-from gatewayd.supervisor.updates import SW_KEYS, UpdateManager
+from gatewayd.supervisor.jobs import Jobs, Serial
+from gatewayd.supervisor.rpc import RpcLifecycle, json_text
+from gatewayd.supervisor.system import DeviceReporter, Devices, system_metrics
+from gatewayd.supervisor.updates import SW_KEYS, Phase, UpdateManager
 
 log = logging.getLogger("gatewayd.supervisor")
 
@@ -44,70 +47,66 @@ CLIENT_RPC_RESPONSE = re.compile(r"^v1/devices/me/rpc/response/")
 INBOUND_BATCH = 100
 STATE_EVERY_S = 0.5
 STATE_REFRESH_S = 30.0
-PURGE_EVERY_S = 3600.0
-DEVICES_ATTRIBUTE = "connected_devices"
 FILES_STATE = "supervisor.files"
 CONTROLLER_STATE = "supervisor.controller"
 
 
 @dataclass
-class PendingRpc:
-    inbound_id: int
-    rpc_id: str
-    digest: str
-    method: str
-    deferred: commands.Deferred
-    started: float
-    replied: bool = False
-
-
-@dataclass
-class PendingPower:
-    argv: list[str]
-    action: str
-    outbox_id: int
-    deadline: float
-    job: Job | None = None
-
-
-@dataclass
 class Counters:
-    rpcs: int = 0
-    rpc_errors: int = 0
     attributes: int = 0
     chunks: int = 0
     dead_letters: int = 0
-    duplicates: int = 0
 
 
 class Supervisor:
+    """The daemon's service: wiring, inbound routing, controller state and telemetry.
+
+    Every component is built here (or handed in: `controller`, `devices`), so nothing is
+    swapped after construction; `start()` only opens the database and loads saved state.
+    """
+
     name = "supervisor"
 
-    def __init__(self, cfg: Config):
+    def __init__(self, cfg: Config, *, controller: ControllerManager | None = None,
+                 devices: Devices | None = None):
         self.cfg = cfg
         self.conn: sqlite3.Connection | None = None
         self.jobs = Jobs()
-        self.controller: ControllerManager | None = None
-        self.updates: UpdateManager = None  # type: ignore[assignment]  # set in start()
-        self.files: FileManager = None  # type: ignore[assignment]
-        self.devices: Devices = None  # type: ignore[assignment]
-        self.pending: dict[int, PendingRpc] = {}
-        self.power: list[PendingPower] = []
         self.counters = Counters()
         self.started_mono = time.monotonic()
         self.max_packet: int = cfg["thingsboard"]["max_packet_bytes"]
-        self.deadline_s: float = cfg["supervisor"]["rpc_reply_deadline_s"]
         self.telemetry_every: float = cfg["supervisor"]["telemetry_interval_s"]
         self.files_every: float = cfg["files"]["check_interval_s"]
         self.next_telemetry = 0.0
         self.next_files = 0.0
         self.next_state = 0.0
-        self.next_purge = 0.0
         self._last_state_doc: dict[str, Any] | None = None
         self._state_refresh_at = 0.0
         self._attr_request_seq = (time.time_ns() // 1_000_000) % 1_000_000_000
-        self._devices_dirty = False
-        self._devices_event_at = 0.0
+
+        if controller is None and cfg["controller"]["enabled"]:
+            controller = ControllerManager(cfg)
+        self.controller = controller
+        self.updates = UpdateManager(cfg, controller, self.jobs, self.get_state, self.set_state,
+                                     self.publish_telemetry, self.enqueue_raw)
+        max_value = self.max_packet - PUBLISH_OVERHEAD - len(queues.TOPIC_ATTRIBUTES) - 64
+        self.files = FileManager(cfg.allowed_roots(), max_value, self.publish_attributes,
+                                 self.request_attributes, self.restart_controller,
+                                 lambda st: self.set_state(FILES_STATE, st),
+                                 max_file_bytes=cfg["files"]["max_file_bytes"],
+                                 variables={"CONTROLLER_DATA_DIR": str(cfg.controller_data_dir),
+                                            **cfg["files"]["path_variables"]},
+                                 runner=Serial("files"))
+        self.devices = devices if devices is not None else Devices(cfg["supervisor"]["udev"])
+        self.device_reporter = DeviceReporter(self.devices, cfg["controller"]["restart_on_device"], self.max_packet,
+                                              self.publish_attributes,
+                                              self.restart_controller if controller is not None else None)
+        ctx = commands.Context(
+            cfg=cfg, jobs=self.jobs, controller=controller, uptime_s=self.uptime_s,
+            status_report=self.status_report, sw_report=self.updates.report, init_files=self.files.init_files,
+            devices=lambda: {"devices": self.devices.devices, "monitoring": self.devices.enabled},
+            reply_budget=self.reply_budget())
+        self.rpc = RpcLifecycle(cfg, ctx, self._db, self.jobs, self.publish_telemetry, self.report_error)
 
     # -- helpers used by components ----------------------------------------------------
     def uptime_s(self) -> float:
@@ -129,11 +128,11 @@ class Supervisor:
 
     def publish_telemetry(self, values: dict[str, Any], priority: int = queues.PRIO_ATTRIBUTES) -> None:
         ts = now_ms()
-        payload = json.dumps({"ts": ts, "values": values}, separators=(",", ":"), ensure_ascii=False, default=str)
+        payload = json_text({"ts": ts, "values": values})
         queues.enqueue(self._db(), queues.KIND_TELEMETRY, queues.TOPIC_TELEMETRY, payload, priority, ts=ts)
 
     def publish_attributes(self, values: dict[str, Any]) -> None:
-        payload = json.dumps(values, separators=(",", ":"), ensure_ascii=False, default=str)
+        payload = json_text(values)
         queues.enqueue(self._db(), queues.KIND_ATTRIBUTES, queues.TOPIC_ATTRIBUTES, payload, queues.PRIO_ATTRIBUTES)
 
     def enqueue_raw(self, topic: str, payload: str) -> None:
@@ -158,38 +157,29 @@ class Supervisor:
     def start(self) -> None:
         self.cfg.ensure_dirs()
         self.conn = queues.open_queues(self.cfg.queues_db)
-        ctl_state = self.get_state(CONTROLLER_STATE) or {}
-        if self.cfg["controller"]["enabled"]:
-            self.controller = ControllerManager(self.cfg, restarts=int(ctl_state.get("restarts") or 0))
+        if self.controller is not None:
+            ctl_state = self.get_state(CONTROLLER_STATE) or {}
+            self.controller.restarts = int(ctl_state.get("restarts") or 0)
             for problem in self.controller.spec_problems:
                 log.error("config: %s", problem)
                 self.report_error(problem)
             self.controller.start_thread()
         else:
             log.info("controller disabled: no Docker; commands, files and telemetry only")
-        self.updates = UpdateManager(self.cfg, self.controller, self.jobs, self.get_state, self.set_state,
-                                     self.publish_telemetry, self.enqueue_raw)
         self.updates.start()
-        max_value = self.max_packet - PUBLISH_OVERHEAD - len(queues.TOPIC_ATTRIBUTES) - 64
-        self.files = FileManager(self.cfg.allowed_roots(), max_value, self.publish_attributes,
-                                 self.request_attributes, self.restart_controller,
-                                 lambda st: self.set_state(FILES_STATE, st))
         self.files.load(self.get_state(FILES_STATE))
-        self.devices = Devices(self.cfg["supervisor"]["udev"])
-        self.devices.devices = self.devices.scan()
-        if self.devices.enabled:
-            self.publish_attributes({DEVICES_ATTRIBUTE: self._devices_value()})
+        self.device_reporter.start()
         self.publish_attributes({"gatewayd_version": __version__})
         # What the bridge asks for after a reconnect may have been consumed by an earlier run.
         self.request_attributes(list(SW_KEYS) + [FILES_KEY], [HASHES_KEY])
-        rpcstore.purge(self._db(), now_ms() - int(self.cfg["supervisor"]["rpc_dedup_window_s"] * 1000))
+        self.rpc.purge()
         self._write_controller_state(force=True)
 
     def stop(self) -> None:
         if self.controller is not None:
             self.controller.stop_thread()
-        if self.updates is not None:
-            self.updates.stop()
+        self.updates.stop()
+        self.files.stop()
         running = self.jobs.running()
         if running:
             log.info("leaving %d background job(s) unfinished: %s", len(running),
@@ -205,7 +195,7 @@ class Supervisor:
             s = self.controller.snapshot()
             ctl = f"controller {s['state']}, {s['restarts']} restarts"
         jobs = len(self.jobs.running())
-        return f"{ctl}; {self.counters.rpcs} RPCs answered" + (f"; {jobs} job(s) running" if jobs else "")
+        return f"{ctl}; {self.rpc.counters.rpcs} RPCs answered" + (f"; {jobs} job(s) running" if jobs else "")
 
     def report_error(self, text: str) -> None:
         if self.conn is not None:
@@ -218,29 +208,27 @@ class Supervisor:
     def step(self) -> tuple[bool, float]:
         now = time.monotonic()
         busy = self._process_inbound()
-        self._tick_pending(now)
-        self._tick_power(now)
+        self.rpc.tick()
         self.updates.step()
+        self.files.step()
         if now >= self.next_files:
             self.next_files = now + self.files_every
             self.files.check_changes()
-        self._poll_devices(now)
+        self.device_reporter.poll(now)
         self._drain_controller_events()
         if now >= self.next_state:
             self._write_controller_state()
         if now >= self.next_telemetry:
             self.next_telemetry = now + self.telemetry_every
             self._telemetry()
-        if now >= self.next_purge:
-            self.next_purge = now + PURGE_EVERY_S
-            rpcstore.purge(self._db(), now_ms() - int(self.cfg["supervisor"]["rpc_dedup_window_s"] * 1000))
-        return True, 0.0 if busy else (0.05 if self.updates.phase == "ota" else 0.2)
+        self.rpc.purge()
+        return True, 0.0 if busy else (0.05 if self.updates.phase == Phase.OTA else 0.2)
 
     # -- inbound -------------------------------------------------------------------------
     def _process_inbound(self) -> bool:
         conn = self._db()
-        skip = {p.inbound_id for p in self.pending.values() if not p.replied}
-        rows = rpcstore.fetch_inbound(conn, INBOUND_BATCH + len(skip))
+        skip = self.rpc.busy_inbound_ids()
+        rows = ledger.fetch_inbound(conn, INBOUND_BATCH + len(skip))
         handled = 0
         for rid, topic, payload, _received in rows:
             if rid in skip:
@@ -252,24 +240,37 @@ class Supervisor:
                 raise
             except Exception as e:  # noqa: BLE001 - one bad message must not stop the queue
                 log.exception("inbound message %d on %s could not be handled", rid, topic)
-                self._dead_letter(rid, topic, payload, f"handler failed: {type(e).__name__}: {e}")
+                self._handler_failed(rid, topic, payload, f"{type(e).__name__}: {e}")
         return handled >= INBOUND_BATCH
+
+    def _handler_failed(self, rid: int, topic: str, payload: bytes, error: str) -> None:
+        """An RPC still gets its error reply; anything else (or a reply that fails too) is dead-lettered."""
+        m = RPC_REQUEST.match(topic)
+        if m:
+            try:
+                self.rpc.fail(rid, m.group(1), payload, error)
+                return
+            except sqlite3.Error:
+                raise
+            except Exception as e:  # noqa: BLE001 - the dead letter below keeps the message
+                error = f"{error}; the error reply failed too: {type(e).__name__}: {e}"
+        self._dead_letter(rid, topic, payload, f"handler failed: {error}")
 
     def _dead_letter(self, rid: int, topic: str, payload: bytes, reason: str) -> None:
         log.warning("inbound message %d on %s dead-lettered: %s", rid, topic, reason)
         self.counters.dead_letters += 1
-        rpcstore.dead_letter_inbound(self._db(), rid, topic, payload, reason)
+        ledger.dead_letter_inbound(self._db(), rid, topic, payload, reason)
 
     def _handle(self, rid: int, topic: str, payload: bytes) -> None:
         m = RPC_REQUEST.match(topic)
         if m:
-            self._handle_rpc(rid, m.group(1), payload)
+            self.rpc.handle(rid, m.group(1), payload)
             return
         m = OTA_CHUNK.match(topic)
         if m:
             self.counters.chunks += 1
             self.updates.on_chunk(m.group(2), int(m.group(3)), payload)
-            rpcstore.delete_inbound(self._db(), rid)
+            ledger.delete_inbound(self._db(), rid)
             return
         if topic == queues.TOPIC_ATTRIBUTES or ATTR_RESPONSE.match(topic):
             self._handle_attributes(rid, topic, payload, response=topic != queues.TOPIC_ATTRIBUTES)
@@ -278,16 +279,19 @@ class Supervisor:
             text = payload.decode("utf-8", "replace")[:500]
             log.warning("OTA error from ThingsBoard on %s: %s", topic, text)
             self.updates.on_ota_error(text)
-            rpcstore.delete_inbound(self._db(), rid)
+            ledger.delete_inbound(self._db(), rid)
             return
         if CLIENT_RPC_RESPONSE.match(topic):
-            rpcstore.delete_inbound(self._db(), rid)  # answers to the bridge's own requests
+            ledger.delete_inbound(self._db(), rid)  # answers to the bridge's own requests
             return
         self._dead_letter(rid, topic, payload, "no handler for this topic")
 
     def _handle_attributes(self, rid: int, topic: str, payload: bytes, response: bool) -> None:
         try:
             obj = json.loads(payload)
+        except RecursionError:
+            self._dead_letter(rid, topic, payload, "attributes message is nested too deeply to be read")
+            return
         except ValueError as e:
             self._dead_letter(rid, topic, payload, f"attributes message is not valid JSON: {e}")
             return
@@ -319,149 +323,7 @@ class Supervisor:
             self.files.on_server_hashes(client[HASHES_KEY])
         self.updates.on_deleted(deleted)
         self.updates.on_attributes(shared)
-        rpcstore.delete_inbound(self._db(), rid)
-
-    # -- RPC -----------------------------------------------------------------------------
-    def _handle_rpc(self, rid: int, rpc_id: str, payload: bytes) -> None:
-        conn = self._db()
-        dig = rpcstore.digest(payload)
-        method: str | None = None
-        params: Any = None
-        problem: str | None = None
-        try:
-            req = json.loads(payload)
-        except ValueError as e:
-            problem = f"request is not valid JSON: {e}"
-        else:
-            if not isinstance(req, dict):
-                problem = "request must be a JSON object {\"method\": ..., \"params\": ...}"
-            else:
-                method = req.get("method") if isinstance(req.get("method"), str) else None
-                params = req.get("params")
-                if method is None:
-                    problem = "'method' is missing or not a string"
-        state, _stored = rpcstore.begin(conn, rpc_id, dig, method)
-        if state == "done":
-            self.counters.duplicates += 1
-            log.info("RPC %s (%s) was answered before; duplicate delivery dropped", rpc_id, method)
-            rpcstore.delete_inbound(conn, rid)
-            return
-        if state == "started":
-            self._reply(rid, rpc_id, dig, method, {
-                "error": f"interrupted: the supervisor restarted while running {method!r}; not run again"})
-            return
-        if problem is not None:
-            log.warning("RPC %s refused: %s", rpc_id, problem)
-            self._reply(rid, rpc_id, dig, method, {"error": problem})
-            return
-        assert method is not None
-        log.info("RPC %s: %s", rpc_id, method)
-        try:
-            outcome = commands.dispatch(self, method, params)
-        except commands.BadRequest as e:
-            self._reply(rid, rpc_id, dig, method, {"error": str(e)})
-            return
-        except Exception as e:  # noqa: BLE001
-            log.exception("RPC %s (%s) failed", rpc_id, method)
-            self._reply(rid, rpc_id, dig, method, {"error": f"internal error: {type(e).__name__}: {e}"})
-            return
-        if isinstance(outcome, commands.Deferred):
-            self.pending[rid] = PendingRpc(rid, rpc_id, dig, method, outcome, time.monotonic())
-            self._tick_pending(time.monotonic())
-        elif isinstance(outcome, commands.PowerAction):
-            outbox_id = self._reply(rid, rpc_id, dig, method, outcome.reply)
-            delay = self.cfg["supervisor"]["power_action_delay_s"]
-            log.warning("%s requested by RPC %s; acting once the reply is delivered (at most %.0f s)",
-                        outcome.action, rpc_id, delay)
-            self.power.append(PendingPower(outcome.argv, outcome.action, outbox_id, time.monotonic() + delay))
-        else:
-            self._reply(rid, rpc_id, dig, method, outcome)
-
-    def _reply(self, rid: int, rpc_id: str, dig: str, method: str | None, reply: dict[str, Any]) -> int:
-        payload = rpcstore.reply_payload(reply)
-        if not commands.reply_fits(payload, rpc_id, self.max_packet):
-            reply = {"error": f"the reply ({len(payload)} bytes) is larger than the maximum MQTT packet"}
-        if "error" in reply:
-            self.counters.rpc_errors += 1
-        self.counters.rpcs += 1
-        return rpcstore.finish(self._db(), rpc_id, dig, method, rid, reply)
-
-    def _tick_pending(self, now: float) -> None:
-        for rid, p in list(self.pending.items()):
-            w = p.deferred.waitable
-            if w.done():
-                if w.error is not None:
-                    reply: dict[str, Any] = {"error": w.error}
-                else:
-                    try:
-                        reply = p.deferred.to_reply(w.result)
-                    except Exception as e:  # noqa: BLE001
-                        reply = {"error": f"internal error: {type(e).__name__}: {e}"}
-                if p.replied:
-                    log.info("RPC %s (%s) finished after its reply", p.rpc_id, p.method)
-                    result = dict(reply)
-                    result.update({"rpc_id": p.rpc_id, "method": p.method})
-                    self.publish_telemetry({"rpc_result": result})
-                else:
-                    self._reply(rid, p.rpc_id, p.digest, p.method, reply)
-                del self.pending[rid]
-            elif not p.replied and now - p.started >= self.deadline_s:
-                job_id = w.id if isinstance(w, Job) else None
-                body: dict[str, Any] = {
-                    "state": "running",
-                    "note": f"{p.method} takes longer than {self.deadline_s:.0f} s; its result will be sent as "
-                            "telemetry 'rpc_result'" + (" and is available from job_status" if job_id else ""),
-                }
-                if job_id is not None:
-                    body["job"] = job_id
-                self._reply(rid, p.rpc_id, p.digest, p.method, body)
-                p.replied = True
-
-    def _tick_power(self, now: float) -> None:
-        for p in list(self.power):
-            if p.job is None:
-                delivered = not p.outbox_id or not rpcstore.outbox_has(self._db(), p.outbox_id)
-                if delivered or now >= p.deadline:
-                    log.warning("%s: running %s", p.action, " ".join(p.argv))
-                    p.job = self.jobs.submit(p.action, _run_power, p.argv)
-            elif p.job.done():
-                self.power.remove(p)
-                res = p.job.result or {}
-                if p.job.error is not None or res.get("exit_code") != 0:
-                    text = p.job.error or f"exit {res.get('exit_code')}: {str(res.get('output', '')).strip()[:300]}"
-                    log.error("%s failed: %s", p.action, text)
-                    self.report_error(f"{p.action} failed: {text}")
-                    self.publish_telemetry({"power_action_error": f"{p.action}: {text}"})
-
-    # -- devices -------------------------------------------------------------------------
-    def _devices_value(self) -> list[dict[str, Any]]:
-        out: list[dict[str, Any]] = []
-        budget = self.max_packet - 200
-        used = 0
-        for d in self.devices.devices:
-            size = len(json.dumps(d))
-            if used + size > budget:
-                break
-            out.append(d)
-            used += size
-        return out
-
-    def _poll_devices(self, now: float) -> None:
-        changed, added = self.devices.poll()
-        patterns = self.cfg["controller"]["restart_on_device"]
-        if added and patterns and self.controller is not None:
-            for d in added:
-                p = matches(d, patterns)
-                if p:
-                    log.info("device %s (%s) appeared; restarting the controller", d.get("devnode"), p)
-                    self.controller.restart(f"device {d.get('devnode') or d.get('id')} appeared")
-                    break
-        if changed:
-            self._devices_dirty = True
-            self._devices_event_at = now
-        if self._devices_dirty and now - self._devices_event_at >= 1.0:
-            self._devices_dirty = False
-            self.publish_attributes({DEVICES_ATTRIBUTE: self._devices_value()})
+        ledger.delete_inbound(self._db(), rid)
 
     # -- controller state, telemetry ----------------------------------------------------
     def _drain_controller_events(self) -> None:
@@ -470,7 +332,7 @@ class Supervisor:
         while True:
             try:
                 kind, text = self.controller.events.get_nowait()
-            except Exception:  # noqa: BLE001 - queue.Empty
+            except queue.Empty:
                 break
             if kind in ("crash_loop", "error"):
                 self.report_error(text)
@@ -537,12 +399,7 @@ class Supervisor:
                       for k, v in self.files.hashes_value().items()},
             "file_errors": dict(self.files.errors),
             "devices": len(self.devices.devices),
-            "rpc": {"answered": self.counters.rpcs, "errors": self.counters.rpc_errors,
-                    "duplicates": self.counters.duplicates},
+            "rpc": {"answered": self.rpc.counters.rpcs, "errors": self.rpc.counters.rpc_errors,
+                    "duplicates": self.rpc.counters.duplicates},
         }
 
-
-def _run_power(argv: list[str]) -> dict[str, Any]:
-    from gatewayd.supervisor import runcmd
-
-    return runcmd.run(argv, 60.0, 4096)

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import fnmatch
+import json
 import logging
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -129,14 +131,17 @@ class Devices:
 
     RESCAN_WITHOUT_MONITOR_S = 30.0
 
-    def __init__(self, enabled: bool = True):
+    def __init__(self, enabled: bool = True, *, monitor: Any = None,
+                 lister: Callable[[], list[dict[str, Any]]] | None = None):
+        """With `monitor` (pyudev.Monitor-like, `poll(timeout=0)`) and `lister` (the inventory), no udev is used."""
         self.enabled = enabled
         self._context: Any = None
-        self._monitor: Any = None
+        self._monitor: Any = monitor
+        self._lister = lister
         self._last_scan = float("-inf")
         self.devices: list[dict[str, Any]] = []
         self.error: str | None = None
-        if not enabled:
+        if not enabled or lister is not None:
             return
         try:
             import pyudev
@@ -158,17 +163,22 @@ class Devices:
                      self.RESCAN_WITHOUT_MONITOR_S)
 
     def scan(self) -> list[dict[str, Any]]:
-        if not self.enabled or self._context is None:
+        if not self.enabled:
             return []
         found: list[dict[str, Any]] = []
-        try:
-            for subsystem in ("usb", "tty"):
-                for dev in self._context.list_devices(subsystem=subsystem):
-                    d = describe_device(dev)
-                    if d is not None:
-                        found.append(d)
-        except Exception as e:  # noqa: BLE001
-            log.debug("device scan failed: %s", e)
+        if self._lister is not None:
+            found = list(self._lister())
+        elif self._context is None:
+            return []
+        else:
+            try:
+                for subsystem in ("usb", "tty"):
+                    for dev in self._context.list_devices(subsystem=subsystem):
+                        d = describe_device(dev)
+                        if d is not None:
+                            found.append(d)
+            except Exception as e:  # noqa: BLE001
+                log.debug("device scan failed: %s", e)
         found.sort(key=lambda d: (d.get("subsystem") or "", d.get("devnode") or "", d.get("id") or ""))
         self._last_scan = time.monotonic()
         return found
@@ -204,3 +214,54 @@ class Devices:
             known = {(d.get("devnode"), d.get("id")) for d in before}
             added = [d for d in self.devices if (d.get("devnode"), d.get("id")) not in known]
         return self.devices != before, added
+
+
+class DeviceReporter:
+    """Reports the device inventory as client attribute `connected_devices` (debounced by a second)
+    and restarts the controller when a device matching `[controller] restart_on_device` appears."""
+
+    ATTRIBUTE = "connected_devices"
+    DEBOUNCE_S = 1.0
+
+    def __init__(self, devices: Devices, restart_patterns: list[str], max_packet: int,
+                 publish: Callable[[dict[str, Any]], None], restart: Callable[[str], Any] | None):
+        self.devices = devices
+        self.patterns = list(restart_patterns)
+        self.budget = max_packet - 200
+        self.publish = publish
+        self.restart = restart
+        self._dirty = False
+        self._event_at = 0.0
+
+    def start(self) -> None:
+        self.devices.devices = self.devices.scan()
+        if self.devices.enabled:
+            self.publish({self.ATTRIBUTE: self.value()})
+
+    def value(self) -> list[dict[str, Any]]:
+        """The inventory, cut to what fits in one MQTT packet."""
+        out: list[dict[str, Any]] = []
+        used = 0
+        for d in self.devices.devices:
+            size = len(json.dumps(d))
+            if used + size > self.budget:
+                break
+            out.append(d)
+            used += size
+        return out
+
+    def poll(self, now: float) -> None:
+        changed, added = self.devices.poll()
+        if added and self.patterns and self.restart is not None:
+            for d in added:
+                p = matches(d, self.patterns)
+                if p:
+                    log.info("device %s (%s) appeared; restarting the controller", d.get("devnode"), p)
+                    self.restart(f"device {d.get('devnode') or d.get('id')} appeared")
+                    break
+        if changed:
+            self._dirty = True
+            self._event_at = now
+        if self._dirty and now - self._event_at >= self.DEBOUNCE_S:
+            self._dirty = False
+            self.publish({self.ATTRIBUTE: self.value()})

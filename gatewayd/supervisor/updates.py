@@ -24,24 +24,27 @@ main loop and never blocks.
 
 from __future__ import annotations
 
-import json
 import logging
-import os
 import queue
-import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
-from pathlib import Path
+from dataclasses import asdict
+from enum import StrEnum
 from typing import Any
 
 from gatewayd.config import Config
-from gatewayd.supervisor import gitsrc
 from gatewayd.supervisor.controller import ControllerManager, Target
-from gatewayd.supervisor.docker_api import Docker, DockerError, safe_tag, split_image_ref
-from gatewayd.supervisor.images import LABEL_COMMIT, LABEL_OWNER, archive_image_ids, cleanup_job
+from gatewayd.supervisor.images import cleanup_job
 from gatewayd.supervisor.jobs import Future, Job, Jobs
-from gatewayd.supervisor.ota import Download, OtaError, checksum_matches, file_checksum, normalize_algorithm
+from gatewayd.supervisor.ota import Download, OtaError
+from gatewayd.supervisor.update_jobs import (
+    Request,
+    bootstrap_job,
+    config_key,
+    install_package_job,
+    ota_dir_cleanup,
+    prepare_job,
+)
 
 log = logging.getLogger("gatewayd.supervisor")
 
@@ -50,182 +53,22 @@ STATE_KEY = "supervisor.sw"
 OWNED_MAX = 50  # OTA-loaded image ids remembered for the image cleanup
 BOOTSTRAP_RETRY_S = 30.0
 
-
-@dataclass(frozen=True)
-class Request:
-    title: str
-    version: str
-    url: str = ""
-    checksum: str = ""
-    algorithm: str = ""
-    size: int = 0
-
-    @staticmethod
-    def from_attributes(a: dict[str, Any]) -> Request | None:
-        version = a.get("sw_version")
-        if version is None or (isinstance(version, str) and not version.strip()):
-            return None
-        size = a.get("sw_size") or 0
-        try:
-            size = int(size)
-        except (TypeError, ValueError):
-            size = -1
-        return Request(title=str(a.get("sw_title") or ""), version=str(version).strip(),
-                       url=str(a.get("sw_url") or ""), checksum=str(a.get("sw_checksum") or ""),
-                       algorithm=str(a.get("sw_checksum_algorithm") or ""), size=size)
-
-    @property
-    def key(self) -> str:
-        return json.dumps(asdict(self), sort_keys=True)
-
-    @property
-    def source(self) -> str:
-        if self.url:
-            return "image"
-        if self.checksum or self.size:
-            return "ota"
-        return "local"
+__all__ = ["SW_KEYS", "Phase", "Request", "UpdateManager", "judge"]
 
 
-def config_key(cfg: Config) -> str:
-    c = cfg["controller"]
-    return json.dumps([c["image"], c["repository"], c["dockerfile"], c["version"]])
+class Phase(StrEnum):
+    """Where the update machine is; its value is what `status` and `gatewayctl` show."""
 
-
-# -- work done in background jobs (own Docker connection each) ---------------------------
-
-def _docker(cfg: Config) -> Docker:
-    return Docker(long_timeout_s=cfg["controller"]["build_timeout_s"])
-
-
-def build_commit(cfg: Config, d: Docker, repo: Path, commit: str, version: str,
-                 progress: Callable[[str], None] | None = None) -> tuple[str, str]:
-    """(image ref, image id) of the image for this commit, built if not built before."""
-    c = cfg["controller"]
-    name = c["image_name"] or c["container_name"]
-    ref = f"{name}:{safe_tag(version)}"
-    doc = d.image_inspect(ref)
-    if doc and ((doc.get("Config") or {}).get("Labels") or {}).get(LABEL_COMMIT) == commit:
-        return ref, str(doc["Id"])
-    tmpdir = cfg.state_dir / "tmp"
-    tmpdir.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryFile(dir=tmpdir) as ctx:
-        gitsrc.archive(repo, commit, ctx)
-        ctx.seek(0)
-        image_id = d.build(ctx, ref, dockerfile=c["dockerfile"],
-                           labels={LABEL_COMMIT: commit, "io.gatewayd.version": version, LABEL_OWNER: name},
-                           network_mode=c["build_network_mode"], progress=progress)
-    return ref, image_id
-
-
-def bootstrap_job(cfg: Config, current: dict[str, Any] | None) -> dict[str, Any]:
-    """The image to run at start-up: the saved good version, else what the config names."""
-    c = cfg["controller"]
-    d = _docker(cfg)
-    try:
-        ckey = config_key(cfg)
-        if current and current.get("config_key") == ckey and current.get("image_id"):
-            if d.image_id(current["image_id"]):
-                return current
-            log.warning("image %s of version %s is gone; starting from the configuration",
-                        current.get("image"), current.get("version"))
-        if c["image"]:
-            image_id = d.image_id(c["image"])
-            if not image_id:
-                log.info("pulling %s", c["image"])
-                image_id = d.pull(c["image"])
-            tag = split_image_ref(c["image"])[1]
-            version = c["version"] or tag or image_id.split(":")[-1][:12]
-            return {"source": "config", "image": c["image"], "image_id": image_id, "version": version,
-                    "title": "", "config_key": ckey}
-        if c["repository"]:
-            repo = Path(c["repository"])
-            commit = gitsrc.resolve(repo, "HEAD", fetch=False)
-            version = c["version"] or gitsrc.describe(repo, commit)
-            ref, image_id = build_commit(cfg, d, repo, commit, version)
-            return {"source": "git", "image": ref, "image_id": image_id, "version": version, "commit": commit,
-                    "title": "", "config_key": ckey, "aliases": [version]}
-        raise DockerError("no controller image: set [controller] image or repository")
-    finally:
-        d.close()
-
-
-def prepare_job(cfg: Config, req: Request, current: dict[str, Any] | None,
-                emit: Callable[[str], None], *, job: Job) -> dict[str, Any]:
-    """Resolve, fetch/build/pull the requested version; {"same": True} if it is the running one."""
-    c = cfg["controller"]
-    d = _docker(cfg)
-
-    def progress(text: str) -> None:
-        job.progress = text[-200:]
-
-    try:
-        if req.source == "image" or (not c["repository"] and req.source == "local"):
-            if req.url:
-                ref = req.url.split("://", 1)[1] if req.url.startswith(("docker://", "docker-image://")) else req.url
-                if "://" in ref:
-                    raise DockerError(f"sw_url {req.url!r} is not an image reference (downloads over HTTP are "
-                                      "not supported; attach the package to ThingsBoard instead)")
-            elif c["image"]:
-                ref = f"{split_image_ref(c['image'])[0]}:{safe_tag(req.version)}"
-            else:
-                raise DockerError("no update source: set [controller] repository or image, or attach a package")
-            image_id = d.image_id(ref)
-            if image_id and current and current.get("image_id") == image_id:
-                return {"same": True}
-            emit("DOWNLOADING")
-            if not image_id:
-                image_id = d.pull(ref, progress)
-            emit("DOWNLOADED")
-            emit("VERIFIED")
-            return {"source": "image", "image": ref, "image_id": image_id, "version": req.version,
-                    "title": req.title}
-        repo = Path(c["repository"])
-        commit = gitsrc.resolve(repo, req.version, fetch=c["git_fetch"])
-        if current and current.get("commit") == commit:
-            return {"same": True, "commit": commit}
-        emit("DOWNLOADING")
-        ref, image_id = build_commit(cfg, d, repo, commit, req.version, progress)
-        emit("DOWNLOADED")
-        emit("VERIFIED")
-        return {"source": "git", "image": ref, "image_id": image_id, "version": req.version, "title": req.title,
-                "commit": commit, "aliases": [req.version]}
-    finally:
-        d.close()
-
-
-def install_package_job(cfg: Config, path: Path, req: Request, emit: Callable[[str], None]) -> dict[str, Any]:
-    """Verify an OTA package against its checksum and `docker load` it."""
-    c = cfg["controller"]
-    try:
-        algo = normalize_algorithm(req.algorithm)
-        actual = file_checksum(path, algo)
-        if not checksum_matches(actual, req.checksum):
-            raise OtaError(f"checksum mismatch: {algo} of the package is {actual}, expected {req.checksum}")
-        emit("VERIFIED")
-        d = _docker(cfg)
-        try:
-            # An image already on the device is not gatewayd's to remove later, whatever the package says.
-            existed = any(d.image_id(i) for i in archive_image_ids(path))
-            with open(path, "rb") as f:
-                loaded = d.load(f)
-            ref = next((x for x in loaded if not x.startswith("sha256:")), loaded[0])
-            image_id = d.image_id(ref)
-            if not image_id:
-                raise DockerError(f"loaded {ref} but cannot find it")
-            name = c["image_name"] or c["container_name"]
-            own = f"{name}:{safe_tag(req.version)}"
-            d.tag(image_id, own)
-        finally:
-            d.close()
-        return {"source": "ota", "image": own, "image_id": image_id, "version": req.version, "title": req.title,
-                "checksum": req.checksum, "loaded": loaded,
-                "owned_refs": None if existed else [x for x in loaded if not x.startswith("sha256:")]}
-    finally:
-        try:
-            path.unlink()
-        except FileNotFoundError:
-            pass
+    BOOTSTRAP = "bootstrap"  # preparing the image to run at start-up
+    BOOTSTRAP_WAIT = "bootstrap_wait"  # that failed; retrying later
+    DISABLED = "disabled"  # no controller
+    IDLE = "idle"
+    PREPARE = "prepare"  # resolving, building or pulling the requested version
+    OTA = "ota"  # downloading a package over MQTT
+    INSTALL = "install"  # verifying and loading the package
+    SWITCH = "switch"  # the controller thread is starting the new version
+    GRACE = "grace"  # judging the new version's health
+    CLEANUP = "cleanup"  # removing surplus images
 
 
 def judge(snap: dict[str, Any], baseline_failures: int, grace_started: float, now: float, now_ms: int,
@@ -265,18 +108,18 @@ class UpdateManager:
         self.stable_s: float = min(c["update_stable_s"], c["update_grace_s"] / 2)
         self.ota_dir = cfg.state_dir / "ota"
 
-        st = get_state(STATE_KEY) or {}
-        self.current: dict[str, Any] | None = st.get("current")
-        self.failed_key: str | None = st.get("failed_key")
-        self.target: dict[str, Any] | None = st.get("target")  # {"request": {...}, "prepared": {...}|None}
-        self.ota_state: dict[str, Any] | None = st.get("ota")
-        self.sw_state: str | None = st.get("sw_state")
-        self.sw_error: str | None = st.get("sw_error")
-        self.previous: dict[str, Any] | None = st.get("previous")  # the good version before `current`
-        self.owned: dict[str, list[str]] = dict(st.get("owned") or {})  # OTA-loaded image id → tags it made
+        # Saved state (`STATE_KEY`), read by `start()`.
+        self.current: dict[str, Any] | None = None
+        self.failed_key: str | None = None
+        self.target: dict[str, Any] | None = None  # {"request": {...}, "prepared": {...}|None}
+        self.ota_state: dict[str, Any] | None = None
+        self.sw_state: str | None = None
+        self.sw_error: str | None = None
+        self.previous: dict[str, Any] | None = None  # the good version before `current`
+        self.owned: dict[str, list[str]] = {}  # OTA-loaded image id → tags it made
 
         self.requested: dict[str, Any] = {}
-        self.phase = "bootstrap"
+        self.phase = Phase.BOOTSTRAP
         self.job: Job | None = None
         self.future: Future | None = None
         self.download: Download | None = None
@@ -336,23 +179,36 @@ class UpdateManager:
         return out
 
     # -- start-up ----------------------------------------------------------------------
+    def _load(self) -> None:
+        st = self.get_state(STATE_KEY) or {}
+        self.current = st.get("current")
+        self.failed_key = st.get("failed_key")
+        self.target = st.get("target")
+        self.ota_state = st.get("ota")
+        self.sw_state = st.get("sw_state")
+        self.sw_error = st.get("sw_error")
+        self.previous = st.get("previous")
+        self.owned = dict(st.get("owned") or {})
+
     def start(self) -> None:
+        """Read the saved state, then prepare the image to run (a background job)."""
+        self._load()
         if self.controller is None:
-            self.phase = "disabled"
+            self.phase = Phase.DISABLED
             return
         keep = {f"sw-{self.ota_state['request_id']}.part"} if self.ota_state and self.target else set()
         ota_dir_cleanup(self.ota_dir, keep)
         self._start_bootstrap()
 
     def _start_bootstrap(self) -> None:
-        self.phase = "bootstrap"
+        self.phase = Phase.BOOTSTRAP
         self.job = self.jobs.submit("prepare controller image", bootstrap_job, self.cfg, self.current)
 
     def _bootstrap_done(self, job: Job) -> None:
         if job.error is not None:
             log.error("cannot prepare the controller image: %s (retrying in %.0f s)", job.error, BOOTSTRAP_RETRY_S)
             self.bootstrap_retry_at = self.clock() + BOOTSTRAP_RETRY_S
-            self.phase = "bootstrap_wait"
+            self.phase = Phase.BOOTSTRAP_WAIT
             self.last_error = job.error
             return
         cur = dict(job.result)
@@ -360,7 +216,7 @@ class UpdateManager:
             self.current = cur
             self._save()
         self._report_current()
-        self.phase = "idle"
+        self.phase = Phase.IDLE
         req = self._target_request()
         prepared = self.target.get("prepared") if self.target else None
         if req is not None and prepared:
@@ -405,8 +261,8 @@ class UpdateManager:
 
     def _consider(self) -> None:
         req = Request.from_attributes(self.requested)
-        if req is None or self.phase in ("bootstrap", "bootstrap_wait", "disabled"):
-            if req is not None and self.phase == "disabled" and req.key != self._ignored_key:
+        if req is None or self.phase in (Phase.BOOTSTRAP, Phase.BOOTSTRAP_WAIT, Phase.DISABLED):
+            if req is not None and self.phase == Phase.DISABLED and req.key != self._ignored_key:
                 self._ignored_key = req.key
                 log.warning("sw_version %s requested but the controller is disabled; ignored", req.version)
             return
@@ -423,13 +279,13 @@ class UpdateManager:
                 self._ignored_key = req.key
                 log.info("sw_version %s is the running version; nothing to do", req.version)
             return
-        if self.phase != "idle":
-            if self.phase == "ota" and self.download is not None:
+        if self.phase != Phase.IDLE:
+            if self.phase == Phase.OTA and self.download is not None:
                 log.info("a new version was requested during a download; abandoning the download")
                 self.download.discard()
                 self.download = None
                 self.target = None
-                self.phase = "idle"
+                self.phase = Phase.IDLE
             else:
                 return  # picked up when the running update ends
         self._begin(req)
@@ -443,7 +299,7 @@ class UpdateManager:
         if req.source == "ota":
             self._start_ota(req, resume)
             return
-        self.phase = "prepare"
+        self.phase = Phase.PREPARE
         self._save()
         self.job = self.jobs.submit(f"prepare version {req.version}", prepare_job, self.cfg, req,
                                     dict(self.current) if self.current else None, self.events.put, pass_job=True)
@@ -463,7 +319,7 @@ class UpdateManager:
         except (OtaError, OSError) as e:
             self._fail(str(e), rollback=False)
             return
-        self.phase = "ota"
+        self.phase = Phase.OTA
         self._report("DOWNLOADING")
         self._request_chunks()
 
@@ -485,7 +341,7 @@ class UpdateManager:
 
     def on_chunk(self, request_id: str, n: int, data: bytes) -> None:
         dl = self.download
-        if dl is None or self.phase != "ota" or request_id != dl.request_id:
+        if dl is None or self.phase != Phase.OTA or request_id != dl.request_id:
             log.debug("OTA chunk %s/%d for no active download; dropped", request_id, n)
             return
         try:
@@ -504,21 +360,21 @@ class UpdateManager:
             req = self._target_request()
             assert req is not None
             self._report("DOWNLOADED")
-            self.phase = "install"
+            self.phase = Phase.INSTALL
             self.job = self.jobs.submit(f"install package {req.version}", install_package_job, self.cfg, path, req,
                                         self.events.put)
         else:
             self._request_chunks()
 
     def on_ota_error(self, text: str) -> None:
-        if self.download is not None and self.phase == "ota":
+        if self.download is not None and self.phase == Phase.OTA:
             self._ota_failed(f"ThingsBoard refused the package download: {text}")
 
     # -- switching and judging ---------------------------------------------------------
     def _switch(self, prepared: dict[str, Any]) -> None:
         assert self.target is not None
         self.target["prepared"] = prepared
-        self.phase = "switch"
+        self.phase = Phase.SWITCH
         self._report("UPDATING")
         self.future = self._set_controller(prepared)
 
@@ -532,7 +388,7 @@ class UpdateManager:
             log.warning("rolling back to version %s (%s)", self.current.get("version"), self.current.get("image"))
             rolled_back = self._set_controller(self.current)
         self.target = None
-        self.phase = "idle"
+        self.phase = Phase.IDLE
         self.job = None
         self._save()
         if rolled_back is not None:
@@ -551,7 +407,7 @@ class UpdateManager:
                                        "current_sw_version": new.get("version") or ""})
         log.info("controller updated to version %s (%s)", new.get("version"), why)
         self.target = None
-        self.phase = "idle"
+        self.phase = Phase.IDLE
         self.job = None
         self._save()
         self._start_cleanup(None)
@@ -560,7 +416,7 @@ class UpdateManager:
     # -- removal of old images -----------------------------------------------------------
     def _start_cleanup(self, after: Future | None) -> None:
         """Remove surplus images in a job (after `after`, the rollback, is done); a new update waits."""
-        self.phase = "cleanup"
+        self.phase = Phase.CLEANUP
         self.future = after
         self.job = None
         if after is None:
@@ -579,7 +435,7 @@ class UpdateManager:
             if gone & set(self.owned):
                 self.owned = {k: v for k, v in self.owned.items() if k not in gone}
                 self._save()
-        self.phase = "idle"
+        self.phase = Phase.IDLE
         self._consider()
 
     def _remember_owned(self, prepared: dict[str, Any]) -> None:
@@ -599,9 +455,9 @@ class UpdateManager:
                 break
             if self.target is not None:
                 self._report(state)
-        if self.phase in ("bootstrap", "prepare", "install") and self.job is not None and self.job.done():
+        if self.phase in (Phase.BOOTSTRAP, Phase.PREPARE, Phase.INSTALL) and self.job is not None and self.job.done():
             job, self.job = self.job, None
-            if self.phase == "bootstrap":
+            if self.phase == Phase.BOOTSTRAP:
                 self._bootstrap_done(job)
             elif job.error is not None:
                 self._fail(job.error, rollback=False)
@@ -614,13 +470,13 @@ class UpdateManager:
                         self.current["aliases"] = aliases[-20:]
                     log.info("sw_version %s names the running version; nothing to do", req.version)
                 self.target = None
-                self.phase = "idle"
+                self.phase = Phase.IDLE
                 self._save()
                 self._consider()
             else:
                 self._remember_owned(job.result)
                 self._switch(job.result)
-        elif self.phase == "cleanup":
+        elif self.phase == Phase.CLEANUP:
             if self.job is None:
                 if self.future is None or self.future.done():
                     self.future = None
@@ -628,19 +484,19 @@ class UpdateManager:
             elif self.job.done():
                 job, self.job = self.job, None
                 self._cleanup_done(job)
-        elif self.phase == "bootstrap_wait" and self.clock() >= self.bootstrap_retry_at:
+        elif self.phase == Phase.BOOTSTRAP_WAIT and self.clock() >= self.bootstrap_retry_at:
             self._start_bootstrap()
-        elif self.phase == "ota" and self.download is not None:
+        elif self.phase == Phase.OTA and self.download is not None:
             self._request_chunks()
-        elif self.phase == "switch" and self.future is not None and self.future.done():
+        elif self.phase == Phase.SWITCH and self.future is not None and self.future.done():
             fut, self.future = self.future, None
             if fut.error is not None:
                 self._fail(f"cannot start the new version: {fut.error}", rollback=True)
                 return
             self.baseline = int(fut.result["failures_total_before"])
             self.grace_started = self.clock()
-            self.phase = "grace"
-        elif self.phase == "grace" and self.controller is not None and self.target is not None:
+            self.phase = Phase.GRACE
+        elif self.phase == Phase.GRACE and self.controller is not None and self.target is not None:
             verdict, why = judge(self.controller.snapshot(), self.baseline, self.grace_started, self.clock(),
                                  time.time_ns() // 1_000_000, self.grace_s, self.stable_s)
             if verdict == "ok":
@@ -650,16 +506,6 @@ class UpdateManager:
 
     def stop(self) -> None:
         if self.download is not None:
-            if self.phase == "ota":
+            if self.phase == Phase.OTA:
                 self._save()
             self.download.close()
-
-
-def ota_dir_cleanup(directory: Path, keep: set[str]) -> None:
-    """Remove part files of downloads nobody resumes."""
-    try:
-        for p in directory.glob("sw-*.part"):
-            if p.name not in keep:
-                os.unlink(p)
-    except OSError:
-        pass

@@ -54,8 +54,11 @@ def wait_for(predicate: Callable[[], Any], timeout: float = 10.0, interval: floa
 class Daemon:
     """One `python -m gatewayd <name>` process with its stderr captured to a file."""
 
-    def __init__(self, name: str, config: Path, python: str | None = None, env: dict[str, str] | None = None):
+    def __init__(self, name: str, config: Path, python: str | None = None, env: dict[str, str] | None = None,
+                 argv_prefix: list[str] | None = None):
+        """`argv_prefix` wraps the command (e.g. `setpriv --reuid ...` to run it as another user)."""
         self.name = name
+        self.argv_prefix = list(argv_prefix or [])
         self.config = config
         self.python = python or sys.executable
         self.env = env or {}
@@ -69,7 +72,8 @@ class Daemon:
         env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
         self._log_offset = self.log_path.stat().st_size if self.log_path.exists() else 0
         with open(self.log_path, "ab") as log:
-            self.proc = subprocess.Popen([self.python, "-m", "gatewayd", self.name, "--config", str(self.config)],
+            self.proc = subprocess.Popen([*self.argv_prefix, self.python, "-m", "gatewayd", self.name,
+                                          "--config", str(self.config)],
                                          stdout=log, stderr=subprocess.STDOUT, env=env, cwd=str(ROOT))
         if wait_ready:
             self.wait_log(f"{self.name} ready", timeout)

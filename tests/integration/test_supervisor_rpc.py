@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import subprocess
 import sys
 import time
@@ -38,7 +39,8 @@ class Env(SupervisorEnv):
             "supervisor": {
                 "telemetry_interval_s": 1,
                 "rpc_reply_deadline_s": 2,
-                "run_command_allow": ["echo", "/bin/sleep", sys.executable],
+                "run_command_allow": ["echo **", "/bin/sleep **", f"{shlex.quote(sys.executable)} **",
+                                      "/usr/bin/env"],
                 "run_command_timeout_s": 20,
                 "run_command_max_output_bytes": 1000,
                 "reboot_command": ["/usr/bin/touch", str(self.marks / "reboot")],
@@ -128,14 +130,20 @@ def test_malformed_inbound_is_dead_lettered_and_the_daemon_carries_on(env: Env) 
     assert env.daemon.proc is not None and env.daemon.proc.poll() is None
 
 
-def test_duplicate_delivery_gets_one_reply(env: Env) -> None:
+def test_duplicate_delivery_runs_once_and_each_copy_gets_the_same_reply(env: Env, tmp_path: Path) -> None:
     b = env.b
+    runs = tmp_path / "runs"
+    script = f"open({str(runs)!r}, 'a').write('run\\n'); print('once')"
     for _ in range(3):
-        b.rpc(7, "run_command", {"command": "echo once"})
+        b.rpc(7, "run_command", {"command": [sys.executable, "-c", script]})
     b.reply(7)
     b.rpc(8, "ping")
     b.reply(8)
-    assert len(b.replies(7)) == 1
+    wait_for(lambda: len(b.replies(7)) == 3, 10, what="a reply for every copy")
+    replies = b.replies(7)
+    assert replies[0]["output"] == "once\n" and replies[1:] == replies[:1] * 2
+    assert runs.read_text() == "run\n"
+    assert b.conn.execute("SELECT count(*) FROM inbound").fetchone()[0] == 0
 
 
 def test_command_outliving_the_rpc_timeout(env: Env) -> None:

@@ -18,7 +18,8 @@ pytestmark = pytest.mark.integration
 
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "watchdog" / "gatewayd-watchdog"
-UNITS = ("gatewayd-bridge.service", "gatewayd-forwarder.service", "gatewayd-supervisor.service")
+UNITS = ("gatewayd-bridge.service", "gatewayd-forwarder.service", "gatewayd-supervisor.service",
+         "gatewayd-ingest.service")
 NOW = 1_800_000_000
 
 # A fake systemctl: the state of every unit lives in a JSON file; each call is appended to
@@ -218,6 +219,15 @@ def test_inactive_unit_is_restarted_while_target_active(world: World) -> None:
     world.unit("gatewayd-forwarder.service").update(ActiveState="inactive", SubState="dead")
     world.run()
     assert ("restart", "gatewayd-forwarder.service") in world.actions()
+
+
+def test_unit_skipped_by_its_exec_condition_is_left_alone(world: World) -> None:
+    """gatewayd-ingest without an adapter: inactive on purpose, never restarted nor alerted."""
+    world.unit("gatewayd-ingest.service").update(ActiveState="inactive", SubState="dead", Result="exec-condition")
+    proc = world.run()
+    assert proc.returncode == 0, proc.stderr
+    assert world.actions() == []
+    assert world.alerts() == []
 
 
 @pytest.mark.parametrize("state,sub", [("activating", "auto-restart"), ("activating", "start"),
@@ -422,3 +432,101 @@ def test_cron_file_runs_it_every_minute_as_root() -> None:
     assert fields[:5] == ["*"] * 5
     assert fields[5] == "root"
     assert "/usr/sbin/gatewayd-watchdog" in fields[6]
+
+
+# -- root's state and symbolic links -------------------------------------------------------
+# The script runs as root; /var/lib/gatewayd and /run/gatewayd belong to the gatewayd user.
+# Nothing it writes may be redirected, and nothing there may steer what root does.
+
+def test_default_state_dir_is_outside_the_daemons_directories() -> None:
+    text = SCRIPT.read_text()
+    assert "GATEWAYD_WATCHDOG_STATE_DIR:-/var/lib/gatewayd-root}" in text
+    assert "/var/lib/gatewayd/" not in text
+
+
+def test_state_dir_created_private(world: World) -> None:
+    world.run()
+    assert world.wd_state.is_dir() and not world.wd_state.is_symlink()
+    assert (world.wd_state.stat().st_mode & 0o777) == 0o700
+
+
+def test_symlinked_state_dir_is_refused_and_not_followed(world: World) -> None:
+    target = world.tmp / "elsewhere"
+    target.mkdir()
+    target.chmod(0o755)
+    world.wd_state.symlink_to(target)
+    world.unit("gatewayd-bridge.service").update(ActiveState="failed")
+    proc = world.run()
+    assert proc.returncode == 1
+    assert world.actions() == []
+    assert list(target.iterdir()) == []                 # no lock, no history written through it
+    assert (target.stat().st_mode & 0o777) == 0o755     # and not chmod'ed through it
+    assert any("symbolic link" in m for m in world.messages())
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="chown needs root")
+def test_state_dir_owned_by_someone_else_is_refused(world: World) -> None:
+    world.wd_state.mkdir(mode=0o700)
+    os.chown(world.wd_state, 65534, 65534)
+    world.unit("gatewayd-bridge.service").update(ActiveState="failed")
+    proc = world.run()
+    assert proc.returncode == 1
+    assert world.actions() == []
+    assert any("is not owned by" in m for m in world.messages())
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="chown needs root")
+def test_state_dir_inside_a_directory_another_user_owns_is_refused(world: World) -> None:
+    """The old layout, /var/lib/gatewayd/watchdog: gatewayd could swap the directory."""
+    daemons_dir = world.tmp / "var-lib-gatewayd"
+    daemons_dir.mkdir(mode=0o750)
+    os.chown(daemons_dir, 65534, 65534)
+    world.unit("gatewayd-bridge.service").update(ActiveState="failed")
+    proc = world.run(GATEWAYD_WATCHDOG_STATE_DIR=str(daemons_dir / "watchdog"))
+    assert proc.returncode == 1
+    assert world.actions() == []
+    assert not (daemons_dir / "watchdog").exists()
+    assert any("users other than root may change" in m for m in world.messages())
+
+
+def test_state_dir_in_a_sticky_root_directory_is_fine(world: World) -> None:
+    sticky = world.tmp / "sticky"
+    sticky.mkdir()
+    sticky.chmod(0o1777)
+    world.unit("gatewayd-bridge.service").update(ActiveState="failed")
+    proc = world.run(GATEWAYD_WATCHDOG_STATE_DIR=str(sticky / "wd"))
+    assert proc.returncode == 0, proc.stderr
+    assert ("restart", "gatewayd-bridge.service") in world.actions()
+
+
+def test_symlinked_heartbeat_is_not_followed(world: World) -> None:
+    """A heartbeat replaced by a link to some fresh file must not hide a wedged daemon."""
+    world.unit("gatewayd-bridge.service").update(ActiveEnterTimestamp=f"@{NOW - 3600}")
+    fresh = world.tmp / "fresh"
+    fresh.write_text("")
+    os.utime(fresh, (NOW, NOW))
+    hb = world.run_dir / "bridge.heartbeat"
+    hb.unlink()
+    hb.symlink_to(fresh)
+    world.run()
+    assert ("restart", "gatewayd-bridge.service") in world.actions()
+    assert any("not a regular file" in m for m in world.messages())
+    assert fresh.read_text() == ""
+
+
+@pytest.mark.parametrize("how", ["group-writable", "foreign owner"])
+def test_defaults_file_that_others_may_change_is_not_sourced(world: World, how: str) -> None:
+    if how == "foreign owner" and os.geteuid() != 0:
+        pytest.skip("chown needs root")
+    marker = world.tmp / "sourced"
+    world.defaults.write_text(f"touch {marker}\nGATEWAYD_ALERT_COMMAND={world.bin / 'alert'}\n")
+    if how == "group-writable":
+        world.defaults.chmod(0o664)
+    else:
+        os.chown(world.defaults, 65534, 65534)
+    world.unit("gatewayd-bridge.service").update(ActiveState="failed")
+    world.run()
+    assert not marker.exists()
+    assert world.alerts() == []                                  # its alert command was not taken
+    assert ("restart", "gatewayd-bridge.service") in world.actions()  # the watchdog still works
+    assert any("ignoring it" in m for m in world.messages())

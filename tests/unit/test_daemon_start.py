@@ -97,7 +97,8 @@ def test_gatewayctl_sees_faults_and_a_replaced_queues_db(tmp_path: Path) -> None
     RuntimeStatus(cfg.runtime_dir, "bridge").update(None, {"queues.db": [ident.st_dev, ident.st_ino + 1]})
     (cfg.runtime_dir / "supervisor.status").write_text(json.dumps({"pid": 2**22 + 7, "fault": "gone"}))
     got = daemon_faults(cfg)
-    assert got["faults"] == {"bridge": None, "forwarder": "queues.db: disk full", "supervisor": None}
+    assert got["faults"]["forwarder"] == "queues.db: disk full"
+    assert got["faults"]["bridge"] is None and got["faults"]["supervisor"] is None
     assert got["stale_queues_db"] == ["bridge"]
     assert os.getpid() == read_runtime_status(cfg.runtime_dir, "forwarder")["pid"]  # type: ignore[index]
 

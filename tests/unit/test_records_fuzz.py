@@ -21,14 +21,15 @@ def _reject(name: str) -> None:
 
 
 def depth_and_numbers_ok(obj: Any, depth: int = 1) -> bool:
-    if depth > MAX_JSON_DEPTH:
-        return False
+    """Objects and arrays nest at most MAX_JSON_DEPTH deep (the record itself is level 1)."""
     if isinstance(obj, bool) or obj is None or isinstance(obj, str):
         return True
     if isinstance(obj, int):
         return INT_MIN <= obj <= INT_MAX
     if isinstance(obj, float):
         return math.isfinite(obj)
+    if depth > MAX_JSON_DEPTH:
+        return False
     items = obj.values() if isinstance(obj, dict) else obj
     return all(depth_and_numbers_ok(v, depth + 1) for v in items)
 

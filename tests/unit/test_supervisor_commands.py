@@ -8,10 +8,11 @@ from pathlib import Path
 
 import pytest
 
-from gatewayd.config import load
+from gatewayd.config import ConfigError, load
 from gatewayd.store import archive as archive_store
 from gatewayd.store import queues
-from gatewayd.supervisor import commands, rpcstore, runcmd
+from gatewayd.store import rpc as ledger
+from gatewayd.supervisor import commands, runcmd
 from gatewayd.supervisor.system import describe_device, matches, system_metrics
 from tests.helpers.daemons import write_config
 
@@ -26,28 +27,36 @@ def q(tmp_path: Path):  # type: ignore[no-untyped-def]
 def test_rpc_reply_is_queued_once_with_the_inbound_row_deleted(q) -> None:  # type: ignore[no-untyped-def]
     queues.put_inbound(q, "v1/devices/me/rpc/request/5", b'{"method":"ping"}')
     rid = q.execute("SELECT id FROM inbound").fetchone()[0]
-    dig = rpcstore.digest(b'{"method":"ping"}')
-    assert rpcstore.begin(q, "5", dig, "ping") == ("new", None)
-    assert rpcstore.begin(q, "5", dig, "ping")[0] == "started"  # what a restarted supervisor sees
-    oid = rpcstore.finish(q, "5", dig, "ping", rid, {"pong": True})
+    dig = ledger.digest(b'{"method":"ping"}')
+    assert ledger.begin(q, "5", dig, "ping", rid) == ("new", None, rid)
+    assert ledger.begin(q, "5", dig, "ping", rid) == ("started", None, rid)  # what a restarted supervisor sees
+    oid = ledger.finish(q, "5", dig, "ping", rid, '{"pong":true}')
     assert oid > 0
     assert q.execute("SELECT count(*) FROM inbound").fetchone()[0] == 0
     rows = q.execute("SELECT priority, kind, topic, payload FROM outbox").fetchall()
     assert rows == [(queues.PRIO_RPC_REPLY, queues.KIND_RPC_REPLY, "v1/devices/me/rpc/response/5", '{"pong":true}')]
-    assert rpcstore.begin(q, "5", dig, "ping") == ("done", '{"pong":true}')
+    assert ledger.begin(q, "5", dig, "ping", rid + 1) == ("done", '{"pong":true}', rid)
     # finishing again (a replay) queues nothing more
-    assert rpcstore.finish(q, "5", dig, "ping", rid, {"pong": True}) == 0
+    assert ledger.finish(q, "5", dig, "ping", rid, '{"pong":true}') == 0
     assert q.execute("SELECT count(*) FROM outbox").fetchone()[0] == 1
     assert queues.counters(q)["outbox_rows"] == 1
+    # a duplicate delivery gets the stored reply again
+    queues.put_inbound(q, "v1/devices/me/rpc/request/5", b'{"method":"ping"}')
+    dup = q.execute("SELECT id FROM inbound").fetchone()[0]
+    assert ledger.answer_again(q, "5", dup, '{"pong":true}') > oid
+    assert queues.depth(q, "inbound") == 0 and queues.counters(q)["outbox_rows"] == 2
     # the same id with another payload (ThingsBoard restarted its counter) is a new request
-    assert rpcstore.begin(q, "5", rpcstore.digest(b'{"method":"status"}'), "status")[0] == "new"
-    assert rpcstore.purge(q, 10**15) == 2
+    assert ledger.begin(q, "5", ledger.digest(b'{"method":"status"}'), "status", 99)[0] == "new"
+    # finished requests are forgotten below an inbound id; a started one only once its row is gone
+    assert ledger.purge_done(q, rid - 1) == 0
+    assert ledger.purge_done(q, rid) == 1
+    assert ledger.purge_orphans(q) == 1  # inbound row 99 does not exist
 
 
 def test_dead_letter_inbound_keeps_binary_payloads(q) -> None:  # type: ignore[no-untyped-def]
     queues.put_inbound(q, "x/y", b"\xff\x00")
     rid = q.execute("SELECT id FROM inbound").fetchone()[0]
-    rpcstore.dead_letter_inbound(q, rid, "x/y", b"\xff\x00", "no handler")
+    ledger.dead_letter_inbound(q, rid, "x/y", b"\xff\x00", "no handler")
     assert q.execute("SELECT stage, type, message, reason FROM dead_letters").fetchall() == [
         ("supervisor", "x/y", "base64:/wA=", "no handler")]
     assert queues.depth(q, "inbound") == 0
@@ -67,7 +76,7 @@ def test_int_params() -> None:
 
 
 def test_run_command_allow_list(tmp_path: Path) -> None:
-    cfg = load(write_config(tmp_path, {"supervisor": {"run_command_allow": ["echo", "/bin/sleep"]}}), env={})
+    cfg = load(write_config(tmp_path, {"supervisor": {"run_command_allow": ["echo **", "/bin/sleep [0-9]"]}}), env={})
     assert commands.allowed_argv(cfg, "echo 'a b'")[1:] == ["a b"]
     assert commands.allowed_argv(cfg, ["sleep", "1"]) == ["/bin/sleep", "1"]
     assert commands.allowed_argv(cfg, "/bin/sleep 1") == ["/bin/sleep", "1"]
@@ -82,6 +91,35 @@ def test_run_command_allow_list(tmp_path: Path) -> None:
     off = load(write_config(tmp_path / "off"), env={})
     with pytest.raises(commands.BadRequest, match="disabled"):
         commands.allowed_argv(off, "echo x")
+
+
+def test_run_command_arguments_must_match_an_entry(tmp_path: Path) -> None:
+    allow = ["systemctl status gatewayd-*", "journalctl -u gatewayd-* -n [0-9]*", "/bin/sleep [0-9]", "/bin/true"]
+    cfg = load(write_config(tmp_path, {"supervisor": {"run_command_allow": allow}}), env={})
+    assert commands.allowed_argv(cfg, "systemctl status gatewayd-bridge")[1:] == ["status", "gatewayd-bridge"]
+    assert commands.allowed_argv(cfg, "journalctl -u gatewayd-supervisor -n 50")[1:] == [
+        "-u", "gatewayd-supervisor", "-n", "50"]
+    assert commands.allowed_argv(cfg, "/bin/true") == ["/bin/true"]
+    for bad in ("systemctl stop gatewayd-bridge", "systemctl status gatewayd-bridge extra",
+                "systemctl status", "systemctl status sshd", "journalctl -u gatewayd-x -n 50 -f",
+                "/bin/sleep 10", "/bin/sleep", "/bin/true --help", ["/bin/sleep", "1\x00"],
+                ["/bin/sleep", "\udcff"]):
+        with pytest.raises(commands.BadRequest):
+            commands.allowed_argv(cfg, bad)
+    with pytest.raises(commands.BadRequest, match="allows: systemctl status 'gatewayd-\\*'"):
+        commands.allowed_argv(cfg, "systemctl restart gatewayd-bridge")
+
+
+@pytest.mark.parametrize("entry", ["", "  ", "ec*o x", "echo ** x", "echo 'open"])
+def test_bad_allow_entries_are_config_errors(tmp_path: Path, entry: str) -> None:
+    with pytest.raises(ConfigError, match="run_command_allow"):
+        load(write_config(tmp_path, {"supervisor": {"run_command_allow": [entry]}}), env={})
+
+
+def test_commands_run_with_a_minimal_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("GWTEST_SUPERVISOR_SECRET", "s3cr3t")
+    r = runcmd.run(["/usr/bin/env"], 10, 10000, "/", runcmd.clean_env({"TZ": "UTC"}))
+    assert sorted(r["output"].split()) == ["LANG=C.UTF-8", f"PATH={runcmd.CLEAN_PATH}", "TZ=UTC"]
 
 
 def test_runcmd_timeout_and_bounded_output() -> None:

@@ -2,18 +2,14 @@
 
 from __future__ import annotations
 
-import json
 import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
-from gatewayd.config import load
-from gatewayd.store import queues
 from gatewayd.supervisor.jobs import Jobs
-from gatewayd.supervisor.service import DEVICES_ATTRIBUTE, Supervisor
-from gatewayd.supervisor.system import Devices
+from gatewayd.supervisor.system import DeviceReporter, Devices
 from tests.helpers.daemons import ROOT, write_config
 
 
@@ -39,48 +35,33 @@ class FakeMonitor:
         return self.events.pop(0) if self.events else None
 
 
-class FakeController:
-    def __init__(self) -> None:
-        self.restarts: list[str] = []
-
-    def restart(self, reason: str) -> None:
-        self.restarts.append(reason)
-
-
-def test_hotplug_is_reported_and_restarts_the_controller(tmp_path: Path) -> None:
-    cfg = load(write_config(tmp_path, {"controller": {"restart_on_device": ["0403:6001"]}}), env={})
-    sup = Supervisor(cfg)
-    sup.conn = queues.open_queues(cfg.queues_db)
-    devices = Devices(enabled=False)
-    devices.enabled = True
+def test_hotplug_is_reported_and_restarts_the_controller() -> None:
     mon = FakeMonitor()
-    devices._monitor = mon
     inventory: list[dict[str, Any]] = []
-    devices.scan = lambda: list(inventory)  # type: ignore[method-assign]
-    sup.devices = devices
-    ctl = FakeController()
-    sup.controller = ctl  # type: ignore[assignment]
+    devices = Devices(monitor=mon, lister=lambda: list(inventory))
+    published: list[dict[str, Any]] = []
+    restarts: list[str] = []
+    reporter = DeviceReporter(devices, ["0403:6001"], 65536, published.append, restarts.append)
+    reporter.start()
+    assert published == [{DeviceReporter.ATTRIBUTE: []}]
     now = time.monotonic()
-    sup._poll_devices(now)
-    assert ctl.restarts == []
+    reporter.poll(now)
+    assert restarts == []
     inventory.append({"subsystem": "tty", "devnode": "/dev/ttyUSB0", "id": "0403:6001"})
     mon.events.append(FakeUdevDevice("add", "/dev/ttyUSB0"))
-    sup._poll_devices(now)
-    assert ctl.restarts == ["device /dev/ttyUSB0 appeared"]
-    sup._poll_devices(now + 0.5)  # debounced: not yet published
-    assert not sup.conn.execute("SELECT 1 FROM outbox").fetchall()
-    sup._poll_devices(now + 1.5)
-    (payload,) = sup.conn.execute("SELECT payload FROM outbox WHERE kind = 'attributes'").fetchone()
-    assert json.loads(payload) == {DEVICES_ATTRIBUTE: inventory}
+    reporter.poll(now)
+    assert restarts == ["device /dev/ttyUSB0 appeared"]
+    reporter.poll(now + 0.5)  # debounced: not yet published
+    assert len(published) == 1
+    reporter.poll(now + 1.5)
+    assert published[-1] == {DeviceReporter.ATTRIBUTE: inventory}
     # a removal is reported, and restarts nothing
     inventory.clear()
     mon.events.append(FakeUdevDevice("remove", "/dev/ttyUSB0"))
-    sup._poll_devices(now + 3)
-    sup._poll_devices(now + 5)
-    rows = sup.conn.execute("SELECT payload FROM outbox WHERE kind = 'attributes' ORDER BY id").fetchall()
-    assert json.loads(rows[-1][0]) == {DEVICES_ATTRIBUTE: []}
-    assert len(ctl.restarts) == 1
-    sup.conn.close()
+    reporter.poll(now + 3)
+    reporter.poll(now + 5)
+    assert published[-1] == {DeviceReporter.ATTRIBUTE: []}
+    assert len(restarts) == 1
 
 
 def test_disabled_controller_never_touches_docker(tmp_path: Path) -> None:

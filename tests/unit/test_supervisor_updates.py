@@ -14,7 +14,7 @@ from gatewayd.config import load
 from gatewayd.supervisor import gitsrc
 from gatewayd.supervisor.jobs import Future, Jobs
 from gatewayd.supervisor.ota import Download, OtaError, checksum_matches, file_checksum, normalize_algorithm
-from gatewayd.supervisor.updates import Request, UpdateManager, judge
+from gatewayd.supervisor.updates import Phase, Request, UpdateManager, judge
 from tests.helpers.daemons import write_config
 
 
@@ -220,12 +220,12 @@ def test_update_success_and_same_version_again(tmp_path: Path) -> None:
     um, ctl, tel, jobs, state = make_manager(tmp_path, {"prepare": CURRENT})
     um.start()
     um.step()
-    assert um.phase == "idle" and ctl.targets[-1].image_id == "sha256:1"
+    assert um.phase == Phase.IDLE and ctl.targets[-1].image_id == "sha256:1"
     jobs.results["prepare"] = V2
     um.on_attributes({"sw_title": "t", "sw_version": "v2"})
     um.step()  # switch done → grace
     um.step()
-    assert um.phase == "grace"
+    assert um.phase == Phase.GRACE
     ctl.snap["started_ms"] = 1  # running long enough
     um.step()
     assert states(tel) == ["DOWNLOADING", "DOWNLOADED", "VERIFIED", "UPDATING", "UPDATED"]
@@ -293,12 +293,12 @@ def test_ota_request_goes_to_chunks(tmp_path: Path) -> None:
     data = b"z" * 100000
     um.on_attributes({"sw_title": "t", "sw_version": "9", "sw_size": len(data),
                       "sw_checksum": hashlib.sha256(data).hexdigest(), "sw_checksum_algorithm": "SHA256"})
-    assert um.phase == "ota" and states(tel) == ["DOWNLOADING"]
+    assert um.phase == Phase.OTA and states(tel) == ["DOWNLOADING"]
     assert um.download is not None
     rid = um.download.request_id
     assert [t for t, _ in sent] == [f"v2/sw/request/{rid}/chunk/{n}" for n in range(4)]
     assert sent[0][1] == "32768"
     um.on_chunk("other-request", 0, b"x")  # not ours: ignored
-    assert um.phase == "ota"
+    assert um.phase == Phase.OTA
     um.on_ota_error("no firmware")
     assert states(tel)[-1] == "FAILED" and "no firmware" in tel[-1]["sw_error"]

@@ -14,6 +14,7 @@ of any other kind (a bug, a newer schema) still ends the process.
 
 from __future__ import annotations
 
+import contextlib
 import faulthandler
 import json
 import logging
@@ -102,10 +103,8 @@ class RuntimeStatus:
             log.debug("cannot write %s: %s", self.path, e)
 
     def clear(self) -> None:
-        try:
+        with contextlib.suppress(OSError):
             self.path.unlink()
-        except OSError:
-            pass
 
 
 def read_runtime_status(runtime_dir: Path, name: str) -> dict[str, Any] | None:

@@ -10,6 +10,7 @@ owner polls `results()` from its loop and alone decides what to do with a damage
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
@@ -49,10 +50,8 @@ class UncleanMarker:
         return unclean
 
     def disarm(self) -> None:
-        try:
+        with contextlib.suppress(OSError):
             self.path.unlink()
-        except OSError:
-            pass
 
 
 class BackgroundCheck:

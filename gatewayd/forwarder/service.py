@@ -213,12 +213,13 @@ class Forwarder:
                 queues.record_error(self.q.conn, self.name, text)
 
     # -- faults --------------------------------------------------------------------------
-    def _set_fault(self, key: tuple[str, str], text: str, level: int = logging.WARNING) -> None:
+    def _set_fault(self, key: tuple[str, str], text: str, level: int = logging.WARNING,
+                   exc: BaseException | None = None) -> None:
         """Log and record a fault once; the same fault again only updates STATUS=."""
         self.fault = text
         if key != self.fault_key:
             self.fault_key = key
-            log.log(level, "%s; will retry", text)
+            log.log(level, "%s; will retry", text, exc_info=exc)
             self.report_error(text)
 
     def _clear_fault(self) -> None:
@@ -239,8 +240,13 @@ class Forwarder:
         code = primary_code(f.exc)
         name = getattr(f.exc, "sqlite_errorname", None) or type(f.exc).__name__
         if kind is Fault.CORRUPT and f.where in (QUEUES, ARCHIVE):
-            self._move_aside(self.q if f.where == QUEUES else self.a, describe(f.exc))
-            return True, 0.0
+            try:
+                self._move_aside(self.q if f.where == QUEUES else self.a, describe(f.exc))
+                return True, 0.0
+            except StoreFault as g:  # cannot even rename it (read-only, I/O): wait like any fault
+                f = g
+                kind, code = classify(f.exc), primary_code(f.exc)
+                name = getattr(f.exc, "sqlite_errorname", None) or type(f.exc).__name__
         if kind is Fault.CORRUPT:
             self.c.close()
             self._set_fault((f.where, name), (
@@ -256,10 +262,9 @@ class Forwarder:
                 self.c.close()
             elif f.where in (QUEUES, ARCHIVE):
                 (self.q if f.where == QUEUES else self.a).close()
-        self._set_fault((f.where, name), f"{f.where}: {describe(f.exc)}",
-                        logging.ERROR if kind is Fault.BUG else logging.WARNING)
-        if kind is Fault.BUG:
-            log.debug("traceback", exc_info=f.exc)
+        bug = kind is Fault.BUG
+        self._set_fault((f.where, name), f"{f.where}: {describe(f.exc)}", logging.ERROR if bug else logging.WARNING,
+                        f.exc if bug else None)
         return True, self._retry_later(now)
 
     def _move_aside(self, tracked: Tracked, reason: str) -> None:

@@ -14,7 +14,9 @@ from gatewayd import records
 from gatewayd.config import load
 from gatewayd.forwarder import service
 from gatewayd.forwarder.service import Forwarder, id_ranges
+from gatewayd.store import archive as archive_store
 from gatewayd.store import queues
+from gatewayd.store.db import transaction
 from tests.helpers.daemons import write_config
 
 
@@ -117,3 +119,29 @@ def test_id_ranges() -> None:
     assert id_ranges([]) == []
     assert id_ranges([3, 4, 5]) == [[3, 5]]
     assert id_ranges([1, 2, 4, 7, 8]) == [[1, 2], [4, 4], [7, 8]]
+
+
+def test_a_file_of_ours_found_damaged_while_running_is_moved_aside(tmp_path: Path) -> None:
+    f = make(tmp_path)
+    assert f.archive is not None
+    with transaction(f.archive):
+        archive_store.insert(f.archive, [(i, "telemetry", "x" * 500) for i in range(3000)])
+    f.archive.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    f.a.close()
+    path = tmp_path / "state" / "archive.db"
+    data = bytearray(path.read_bytes())
+    data[4096 * 3:4096 * 6] = b"\x5a" * (4096 * 3)   # leaf pages the retention pass reads
+    path.write_bytes(bytes(data))
+    f.a.open()                                        # page 1 is intact: it opens
+    f.last_housekeeping = float("-inf")
+    controller = sqlite3.connect(tmp_path / "controller" / "communication_queue.db", isolation_level=None)
+    controller.executemany("INSERT INTO messages(type, message) VALUES ('telemetry', ?)",
+                           [(json.dumps({"ts": 1000 + i, "values": {"seq": i}}),) for i in range(10)])
+    for _ in range(10):
+        f.step()
+    assert len(list((tmp_path / "state").glob("archive.db.corrupt-*"))) == 1
+    assert outbox(f) == list(range(10))
+    assert f.archive.execute("SELECT count(*) FROM archive").fetchone()[0] == 10   # a new archive
+    assert balanced(f)
+    controller.close()
+    f.stop()

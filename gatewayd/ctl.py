@@ -15,10 +15,12 @@ from typing import Any
 
 from gatewayd import dead_letters, redact
 from gatewayd.config import EX_CONFIG, Config, ConfigError, load
+from gatewayd.daemon import read_runtime_status
 from gatewayd.store import controller as controller_store
 from gatewayd.store import dead_letters as dl_store
 from gatewayd.store import queues
-from gatewayd.store.db import corrupt_copies, now_ms, open_readonly
+from gatewayd.store.db import corrupt_copies, file_identity, now_ms, open_readonly
+from gatewayd.store.errors import describe
 
 DAEMONS = ("bridge", "forwarder", "supervisor", "ingest")
 HEARTBEAT_MAX_AGE_S = 180.0
@@ -69,6 +71,35 @@ def _alive(pid: int) -> None:
         pass
 
 
+def daemon_faults(cfg: Config) -> dict[str, Any]:
+    """Each running daemon's current fault (from its runtime status file, which needs no database)
+    and whether it still has a `queues.db` open that is no longer the one at its path."""
+    current = file_identity(cfg.queues_db)
+    faults: dict[str, str | None] = {}
+    stale: list[str] = []
+    for d in DAEMONS:
+        st = read_runtime_status(cfg.runtime_dir, d)
+        faults[d] = st.get("fault") if st else None
+        held = (st or {}).get("files", {}).get("queues.db")
+        if held and tuple(held) != current:
+            stale.append(d)
+    return {"faults": faults, "stale_queues_db": stale}
+
+
+def _controller_view(cfg: Config) -> tuple[int | None, int | None, str | None]:
+    """(depth, last health check, error): the controller's file may be locked, damaged or missing."""
+    if not cfg.controller_db.exists():
+        return 0, None, None
+    try:
+        cc = open_readonly(cfg.controller_db)
+        try:
+            return controller_store.depth(cc), controller_store.last_health_check_ms(cc), None
+        finally:
+            cc.close()
+    except sqlite3.Error as e:
+        return None, None, describe(e)
+
+
 def collect(cfg: Config) -> dict[str, Any]:
     """Everything `status` shows; raises sqlite3.Error / OSError when the state cannot be read."""
     if not cfg.queues_db.exists():
@@ -82,25 +113,17 @@ def collect(cfg: Config) -> dict[str, Any]:
         dead = dl_store.summary(q)
     finally:
         q.close()
-    controller_depth = 0
-    last_health = None
-    if cfg.controller_db.exists():
-        cc = open_readonly(cfg.controller_db)
-        try:
-            controller_depth = controller_store.depth(cc)
-            last_health = controller_store.last_health_check_ms(cc)
-        except sqlite3.OperationalError:
-            pass
-        finally:
-            cc.close()
+    controller_depth, last_health, controller_error = _controller_view(cfg)
     mqtt = {"connected": False, "since_ms": None, "last_puback_ms": None, "last_error": None}
     mqtt.update(state.get("bridge.mqtt") or {})
     ledger = queues.ledger(c)
     controller = dict(state.get("supervisor.controller") or {})
     controller.setdefault("enabled", cfg["controller"]["enabled"])
     controller["last_health_check_ms"] = last_health
+    controller["database_error"] = controller_error
     archive_bytes = cfg.archive_db.stat().st_size if cfg.archive_db.exists() else 0
     units = unit_states(cfg)
+    faults = daemon_faults(cfg)
     return {
         "units": units,
         "mqtt": mqtt,
@@ -121,8 +144,9 @@ def collect(cfg: Config) -> dict[str, Any]:
         "ingest": {"adapters": cfg.ingest_adapters()},
         "errors": {d: queues.last_error(state, d) for d in DAEMONS},
         "daemons": {d: {"unit": units.get(d, "unknown"), "up": units.get(d) == "active",
-                        **queues.daemon_report(state, d)} for d in DAEMONS},
+                        **queues.daemon_report(state, d), "fault": faults["faults"][d]} for d in DAEMONS},
         "corrupt_files": corrupt_copies(cfg.state_dir, cfg.controller_data_dir),
+        **faults,
     }
 
 
@@ -139,6 +163,10 @@ def degraded_reasons(st: dict[str, Any]) -> list[str]:
         reasons.append("ledger does not add up")
     if st["corrupt_files"]:
         reasons.append(f"{len(st['corrupt_files'])} damaged database file(s) moved aside")
+    reasons.extend(f"{d}: {fault}" for d, fault in st["faults"].items() if fault)
+    reasons.extend(f"{d} still uses a queues.db that was replaced" for d in st["stale_queues_db"])
+    if st["controller"].get("database_error"):
+        reasons.append(f"controller database unreadable: {st['controller']['database_error']}")
     return reasons
 
 
@@ -152,6 +180,8 @@ def _print_status(st: dict[str, Any], reasons: list[str]) -> None:
         if info["doing_ms"] and not info["up"]:
             doing = f"last seen {_clock(info['doing_ms'])}: {doing}"
         print(f"daemon:     {d:<{width}}  {info['unit']:<8}  {doing}")
+        if info["fault"]:
+            print(f"            {'':<{width}}  fault: {info['fault']}")
         if info["last_error"]:
             print(f"            {'':<{width}}  last error {_clock(info['last_error_ms'])}: {info['last_error']}")
     print(f"mqtt:       {'connected' if m['connected'] else 'disconnected'}"
@@ -185,7 +215,7 @@ def status_report(cfg: Config) -> tuple[int, dict[str, Any]]:
         st = collect(cfg)
     except (sqlite3.Error, OSError) as e:
         return EXIT_UNREADABLE, redact.redact_obj({"error": f"cannot read gateway state: {e}", "healthy": False,
-                                                   "units": unit_states(cfg)})
+                                                   "units": unit_states(cfg), **daemon_faults(cfg)})
     st = redact.redact_obj(st)
     reasons = degraded_reasons(st)
     st["healthy"] = not reasons
@@ -199,6 +229,9 @@ def cmd_status(cfg: Config, args: argparse.Namespace) -> int:
         print(_json(st))
     elif code == EXIT_UNREADABLE:
         print(f"gatewayctl: {st['error']}", file=sys.stderr)
+        for d, fault in st["faults"].items():
+            if fault:
+                print(f"gatewayctl: {d}: {fault}", file=sys.stderr)
     else:
         _print_status(st, st["degraded_reasons"])
     return code
@@ -250,11 +283,15 @@ def cmd_send(cfg: Config, args: argparse.Namespace) -> int:
         return 2
     if isinstance(obj, dict) and not ("ts" in obj and "values" in obj):
         obj = {"ts": now_ms(), "values": obj}
-    conn = controller_store.open_controller(cfg.controller_db, check=False)
     try:
-        row_id = controller_store.enqueue(conn, args.type, json.dumps(obj))
-    finally:
-        conn.close()
+        conn = controller_store.open_controller(cfg.controller_db)
+        try:
+            row_id = controller_store.enqueue(conn, args.type, json.dumps(obj))
+        finally:
+            conn.close()
+    except (sqlite3.Error, OSError) as e:
+        print(f"gatewayctl: cannot queue the record: {describe(e)}", file=sys.stderr)
+        return 1
     print(f"queued as controller row {row_id}")
     return 0
 
@@ -356,7 +393,7 @@ def cmd_dl_show(cfg: Config, args: argparse.Namespace) -> int:
         print(_json(row))
         return 0
     for key in ("id", "stage", "src_id", "type", "reason", "created_ms", "ledger_record", "topic", "priority",
-                "acknowledged", "message_length"):
+                "acknowledged", "message_length", "raw_bytes", "raw_size"):
         value = row[key]
         if key == "created_ms":
             value = f"{value} ({_clock(value)})"

@@ -27,6 +27,7 @@ BATCH = 500
 MAX_BATCHES = 1_000_000  # a bound on every loop; 500 million rows is far beyond any queue
 LIST_TEXT_CHARS = 200
 SHOW_TEXT_CHARS = 1_000_000
+SHOW_RAW_BYTES = 4096
 
 # An outbox dead letter without a stored route (dead-lettered by an older version).
 DEFAULT_ROUTES = {
@@ -100,7 +101,9 @@ def show(cfg: Config, dl_id: int) -> dict[str, Any] | None:
             "created_ms": row.created_ms, "ledger_record": bool(row.counted), "topic": row.topic,
             "priority": row.priority, "acknowledged": row.id <= seen,
             "message": message if message is None or len(message) <= SHOW_TEXT_CHARS else message[:SHOW_TEXT_CHARS],
-            "message_length": None if row.message is None else len(row.message)}
+            "message_length": None if row.message is None else len(row.message),
+            "raw_bytes": None if row.raw is None else len(row.raw), "raw_size": row.raw_size,
+            "raw_hex": None if row.raw is None else row.raw[:SHOW_RAW_BYTES].hex()}
 
 
 # -- changing --------------------------------------------------------------------------------------
@@ -115,7 +118,7 @@ class _Stores:
 
     def ctrl(self) -> sqlite3.Connection:
         if self._ctrl is None:
-            self._ctrl = controller_store.open_controller(self.cfg.controller_db, check=False)
+            self._ctrl = controller_store.open_controller(self.cfg.controller_db)
         return self._ctrl
 
     def close(self) -> None:
@@ -174,10 +177,15 @@ def requeue(cfg: Config, ids: Sequence[int] | None) -> dict[str, Any]:
         via_controller = via_outbox = via_inbound = 0
         refused: list[dict[str, Any]] = []
         for rows in _batches(stores, upto, ids, None):
-            controller_rows = [r for r in rows if r.stage == dl_store.STAGE_FORWARDER]
+            controller_rows: list[tuple[dl_store.DeadLetter, object]] = []
             outbox_rows, routes, inbound_rows, payloads = [], [], [], []
             for r in rows:
                 if r.stage == dl_store.STAGE_FORWARDER:
+                    value, problem = dl_store.controller_value(r)
+                    if problem is None:
+                        controller_rows.append((r, value))
+                    else:
+                        refused.append({"id": r.id, "reason": problem})
                     continue
                 if r.stage == dl_store.STAGE_SUPERVISOR:
                     payload = dl_store.inbound_payload(r)
@@ -219,16 +227,17 @@ def _outbox_route(r: dl_store.DeadLetter) -> tuple[int, str, str] | str:
     return (priority if priority is not None else queues.PRIO_ATTRIBUTES), kind, topic
 
 
-def _through_controller(stores: _Stores, rows: list[dl_store.DeadLetter]) -> int:
-    """Copy rows into the controller queue and delete them here, holding queues.db's write
-    lock throughout, so no other dead-letter operation can act on them in between."""
+def _through_controller(stores: _Stores, rows: list[tuple[dl_store.DeadLetter, object]]) -> int:
+    """Copy rows (with the values to insert) into the controller queue and delete them here,
+    holding queues.db's write lock throughout, so no other dead-letter operation can act on
+    them in between."""
     ctrl = stores.ctrl()
-    keys = [(r.id, r.created_ms) for r in rows]
+    keys = [(r.id, r.created_ms) for r, _ in rows]
     with transaction(stores.q):
         still = dl_store.present(stores.q, keys)
-        chosen = [r for r in rows if (r.id, r.created_ms) in still]
-        controller_store.requeue_insert(ctrl, [((r.id, r.created_ms), r.type, r.message) for r in chosen])
-        n = dl_store.take_out_of_ledger(stores.q, [(r.id, r.created_ms) for r in chosen])
+        chosen = [(r, v) for r, v in rows if (r.id, r.created_ms) in still]
+        controller_store.requeue_insert(ctrl, [((r.id, r.created_ms), r.type, v) for r, v in chosen])
+        n = dl_store.take_out_of_ledger(stores.q, [(r.id, r.created_ms) for r, _ in chosen])
     controller_store.requeue_forget(ctrl, keys)
     return n
 

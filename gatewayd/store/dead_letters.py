@@ -41,9 +41,20 @@ class DeadLetter:
     counted: int
     topic: str | None
     priority: int | None
+    raw: bytes | None  # the exact bytes when `message` cannot hold them; a prefix if raw_size is larger
+    raw_size: int | None
 
 
-_COLUMNS = "id, stage, src_id, type, message, reason, created_ms, counted, topic, priority"
+_COLUMNS = "id, stage, src_id, type, message, reason, created_ms, counted, topic, priority, raw, raw_size"
+
+
+def controller_value(row: DeadLetter) -> tuple[object, str | None]:
+    """(what the controller stored, as exactly as it was kept; why it cannot be requeued)."""
+    if row.raw is not None:
+        if row.raw_size is not None and row.raw_size > len(row.raw):
+            return None, f"only the first {len(row.raw)} of its {row.raw_size} bytes were kept"
+        return row.raw, None
+    return row.message, None
 
 
 def inbound_payload(row: DeadLetter) -> bytes | str:
@@ -83,8 +94,10 @@ def newest(conn: sqlite3.Connection, limit: int, text_chars: int) -> list[dict[s
     """The `limit` newest dead letters, oldest of them first, message cut to `text_chars`."""
     rows = conn.execute(
         "SELECT id, stage, src_id, type, substr(CAST(message AS TEXT), 1, ?), length(message), reason, "
-        "created_ms, counted FROM dead_letters ORDER BY id DESC LIMIT ?", (text_chars, limit)).fetchall()
-    keys = ("id", "stage", "src_id", "type", "message", "message_length", "reason", "created_ms", "counted")
+        "created_ms, counted, length(raw), raw_size FROM dead_letters ORDER BY id DESC LIMIT ?",
+        (text_chars, limit)).fetchall()
+    keys = ("id", "stage", "src_id", "type", "message", "message_length", "reason", "created_ms", "counted",
+            "raw_bytes", "raw_size")
     return [dict(zip(keys, r, strict=True)) for r in reversed(rows)]
 
 

@@ -120,6 +120,24 @@ def test_a_requeue_cut_by_a_crash_between_the_databases_is_finished_once(world: 
     assert controller_store.requeue_pending(world.fwd.ctrl) == []
 
 
+def test_requeue_keeps_the_exact_bytes_and_refuses_what_was_kept_in_part(world: World) -> None:
+    """A value that is not UTF-8 goes back byte for byte; one too large to read whole was kept
+    only in part (its first bytes), so it cannot go back."""
+    huge = "x" * (world.fwd.max_message + 10)
+    world.insert(b"\xff\xfe not text", huge)
+    world.forward()
+    dead = world.dead()
+    assert [d.raw_size is not None for d in dead] == [True, True]
+    out = dead_letters.requeue(world.cfg, None)
+    assert out["requeued"] == 1 and len(out["refused"]) == 1
+    assert out["refused"][0]["reason"] == (f"only the first {len(dead[1].raw or b'')} of its "
+                                           f"{len(huge)} bytes were kept")
+    assert world.controller_rows() == [("telemetry", b"\xff\xfe not text")]
+    world.forward()
+    again = world.dead()
+    assert {d.raw for d in again} >= {b"\xff\xfe not text"} and balanced(world.counters())
+
+
 def _outbox_dead_letter(q: sqlite3.Connection, kind: str, topic: str, payload: str, counted: int,
                         priority: int) -> None:
     with transaction(q):

@@ -36,7 +36,9 @@ class StatusCollector:
 
     def collect(self) -> Iterator[Metric]:
         code, st = self.report()
-        units = st.get("units") or {}
+        units = dict(st.get("units") or {})
+        if "ingest" in units and not (st.get("ingest") or {}).get("adapters"):
+            del units["ingest"]  # inactive on purpose without an adapter: not a unit that is down
         yield _labelled("gatewayd_unit_up", "1 while the daemon's unit is active", "unit",
                         {u: s == "active" for u, s in units.items()})
         readable = "error" not in st

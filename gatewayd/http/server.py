@@ -144,7 +144,12 @@ class Handler(BaseHTTPRequestHandler):
             return
         if self.headers.get("Content-Length", "0").strip() not in ("", "0") or self.headers.get("Transfer-Encoding"):
             self.close_connection = True  # a body we do not read: this connection cannot go on
-        code, ctype, body = route(self.headers.get("Accept", ""))
+        try:
+            code, ctype, body = route(self.headers.get("Accept", ""))
+        except Exception as e:  # noqa: BLE001 - a bug answers 500 and is logged, the endpoint stays
+            log.error("http %s %s failed: %s: %s", self.command, path, type(e).__name__, e, exc_info=True)
+            self.send_error(500, "internal error (see the journal of gatewayd-http)")
+            return
         self._reply(code, ctype, body)
 
     def _reply(self, code: int, ctype: str, body: bytes, extra: tuple[tuple[str, str], ...] = ()) -> None:

@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import json
 import os
+import select
 import socket
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -144,3 +146,36 @@ def _fd_open(fd: int) -> bool:
     except OSError:
         return False
     return True
+
+
+def test_a_failing_route_answers_500_and_the_server_goes_on() -> None:
+    from gatewayd.http.server import EndpointServer
+
+    def broken(accept: str) -> tuple[int, str, bytes]:
+        raise KeyError("a bug")
+
+    def fine(accept: str) -> tuple[int, str, bytes]:
+        return 200, "text/plain", b"ok"
+
+    server = EndpointServer(socket.create_server(("127.0.0.1", 0)), {"/health": broken, "/metrics": fine}, 4, 5.0)
+    port = server.server_address[1]
+    stop = threading.Event()
+
+    def loop() -> None:
+        while not stop.is_set():
+            if select.select([server.socket], [], [], 0.1)[0]:
+                server.handle_request()
+
+    t = threading.Thread(target=loop, daemon=True)
+    t.start()
+    try:
+        for path, expected in (("/health", b"HTTP/1.1 500 "), ("/metrics", b"HTTP/1.1 200 ")):
+            with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+                s.sendall(f"GET {path} HTTP/1.0\r\n\r\n".encode())
+                reply = s.recv(4096)
+            assert reply.startswith(expected), reply
+            assert b"Traceback" not in reply
+    finally:
+        stop.set()
+        t.join(5)
+        server.server_close()

@@ -86,7 +86,7 @@ class JsonFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + f".{int(record.msecs):03d}Z"
         doc = {"time": stamp, "level": level_name(record.levelno), "priority": priority(record.levelno),
-               "daemon": self.daemon, "logger": record.name, "message": record.getMessage()}
+               "daemon": self.daemon, "logger": record.name, "message": redact(record.getMessage())}
         if record.exc_info:
             doc["exception"] = redact(record.exc_text or self.formatException(record.exc_info))
         line = json.dumps(doc, ensure_ascii=False)

@@ -255,7 +255,8 @@ class LogForwarder:
             self.retry_at = now + 60.0 / max(self.max_per_min, 1)
 
     def values(self, line: Line) -> dict[str, Any]:
-        text = redact(line.text)
+        # Surrogate pairs become their character, a lone surrogate U+FFFD: ThingsBoard stores UTF-8.
+        text = redact(line.text).encode("utf-16", "surrogatepass").decode("utf-16", "replace")
         if len(text) > MAX_MESSAGE_CHARS:
             text = text[:MAX_MESSAGE_CHARS - 1] + "…"
         return {"gw_log_level": level_name(line.levelno), "gw_log_message": text, "gw_log_daemon": self.daemon}

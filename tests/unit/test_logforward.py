@@ -17,8 +17,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from gatewayd import redact
 from gatewayd import log as gwlog
+from gatewayd import redact
 from gatewayd.log import JsonFormatter, journald_stderr
 from gatewayd.logforward import (
     MAX_MESSAGE_CHARS,
@@ -289,7 +289,7 @@ def test_records_of_the_writer_thread_and_flagged_ones_stay_local() -> None:
     assert len(fwd._pending) == 1
 
 
-def test_exception_summary_is_appended(conn: sqlite3.Connection) -> None:
+def test_exception_summary_is_appended() -> None:
     fwd = LogForwarder("supervisor", lambda lines: len(lines), 10, 30.0)
     h = ForwardHandler(fwd, WARN)
     try:

@@ -12,9 +12,9 @@ import pytest
 
 from gatewayd.config import load
 from gatewayd.supervisor import gitsrc
+from gatewayd.supervisor.docker_api import DockerError
 from gatewayd.supervisor.jobs import Future, Jobs
 from gatewayd.supervisor.ota import Download, OtaError, checksum_matches, file_checksum, normalize_algorithm
-from gatewayd.supervisor.docker_api import DockerError
 from gatewayd.supervisor.update_jobs import config_key, image_reference
 from gatewayd.supervisor.updates import Phase, Request, UpdateManager, judge
 from tests.helpers.daemons import write_config

@@ -18,6 +18,7 @@ bench:
 	$(PYTHON) scripts/bench_forwarder.py
 	$(PYTHON) scripts/bench_bridge.py
 	$(PYTHON) scripts/bench_supervisor.py
+	$(PYTHON) scripts/bench_ingest.py
 
 deb:
 	scripts/build-deb.sh

@@ -10,7 +10,7 @@ import sys
 from gatewayd import __version__
 from gatewayd.config import EX_CONFIG, ConfigError, load, render_toml
 
-DAEMONS = ("bridge", "forwarder", "supervisor")
+DAEMONS = ("bridge", "forwarder", "supervisor", "ingest")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -19,10 +19,14 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--check-config", action="store_true",
                    help="validate and print the resolved config (secrets masked); exit 78 on problems")
     p.add_argument("--version", action="version", version=f"gatewayd {__version__}")
-    sub = p.add_subparsers(dest="daemon", metavar="{bridge,forwarder,supervisor}")
+    sub = p.add_subparsers(dest="daemon", metavar="{" + ",".join(DAEMONS) + "}")
     for name in DAEMONS:
         sp = sub.add_parser(name, help=f"run the {name} in the foreground")
         sp.add_argument("--config", dest="sub_config", help=argparse.SUPPRESS)
+        if name == "ingest":
+            sp.add_argument("--configured", action="store_true",
+                            help="exit 0 if an ingest adapter is configured (or the config is invalid, so "
+                                 "that starting reports it), 1 if none (the unit's ExecCondition=)")
     return p
 
 
@@ -51,8 +55,14 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = load(path)
     except ConfigError as e:
+        if getattr(args, "configured", False):
+            return 0
         _config_problems(e)
         return EX_CONFIG
+    if getattr(args, "configured", False):
+        adapters = cfg.ingest_adapters()
+        print(f"ingest adapters: {', '.join(adapters)}" if adapters else "no ingest adapter configured")
+        return 0 if adapters else 1
     from gatewayd import log as gwlog
     from gatewayd import logforward, redact
     from gatewayd.daemon import AlreadyRunning

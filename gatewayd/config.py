@@ -96,6 +96,26 @@ def _min(n: int) -> Callable[[Any], str | None]:
     return check
 
 
+def _range(lo: int, hi: int) -> Callable[[Any], str | None]:
+    def check(v: Any) -> str | None:
+        return None if lo <= v <= hi else f"must be between {lo} and {hi}"
+
+    return check
+
+
+def _non_empty(v: str) -> str | None:
+    return None if v.strip() else "must not be empty"
+
+
+def _listen_address(v: str) -> str | None:
+    if not v:
+        return None
+    host, sep, port = v.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 1 <= int(port) <= 65535:
+        return "must be HOST:PORT (port 1-65535), or empty"
+    return None
+
+
 MIB = 1024 * 1024
 
 SCHEMA: dict[str, dict[str, Key]] = {
@@ -216,7 +236,49 @@ SCHEMA: dict[str, dict[str, Key]] = {
                                        doc="similar lines within this window are sent once, then as "
                                            "'(repeated N times)'"),
     },
+    # `gatewayd ingest` (issue 12): each adapter is off while its address is empty.
+    "ingest": {
+        "max_queue_rows": Key(int, 1_000_000, _min(1),
+                              doc="controller queue depth above which ingest stops accepting (HTTP 503)"),
+        "stall_timeout_s": Key((int, float), 60.0, _positive,
+                               doc="commits failing this long stop the watchdog pings"),
+    },
+    "ingest.mqtt": {
+        "host": Key(str, "", doc="the local broker; empty: MQTT ingest off"),
+        "port": Key(int, 1883, _port),
+        "username": Key(str, ""),
+        "password": Key(str, "", secret=True),
+        "client_id": Key(str, "gatewayd-ingest", _non_empty, doc="fixed: the broker keeps its session"),
+        "mqtt_version": Key(str, "5", _one_of("3.1.1", "5")),
+        "topics": Key(list, ["v1/devices/me/telemetry"], _str_list, doc="telemetry, device format"),
+        "attribute_topics": Key(list, ["v1/devices/me/attributes"], _str_list,
+                                doc="client attributes, device format"),
+        "gateway_topics": Key(list, ["v1/gateway/telemetry"], _str_list, doc="telemetry, gateway format"),
+        "gateway_attribute_topics": Key(list, ["v1/gateway/attributes"], _str_list,
+                                        doc="client attributes, gateway format"),
+        "receive_maximum": Key(int, 1000, _range(1, 65535), doc="MQTT 5: unacknowledged messages in flight"),
+        "session_expiry_s": Key(int, 604800, _range(1, 0xFFFFFFFF),
+                                doc="MQTT 5: how long the broker keeps the session while ingest is away"),
+        "keepalive_s": Key(int, 30, _min(5)),
+        "reconnect_max_s": Key((int, float), 5.0, _positive),
+    },
+    "ingest.http": {
+        "listen": Key(str, "", _listen_address, doc="HOST:PORT; empty: HTTP ingest off"),
+        "max_body_bytes": Key(int, MIB, _min(256)),
+        "bearer_token": Key(str, "", secret=True, doc="empty: no Authorization required"),
+        "max_connections": Key(int, 32, _min(1)),
+        "request_timeout_s": Key((int, float), 10.0, _positive,
+                                 doc="longest a request may take to arrive, body included"),
+    },
+    "ingest.spool": {
+        "directory": Key(str, "", doc="*.json / *.jsonl files renamed in; empty: spool ingest off"),
+        "settle_s": Key((int, float), 2.0, _non_negative,
+                        doc="a file found without a close/rename event must be unchanged this long"),
+        "max_file_bytes": Key(int, 64 * MIB, _min(1024), doc="a larger .json file is renamed *.rejected"),
+    },
 }
+
+INGEST_TOPIC_KEYS = ("topics", "attribute_topics", "gateway_topics", "gateway_attribute_topics")
 
 ENV_OVERRIDES: dict[str, tuple[str, str]] = {
     "THINGSBOARD_HOST": ("thingsboard", "host"),
@@ -285,7 +347,7 @@ class Config:
         """Configured values to mask wherever they appear: the secret keys, and the controller
         environment values whose names look secret (all of them would mask words like "info")."""
         out = [self.data[s][n] for s, keys in SCHEMA.items() for n, k in keys.items()
-               if k.secret and isinstance(self.data[s][n], str)]
+               if k.secret and isinstance(self.data[s][n], str) and self.data[s][n]]
         tables = [self.data["controller"]["environment"]]
         tables.extend(self.data[s][n] for s, keys in SCHEMA.items() for n, k in keys.items()
                       if k.secret and isinstance(self.data[s][n], dict))
@@ -304,6 +366,12 @@ class Config:
                     out[section][name] = MASK
         out["controller"]["environment"] = {k: MASK for k in out["controller"]["environment"]}
         return {s: {k: _map_strings(v, redact) for k, v in keys.items()} for s, keys in out.items()}
+
+    def ingest_adapters(self) -> list[str]:
+        """The ingest adapters switched on (an address set); none: `gatewayd ingest` has nothing to do."""
+        on = {"mqtt": self.data["ingest.mqtt"]["host"], "http": self.data["ingest.http"]["listen"],
+              "spool": self.data["ingest.spool"]["directory"]}
+        return [name for name, address in on.items() if address]
 
     def ensure_dirs(self) -> None:
         for d in (self.state_dir, self.runtime_dir, self.controller_data_dir):
@@ -412,7 +480,9 @@ def load(path: str | Path | None = None, env: Mapping[str, str] | None = None) -
 
     data: dict[str, dict[str, Any]] = {}
     for section, keys in SCHEMA.items():
-        given = merged.get(section, {})
+        given: Any = merged
+        for part in section.split("."):  # "ingest.mqtt" is the TOML table [ingest.mqtt]
+            given = given.get(part, {}) if isinstance(given, dict) else None
         if not isinstance(given, dict):
             problems.append(f"[{section}]: must be a table")
             given = {}
@@ -420,6 +490,8 @@ def load(path: str | Path | None = None, env: Mapping[str, str] | None = None) -
         for name, key in keys.items():
             data[section][name] = copy.deepcopy(key.default)
         for name, value in given.items():
+            if f"{section}.{name}" in SCHEMA:
+                continue
             if name not in keys:
                 warnings.append(f"[{section}] {name}: unknown key, ignored")
                 continue
@@ -468,6 +540,13 @@ def load(path: str | Path | None = None, env: Mapping[str, str] | None = None) -
         p = data["paths"].get(name)
         if isinstance(p, str) and not os.path.isabs(p):
             problems.append(f"[paths] {name} = {p!r}: must be an absolute path")
+
+    mq = data["ingest.mqtt"]
+    if mq.get("host") and not any(mq.get(k) for k in INGEST_TOPIC_KEYS):
+        problems.append("[ingest.mqtt] topics: with a host set, at least one topic list must be non-empty")
+    spool = data["ingest.spool"].get("directory")
+    if isinstance(spool, str) and spool and not os.path.isabs(spool):
+        problems.append(f"[ingest.spool] directory = {spool!r}: must be an absolute path")
 
     if problems:
         raise ConfigError(problems)

@@ -19,7 +19,7 @@ from gatewayd.store import controller as controller_store
 from gatewayd.store import figures, queues
 from gatewayd.store.db import corrupt_copies, now_ms
 
-DAEMONS = ("bridge", "forwarder", "supervisor")
+DAEMONS = ("bridge", "forwarder", "supervisor", "ingest")
 HEARTBEAT_MAX_AGE_S = 180.0
 
 EXIT_OK, EXIT_DEGRADED, EXIT_UNREADABLE = 0, 1, 2
@@ -99,13 +99,16 @@ def collect(cfg: Config) -> dict[str, Any]:
         "ledger": reading.ledger(),
         "archive": {"bytes": archive_bytes},
         "controller": controller,
+        "ingest": {"adapters": cfg.ingest_adapters()},
         "errors": {d: queues.last_error(state, d) for d in DAEMONS},
         "corrupt_files": corrupt_copies(cfg.state_dir, cfg.controller_data_dir),
     }
 
 
 def degraded_reasons(st: dict[str, Any]) -> list[str]:
-    reasons = [f"{d} is {s}" for d, s in st["units"].items() if s != "active"]
+    # gatewayd-ingest is meant to be inactive while no adapter is configured.
+    wanted = {d for d in st["units"] if d != "ingest" or st.get("ingest", {}).get("adapters")}
+    reasons = [f"{d} is {s}" for d, s in st["units"].items() if s != "active" and d in wanted]
     if not st["mqtt"]["connected"]:
         reasons.append("MQTT disconnected" + (f" ({st['mqtt']['last_error']})" if st["mqtt"]["last_error"] else ""))
     if st["queues"]["dead_letters"]:

@@ -6,6 +6,7 @@ import ctypes
 import ctypes.util
 import errno
 import os
+import struct
 from pathlib import Path
 
 IN_MODIFY = 0x00000002
@@ -15,8 +16,11 @@ IN_MOVED_FROM = 0x00000040
 IN_MOVED_TO = 0x00000080
 IN_CREATE = 0x00000100
 IN_DELETE = 0x00000200
+IN_Q_OVERFLOW = 0x00004000
 IN_NONBLOCK = 0o4000
 IN_CLOEXEC = 0o2000000
+
+_EVENT = struct.Struct("iIII")  # struct inotify_event: wd, mask, cookie, len (then the name)
 
 CHANGES = IN_MODIFY | IN_CLOSE_WRITE | IN_MOVED_FROM | IN_MOVED_TO | IN_CREATE | IN_DELETE
 
@@ -55,6 +59,27 @@ class DirectoryWatch:
                 if e.errno == errno.EINTR:
                     continue
                 raise
+
+    def events(self) -> list[tuple[int, str]]:
+        """Consume pending events as (mask, file name); IN_Q_OVERFLOW comes with an empty name."""
+        out: list[tuple[int, str]] = []
+        while True:
+            try:
+                buf = os.read(self.fd, 65536)
+            except BlockingIOError:
+                return out
+            except OSError as e:
+                if e.errno == errno.EINTR:
+                    continue
+                raise
+            if not buf:
+                return out
+            pos = 0
+            while pos + _EVENT.size <= len(buf):
+                _wd, mask, _cookie, length = _EVENT.unpack_from(buf, pos)
+                name = buf[pos + _EVENT.size:pos + _EVENT.size + length].split(b"\0", 1)[0]
+                out.append((mask, os.fsdecode(name)))
+                pos += _EVENT.size + length
 
     def close(self) -> None:
         if self.fd >= 0:

@@ -35,6 +35,11 @@ HEADER = """\
 """
 
 SECTION_NOTES = {
+    "ingest": (
+        "gatewayd-ingest.service runs only while an adapter is on: [ingest.mqtt] host,\n"
+        "[ingest.http] listen or [ingest.spool] directory set.  Then:\n"
+        "  systemctl restart gatewayd.target"
+    ),
     "paths": (
         "The services may write only below /var/lib/gatewayd and /run/gatewayd: a path\n"
         "outside needs a drop-in, e.g.  systemctl edit gatewayd-forwarder.service  with\n"

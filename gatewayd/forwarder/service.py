@@ -124,12 +124,12 @@ class Forwarder:
         if now - self.last_housekeeping >= HOUSEKEEPING_EVERY_S:
             self.last_housekeeping = now
             self._housekeeping()
-        if self.watch is not None:
-            self.watch.drain()
+        woken = self.watch.drain() if self.watch is not None else False
         idle_wait = IDLE_WAIT_S if self.watch is not None else self.poll_s
         version = data_version(self.ctrl)
         if version == self.seen_version:
-            return True, idle_wait
+            # The event is the WAL write; the commit shows in data_version only a moment later.
+            return True, self.poll_s if woken else idle_wait
         t0 = time.perf_counter()
         moved = self.move_batch()
         if moved < self.batch_size:

@@ -24,7 +24,7 @@ from typing import Any
 import pytest
 
 from gatewayd.config import MASK
-from tests.helpers.brokers import MOSQUITTO_BIN, start_mosquitto, start_simulator
+from tests.helpers.brokers import MOSQUITTO_BIN, free_port, start_mosquitto, start_simulator
 from tests.helpers.daemons import ROOT, Daemon, wait_for, write_config
 from tests.helpers.tls import issue, make_ca
 
@@ -41,7 +41,7 @@ def planted(name: str) -> str:
 
 
 SECRETS = {k: planted(k) for k in ("tokfile", "tokenv", "provkey", "provsecret", "ctlenv", "ctlexpanded",
-                                   "urlpass", "saved", "savedpw", "badlist")}
+                                   "urlpass", "saved", "savedpw", "badlist", "ingesttoken", "ingestmqttpw")}
 SECRETS["badint"] = str(10**17 + uuid.uuid4().int % 10**17)  # a number where a string belongs
 
 
@@ -77,6 +77,7 @@ def world(tmp_path: Path) -> Iterator[dict[str, Any]]:
                        "repository": f"https://deploy:{SECRETS['urlpass']}@git.example.invalid/ctl.git"},
         "supervisor": {"telemetry_interval_s": 1, "udev": False},
         "logging": {"level": "debug"},
+        "ingest.http": {"listen": f"127.0.0.1:{free_port()}", "bearer_token": SECRETS["ingesttoken"]},
     })
     (base / "conf.d").mkdir()
     (base / "conf.d" / "50-provisioning.toml").write_text(
@@ -89,12 +90,15 @@ def world(tmp_path: Path) -> Iterator[dict[str, Any]]:
     creds.chmod(0o600)
     env = {"THINGSBOARD_ACCESS_TOKEN": SECRETS["tokenv"], "MY_SECRET": SECRETS["ctlexpanded"]}
     broker = start_mosquitto(tmp_path)
+    with open(base / "conf.d" / "60-ingest.toml", "w") as fh:
+        fh.write(f'[ingest.mqtt]\nhost = "127.0.0.1"\nport = {broker.port}\nusername = "ingest"\n'
+                 f'password = "{SECRETS["ingestmqttpw"]}"\n')
     daemons: list[Daemon] = []
     try:
         sim = start_simulator(tmp_path, broker.port, devices={DEVICE: SECRETS["tokenv"]})
         env["THINGSBOARD_PORT"] = str(sim.port)
         try:
-            for name in ("forwarder", "bridge", "supervisor"):
+            for name in ("forwarder", "bridge", "supervisor", "ingest"):
                 daemons.append(Daemon(name, cfg, env=env).start(timeout=30))
             yield {"cfg": cfg, "env": env, "sim": sim, "base": base, "daemons": daemons,
                    "key_body": device_cert.key_pem_body(), "tmp": tmp_path}

@@ -27,6 +27,7 @@ UNITS = {
     "forwarder": "gatewayd-forwarder.service",
     "supervisor": "gatewayd-supervisor.service",
 }
+INGEST = "gatewayd-ingest.service"  # inactive until an ingest adapter is configured
 TARGET = "gatewayd.target"
 DEVICE, TOKEN = "gw-test", "TESTTOKEN-4f2a"
 SIM_PORT, SIM_CONTROL = 1884, 8088
@@ -250,21 +251,22 @@ def test_install_without_configuration_stays_idle(installed: Container) -> None:
 
 
 def test_units_verify_clean(installed: Container) -> None:
-    paths = [f"/lib/systemd/system/{u}" for u in [*UNITS.values(), TARGET]]
+    paths = [f"/lib/systemd/system/{u}" for u in [*UNITS.values(), INGEST, TARGET]]
     proc = installed.run(["systemd-analyze", "verify", "--man=no", *paths], check=False, timeout=120)
     assert proc.returncode == 0 and not proc.stderr.strip(), proc.stdout + proc.stderr
 
 
 # `systemd-analyze security` exposure when the units were last hardened: never worse.
-EXPOSURE_LIMITS = {"bridge": 1.1, "forwarder": 0.2, "supervisor": 1.9}
+EXPOSURE_LIMITS = {"bridge": 1.1, "forwarder": 0.2, "supervisor": 1.9, "ingest": 1.1}
 
 
 @pytest.mark.parametrize("daemon", list(EXPOSURE_LIMITS))
 def test_security_exposure(installed: Container, daemon: str) -> None:
-    out = installed.run(["systemd-analyze", "security", "--no-pager", UNITS[daemon]], timeout=120).stdout
+    unit = {**UNITS, "ingest": INGEST}[daemon]
+    out = installed.run(["systemd-analyze", "security", "--no-pager", unit], timeout=120).stdout
     m = re.search(r"Overall exposure level for \S+: (\d+\.\d+)", out)
     assert m, out
-    print(f"systemd-analyze security {UNITS[daemon]}: exposure {m.group(1)} (limit {EXPOSURE_LIMITS[daemon]})")
+    print(f"systemd-analyze security {unit}: exposure {m.group(1)} (limit {EXPOSURE_LIMITS[daemon]})")
     assert float(m.group(1)) <= EXPOSURE_LIMITS[daemon], out
 
 
@@ -297,6 +299,65 @@ def test_configured_install_enables_and_starts_the_target(running: Container) ->
     for unit in [TARGET, *UNITS.values()]:
         assert c.run(["systemctl", "is-enabled", unit], check=False).stdout.strip() == "enabled"
     wait_active(c, TARGET)
+
+
+INGEST_CONFIG = """\
+[ingest.spool]
+directory = "/var/lib/gatewayd/spool"
+
+[ingest.http]
+listen = "127.0.0.1:9102"
+"""
+
+POST = """\
+import json, urllib.request
+body = json.dumps([{"tag": "ingest-http", "seq": i} for i in range(5)]).encode()
+req = urllib.request.Request("http://127.0.0.1:9102/api/v1/telemetry", data=body,
+                             headers={"Content-Type": "application/json"})
+print(urllib.request.urlopen(req, timeout=30).status)
+"""
+
+
+def test_ingest_is_enabled_but_inactive_without_an_adapter(running: Container) -> None:
+    c = running
+    wait_active(c, TARGET)
+    assert c.run(["systemctl", "is-enabled", INGEST], check=False).stdout.strip() == "enabled"
+    wait_until(lambda: c.show(INGEST, "Result")["Result"] == "exec-condition", 30, 0.5, "the ExecCondition verdict")
+    assert c.active_state(INGEST) == "inactive"
+    st = status(c)
+    assert st["units"]["ingest"] == "inactive" and st["ingest"]["adapters"] == []
+    assert not [r for r in st["degraded_reasons"] if "ingest" in r], st["degraded_reasons"]
+    c.run(["gatewayd-watchdog", "--dry-run", "--verbose"], check=False)
+    assert c.active_state(INGEST) == "inactive"
+
+
+def test_ingest_spool_and_http_reach_thingsboard(running: Container) -> None:
+    c = running
+    c.write("/etc/gatewayd/conf.d/60-ingest.toml", INGEST_CONFIG, mode=0o640, owner="root:gatewayd")
+    c.write(f"/etc/systemd/system/{INGEST}.d/50-test.conf", TEST_DROPIN)
+    try:
+        c.run(["systemctl", "daemon-reload"])
+        c.run(["systemctl", "restart", TARGET], timeout=120)
+        wait_active(c, INGEST, 60)
+        props = c.show(INGEST, "Type", "WatchdogUSec", "User")
+        assert props == {"Type": "notify", "WatchdogUSec": f"{WATCHDOG_SEC}s", "User": "gatewayd"}
+        wait_until(lambda: c.run(["test", "-d", "/var/lib/gatewayd/spool"], check=False).returncode == 0, 30, 0.5,
+                   "the spool directory")
+        lines = "".join(json.dumps({"tag": "ingest-spool", "seq": i}) + "\n" for i in range(5))
+        c.write("/var/lib/gatewayd/spool/.drop.tmp", lines)
+        c.run(["mv", "/var/lib/gatewayd/spool/.drop.tmp", "/var/lib/gatewayd/spool/drop.jsonl"])
+        assert c.run(["python3", "-c", POST], timeout=60).stdout.strip() == "200"
+        wait_until(lambda: delivered_seqs(c, "ingest-spool") == set(range(5))
+                   and delivered_seqs(c, "ingest-http") == set(range(5)), 60, 0.5, "ingested records at ThingsBoard")
+        assert c.run(["ls", "-A", "/var/lib/gatewayd/spool"]).stdout.strip() == ""
+        wait_until(lambda: c.run(["stat", "-c", "%Y", "/run/gatewayd/ingest.heartbeat"], check=False).returncode == 0,
+                   30, 0.5, "the ingest heartbeat")
+        st = status(c)
+        assert st["units"]["ingest"] == "active" and st["ingest"]["adapters"] == ["http", "spool"]
+    finally:
+        c.run(["rm", "-f", "/etc/gatewayd/conf.d/60-ingest.toml"])
+        c.run(["systemctl", "restart", TARGET], check=False, timeout=120)
+    wait_until(lambda: c.active_state(INGEST) == "inactive", 60, 0.5, "ingest inactive again")
 
 
 @pytest.mark.parametrize("daemon", list(UNITS))

@@ -18,7 +18,8 @@ pytestmark = pytest.mark.integration
 
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "watchdog" / "gatewayd-watchdog"
-UNITS = ("gatewayd-bridge.service", "gatewayd-forwarder.service", "gatewayd-supervisor.service")
+UNITS = ("gatewayd-bridge.service", "gatewayd-forwarder.service", "gatewayd-supervisor.service",
+         "gatewayd-ingest.service")
 NOW = 1_800_000_000
 
 # A fake systemctl: the state of every unit lives in a JSON file; each call is appended to
@@ -218,6 +219,15 @@ def test_inactive_unit_is_restarted_while_target_active(world: World) -> None:
     world.unit("gatewayd-forwarder.service").update(ActiveState="inactive", SubState="dead")
     world.run()
     assert ("restart", "gatewayd-forwarder.service") in world.actions()
+
+
+def test_unit_skipped_by_its_exec_condition_is_left_alone(world: World) -> None:
+    """gatewayd-ingest without an adapter: inactive on purpose, never restarted nor alerted."""
+    world.unit("gatewayd-ingest.service").update(ActiveState="inactive", SubState="dead", Result="exec-condition")
+    proc = world.run()
+    assert proc.returncode == 0, proc.stderr
+    assert world.actions() == []
+    assert world.alerts() == []
 
 
 @pytest.mark.parametrize("state,sub", [("activating", "auto-restart"), ("activating", "start"),

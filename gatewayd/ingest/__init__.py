@@ -1,0 +1,1 @@
+"""`gatewayd ingest`: MQTT, HTTP and spool-directory adapters writing into the controller queue."""

@@ -71,6 +71,7 @@ def world(tmp_path: Path, docker_engine: Any) -> Iterator[World]:  # noqa: F811
                             "reconnect_max_s": 1.0},
             "controller": controller_section(name),  # no image, no repository
             "supervisor": {"telemetry_interval_s": 2, "udev": False},
+            "logging": {"forward_level": "warning"},
         })
         bridge = Daemon("bridge", cfg)
         supervisor = Daemon("supervisor", cfg)

@@ -58,7 +58,7 @@ def world(tmp_path: Path) -> Iterator[Callable[..., World]]:
             "thingsboard": {"host": "127.0.0.1", "port": sim.port, "access_token": TOKEN, "device_name": DEVICE,
                             "reconnect_max_s": 1.0},
             "supervisor": {"telemetry_interval_s": 1, "udev": False},
-            "logging": logging,
+            "logging": {"forward_level": "warning", **logging},
             **sections,
         })
         daemons = {}

@@ -16,7 +16,7 @@ from typing import Any
 from gatewayd import redact
 from gatewayd.config import EX_CONFIG, Config, ConfigError, load
 from gatewayd.store import controller as controller_store
-from gatewayd.store import figures, queues
+from gatewayd.store import queues
 from gatewayd.store.db import corrupt_copies, now_ms
 
 DAEMONS = ("bridge", "forwarder", "supervisor", "ingest")
@@ -71,8 +71,11 @@ def collect(cfg: Config) -> dict[str, Any]:
         raise FileNotFoundError(f"{cfg.queues_db} does not exist (has the forwarder ever run?)")
     q = _ro(cfg.queues_db)
     try:
-        reading = figures.read(q)
+        c = queues.counters(q)
         state = queues.all_state(q)
+        oldest = queues.oldest_created_ms(q)
+        inbound = queues.depth(q, "inbound")
+        dead = queues.depth(q, "dead_letters")
     finally:
         q.close()
     controller_depth = 0
@@ -88,6 +91,9 @@ def collect(cfg: Config) -> dict[str, Any]:
             cc.close()
     mqtt = {"connected": False, "since_ms": None, "last_puback_ms": None, "last_error": None}
     mqtt.update(state.get("bridge.mqtt") or {})
+    ledger = {k: c.get(k, 0) for k in ("ingested", "delivered", "queued", "dead_lettered", "dropped", "archived")}
+    ledger["balanced"] = ledger["ingested"] == (ledger["delivered"] + ledger["queued"]
+                                               + ledger["dead_lettered"] + ledger["dropped"])
     controller = dict(state.get("supervisor.controller") or {})
     controller.setdefault("enabled", cfg["controller"]["enabled"])
     controller["last_health_check_ms"] = last_health
@@ -95,8 +101,15 @@ def collect(cfg: Config) -> dict[str, Any]:
     return {
         "units": unit_states(cfg),
         "mqtt": mqtt,
-        "queues": reading.queues(controller_depth, now_ms()),
-        "ledger": reading.ledger(),
+        "queues": {
+            "controller": controller_depth,
+            "outbox": c.get("outbox_rows", 0),
+            "outbox_bytes": c.get("outbox_bytes", 0),
+            "inbound": inbound,
+            "dead_letters": dead,
+            "oldest_queued_age_s": None if oldest is None else round((now_ms() - oldest) / 1000, 3),
+        },
+        "ledger": ledger,
         "archive": {"bytes": archive_bytes},
         "controller": controller,
         "ingest": {"adapters": cfg.ingest_adapters()},

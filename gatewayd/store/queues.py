@@ -121,6 +121,15 @@ def counters(conn: sqlite3.Connection) -> dict[str, int]:
     return {name: int(value) for name, value in conn.execute("SELECT name, value FROM counters")}
 
 
+def ledger(c: dict[str, int]) -> dict[str, Any]:
+    """The ledger part of `counters()`, and whether it adds up
+    (ingested = delivered + queued + dead_lettered + dropped)."""
+    out: dict[str, Any] = {k: c.get(k, 0) for k in ("ingested", "delivered", "queued", "dead_lettered", "dropped",
+                                                     "archived")}
+    out["balanced"] = out["ingested"] == out["delivered"] + out["queued"] + out["dead_lettered"] + out["dropped"]
+    return out
+
+
 def append(conn: sqlite3.Connection, rows: Sequence[NewRow], created_ms: int | None = None) -> None:
     """Insert outbox rows; the caller holds the transaction."""
     if not rows:

@@ -77,8 +77,8 @@ def world(tmp_path: Path) -> Iterator[Callable[..., World]]:
 
 
 def test_a_warning_of_every_daemon_arrives_as_telemetry(world: Callable[..., World]) -> None:
-    # An unknown section: each daemon warns about it once, at start-up.
-    w = world({"forward_max_per_min": 20}, from_the_future={"x": 1})
+    # An unknown section: each daemon warns about it once, at start-up. Logs in JSON on stderr.
+    w = world({"forward_max_per_min": 20, "format": "json"}, from_the_future={"x": 1})
     lines = wait_for(lambda: (x if len(x := [r for r in w.log_lines() if "from_the_future" in r["gw_log_message"]])
                               >= 3 else None), 30, what="three forwarded warnings")
     assert sorted(r["gw_log_daemon"] for r in lines) == sorted(DAEMONS)
@@ -89,6 +89,12 @@ def test_a_warning_of_every_daemon_arrives_as_telemetry(world: Callable[..., Wor
     # what is forwarded stays out of the controller ledger
     ledger = wait_for(lambda: w.ledgers(), 20, what="ledger telemetry")[-1]
     assert ledger["gw_ingested"] == 0 and ledger["gw_queued"] == 0 and ledger["gw_delivered"] == 0
+    # stderr is not journald's here: every line is a bare JSON object
+    for name, d in w.daemons.items():
+        docs = [json.loads(line) for line in d.log().splitlines()]
+        assert {x["daemon"] for x in docs} == {name}
+        warning = [x for x in docs if "from_the_future" in x["message"]]
+        assert len(warning) == 1 and (warning[0]["level"], warning[0]["priority"]) == ("warning", 4)
 
 
 def test_a_flood_stays_within_the_rate_limit_with_a_repeated_summary(world: Callable[..., World]) -> None:

@@ -195,8 +195,8 @@ class LogForwarder:
                 stopping = self._stopping.is_set()
                 try:
                     self.work(final=stopping)
-                except Exception:  # noqa: BLE001 - the forwarder must never take the daemon down
-                    log.exception("forwarding log lines failed", extra={NO_FORWARD: True})
+                except Exception as e:  # noqa: BLE001 - the forwarder must never take the daemon down
+                    self._failed(e)
                 if stopping:
                     break
                 self._wake.wait(self._timeout())
@@ -236,7 +236,7 @@ class LogForwarder:
         batch = report + self.held
         try:
             taken = self.store([(x.ms, self.values(x)) for x in batch])
-        except (sqlite3.Error, OSError) as e:
+        except Exception as e:  # noqa: BLE001 - classified below; a newer schema is a BUG, also retried later
             self._failed(e)
             return
         if self.failure is not None:

@@ -346,3 +346,25 @@ def test_setup_json_format(capsys: pytest.CaptureFixture[str], monkeypatch: pyte
         for h in saved[0]:
             root.addHandler(h)
         root.setLevel(saved[1])
+
+
+def test_any_failure_of_the_store_backs_off_up_to_a_minute() -> None:
+    clock = Clock()
+    calls: list[float] = []
+
+    def broken(lines: list[tuple[int, dict[str, Any]]]) -> int:
+        calls.append(clock.t)
+        raise RuntimeError("database schema version 9 is newer than this gatewayd (4)")
+
+    fwd = LogForwarder("bridge", broken, 10, 30.0, clock=clock)
+    fwd.offer(line("a"))
+    start = clock.t
+    for _ in range(2000):  # 200 s in steps of 0.1 s, as often as the thread could wake
+        fwd.work()
+        timeout = fwd._timeout()
+        assert timeout is not None and timeout >= 0.05
+        clock.t += 0.1
+    gaps = [round(b - a) for a, b in zip(calls, calls[1:], strict=False)]
+    assert gaps == [1, 2, 4, 8, 16, 32, 60, 60][:len(gaps)] and len(calls) <= 9, (start, calls)
+    assert fwd.failure is not None and "newer than this gatewayd" in fwd.failure and "(bug)" in fwd.failure
+    assert [x.text for x in fwd.held] == ["a"]

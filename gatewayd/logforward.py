@@ -45,7 +45,7 @@ log = logging.getLogger("gatewayd.logforward")
 NO_FORWARD = "gatewayd_no_forward"  # `extra={NO_FORWARD: True}`: this record stays in the journal
 MAX_MESSAGE_CHARS = 2000
 PENDING_MAX = 1000  # records waiting for the writer thread
-HELD_MAX = 200  # lines kept while the database refuses them
+HELD_MAX = 200  # lines kept while the database refuses them (or forward_max_per_min, if larger)
 RUNS_MAX = 256  # distinct lines remembered for deduplication
 BACKOFF_MIN_S = 1.0
 BACKOFF_MAX_S = 60.0
@@ -155,6 +155,7 @@ class LogForwarder:
         self.dedup = Deduper(window_s)
         self.thread_id: int | None = None
         self._pending: collections.deque[Line] = collections.deque()
+        self._overflow = 0  # records refused by a full `_pending` (counted under `_lock`)
         self._lock = threading.Lock()
         self._wake = threading.Event()
         self._stopping = threading.Event()
@@ -170,7 +171,7 @@ class LogForwarder:
     def offer(self, line: Line) -> None:
         with self._lock:
             if len(self._pending) >= PENDING_MAX:
-                self.suppressed += 1
+                self._overflow += 1
                 return
             self._pending.append(line)
         self._wake.set()
@@ -218,12 +219,15 @@ class LogForwarder:
         with self._lock:
             new = list(self._pending)
             self._pending.clear()
+            self.suppressed += self._overflow
+            self._overflow = 0
         lines = [line for line in (self.dedup.offer(x, now) for x in new) if line is not None]
         lines.extend(self.dedup.due(float("inf") if final else now))
         self.held.extend(lines)
-        if len(self.held) > HELD_MAX:
-            self.suppressed += len(self.held) - HELD_MAX
-            del self.held[:len(self.held) - HELD_MAX]
+        excess = len(self.held) - max(HELD_MAX, self.max_per_min)
+        if excess > 0:
+            self.suppressed += excess
+            del self.held[:excess]
         if not self.held and not self.suppressed:
             return
         if now < self.retry_at and not final:
@@ -231,7 +235,7 @@ class LogForwarder:
         # The report of what was not sent goes first, so it is never the line left out.
         report = [Line(int(time.time() * 1000), logging.WARNING, log.name,
                        f"{self.suppressed} log line(s) of the {self.daemon} not sent to ThingsBoard "
-                       f"(more than forward_max_per_min = {self.max_per_min}; see the journal)")
+                       f"(at most forward_max_per_min = {self.max_per_min} are; the journal has them all)")
                   ] if self.suppressed else []
         batch = report + self.held
         try:

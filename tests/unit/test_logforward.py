@@ -23,6 +23,7 @@ from gatewayd.log import JsonFormatter, journald_stderr
 from gatewayd.logforward import (
     MAX_MESSAGE_CHARS,
     NO_FORWARD,
+    PENDING_MAX,
     Deduper,
     ForwardHandler,
     Line,
@@ -368,3 +369,19 @@ def test_any_failure_of_the_store_backs_off_up_to_a_minute() -> None:
     assert gaps == [1, 2, 4, 8, 16, 32, 60, 60][:len(gaps)] and len(calls) <= 9, (start, calls)
     assert fwd.failure is not None and "newer than this gatewayd" in fwd.failure and "(bug)" in fwd.failure
     assert [x.text for x in fwd.held] == ["a"]
+
+
+def letters(n: int) -> str:
+    return "".join(chr(97 + int(d)) for d in f"{n:05d}")
+
+
+def test_a_burst_beyond_the_queue_is_counted_and_reported(conn: sqlite3.Connection) -> None:
+    clock = Clock()
+    fwd = LogForwarder("forwarder", WallStore(conn, 5000, clock), 5000, 30.0, clock=clock)
+    for i in range(PENDING_MAX + 7):
+        fwd.offer(line(f"distinct {letters(i)}"))
+    fwd.work()
+    rows = log_rows(conn)
+    assert rows[0]["gw_log_message"].startswith("7 log line(s) of the forwarder not sent to ThingsBoard")
+    assert [r["gw_log_message"] for r in rows[1:]] == [f"distinct {letters(i)}" for i in range(PENDING_MAX)]
+    assert fwd.suppressed == 0

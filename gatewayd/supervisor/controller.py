@@ -270,7 +270,9 @@ class ControllerManager:
         if name == "clear":
             with self._lock:
                 self.target = None
+                self.failures = 0
             self.next_start_at = None
+            self._crash_loop_reported = False
             info = self.docker.inspect(self.name)
             if info is not None:
                 if info.running:

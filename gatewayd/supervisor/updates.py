@@ -18,9 +18,9 @@ After the switch, the new version must become healthy within `update_grace_s` (H
 good version is started again (none: the container is removed) and the update is reported
 FAILED. A request that failed is not retried until the requested version changes; a request
 naming the running version (also by another name of the same git commit) changes nothing.
-After an update ends
-(UPDATED, or FAILED once the rollback is done), images earlier updates built or loaded are
-removed (see images.py), keeping the running one, the last good one and `keep_images` in all.
+After an update ends (UPDATED, or FAILED once the rollback is done), images earlier updates
+built or loaded are removed (see images.py), keeping the running one, the last good one and
+`keep_images` in all.
 
 Builds, pulls, loads and checksums run as background jobs; this class itself runs in the
 main loop and never blocks.

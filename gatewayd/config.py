@@ -132,6 +132,8 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "provision_device_secret": Key(str, "", secret=True),
         "mqtt_version": Key(str, "3.1.1", _one_of("3.1.1", "5")),
         "keepalive_s": Key(int, 60, _min(5)),
+        "connect_timeout_s": Key((int, float), 10.0, _positive,
+                                 doc="DNS lookup, TCP connect and TLS handshake each give up after this long"),
         "reconnect_max_s": Key((int, float), 5.0, _positive),
         "auth_backoff_s": Key((int, float), 300.0, _positive),
         "stall_timeout_s": Key((int, float), 60.0, _positive),
@@ -185,6 +187,10 @@ SCHEMA: dict[str, dict[str, Key]] = {
     "forwarder": {
         "batch_size": Key(int, 5000, _min(1)),
         "poll_interval_ms": Key(int, 20, _min(1)),
+        "min_free_bytes": Key(int, 64 * MIB, _min(0), doc="below this much free space under state_dir "
+                              "controller records wait in the controller queue (room for the ledger and replies)"),
+        "reserve_bytes": Key(int, 8 * MIB, _min(0), doc="pre-allocated file in state_dir, released when the "
+                             "disk is found full so that the daemons can still commit and restart"),
     },
     "outbox": {
         "max_rows": Key(int, 5_000_000, _min(1)),

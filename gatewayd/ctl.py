@@ -15,9 +15,11 @@ from typing import Any
 
 from gatewayd import redact
 from gatewayd.config import EX_CONFIG, Config, ConfigError, load
+from gatewayd.daemon import read_runtime_status
 from gatewayd.store import controller as controller_store
 from gatewayd.store import queues
-from gatewayd.store.db import corrupt_copies, now_ms
+from gatewayd.store.db import corrupt_copies, file_identity, now_ms, open_readonly
+from gatewayd.store.errors import describe
 
 DAEMONS = ("bridge", "forwarder", "supervisor", "ingest")
 HEARTBEAT_MAX_AGE_S = 180.0
@@ -28,12 +30,6 @@ EXIT_OK, EXIT_DEGRADED, EXIT_UNREADABLE = 0, 1, 2
 def _json(obj: Any) -> str:
     """JSON for output, registered secrets masked in every string (the JSON stays valid)."""
     return json.dumps(redact.redact_obj(obj), indent=2)
-
-
-def _ro(path: Path) -> sqlite3.Connection:
-    conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=5)
-    conn.execute("PRAGMA busy_timeout = 5000")
-    return conn
 
 
 def _systemd_running() -> bool:
@@ -65,11 +61,40 @@ def unit_states(cfg: Config) -> dict[str, str]:
     return states
 
 
+def daemon_faults(cfg: Config) -> dict[str, Any]:
+    """Each running daemon's current fault (from its runtime status file, which needs no database)
+    and whether it still has a `queues.db` open that is no longer the one at its path."""
+    current = file_identity(cfg.queues_db)
+    faults: dict[str, str | None] = {}
+    stale: list[str] = []
+    for d in DAEMONS:
+        st = read_runtime_status(cfg.runtime_dir, d)
+        faults[d] = st.get("fault") if st else None
+        held = (st or {}).get("files", {}).get("queues.db")
+        if held and tuple(held) != current:
+            stale.append(d)
+    return {"faults": faults, "stale_queues_db": stale}
+
+
+def _controller_view(cfg: Config) -> tuple[int | None, int | None, str | None]:
+    """(depth, last health check, error): the controller's file may be locked, damaged or missing."""
+    if not cfg.controller_db.exists():
+        return 0, None, None
+    try:
+        cc = open_readonly(cfg.controller_db)
+        try:
+            return controller_store.depth(cc), controller_store.last_health_check_ms(cc), None
+        finally:
+            cc.close()
+    except sqlite3.Error as e:
+        return None, None, describe(e)
+
+
 def collect(cfg: Config) -> dict[str, Any]:
     """Everything `status` shows; raises sqlite3.Error / OSError when the state cannot be read."""
     if not cfg.queues_db.exists():
         raise FileNotFoundError(f"{cfg.queues_db} does not exist (has the forwarder ever run?)")
-    q = _ro(cfg.queues_db)
+    q = open_readonly(cfg.queues_db)
     try:
         c = queues.counters(q)
         state = queues.all_state(q)
@@ -78,17 +103,7 @@ def collect(cfg: Config) -> dict[str, Any]:
         dead = queues.depth(q, "dead_letters")
     finally:
         q.close()
-    controller_depth = 0
-    last_health = None
-    if cfg.controller_db.exists():
-        cc = _ro(cfg.controller_db)
-        try:
-            controller_depth = controller_store.depth(cc)
-            last_health = controller_store.last_health_check_ms(cc)
-        except sqlite3.OperationalError:
-            pass
-        finally:
-            cc.close()
+    controller_depth, last_health, controller_error = _controller_view(cfg)
     mqtt = {"connected": False, "since_ms": None, "last_puback_ms": None, "last_error": None}
     mqtt.update(state.get("bridge.mqtt") or {})
     ledger = {k: c.get(k, 0) for k in ("ingested", "delivered", "queued", "dead_lettered", "dropped", "archived")}
@@ -97,6 +112,7 @@ def collect(cfg: Config) -> dict[str, Any]:
     controller = dict(state.get("supervisor.controller") or {})
     controller.setdefault("enabled", cfg["controller"]["enabled"])
     controller["last_health_check_ms"] = last_health
+    controller["database_error"] = controller_error
     archive_bytes = cfg.archive_db.stat().st_size if cfg.archive_db.exists() else 0
     return {
         "units": unit_states(cfg),
@@ -115,6 +131,7 @@ def collect(cfg: Config) -> dict[str, Any]:
         "ingest": {"adapters": cfg.ingest_adapters()},
         "errors": {d: queues.last_error(state, d) for d in DAEMONS},
         "corrupt_files": corrupt_copies(cfg.state_dir, cfg.controller_data_dir),
+        **daemon_faults(cfg),
     }
 
 
@@ -130,6 +147,10 @@ def degraded_reasons(st: dict[str, Any]) -> list[str]:
         reasons.append("ledger does not add up")
     if st["corrupt_files"]:
         reasons.append(f"{len(st['corrupt_files'])} damaged database file(s) moved aside")
+    reasons.extend(f"{d}: {fault}" for d, fault in st["faults"].items() if fault)
+    reasons.extend(f"{d} still uses a queues.db that was replaced" for d in st["stale_queues_db"])
+    if st["controller"].get("database_error"):
+        reasons.append(f"controller database unreadable: {st['controller']['database_error']}")
     return reasons
 
 
@@ -155,6 +176,9 @@ def _print_status(st: dict[str, Any], reasons: list[str]) -> None:
     for d, err in st["errors"].items():
         if err:
             print(f"last error: {d}: {err}")
+    for d, fault in st["faults"].items():
+        if fault:
+            print(f"fault:      {d}: {fault}")
     for f in st["corrupt_files"]:
         print(f"damaged:    {f}")
     print("health:     " + ("ok" if not reasons else "DEGRADED: " + "; ".join(reasons)))
@@ -164,10 +188,14 @@ def cmd_status(cfg: Config, args: argparse.Namespace) -> int:
     try:
         st = collect(cfg)
     except (sqlite3.Error, OSError) as e:
+        faults = daemon_faults(cfg)
         if args.json:
-            print(json.dumps({"error": f"cannot read gateway state: {e}"}))
+            print(json.dumps({"error": f"cannot read gateway state: {e}", **faults}))
         else:
             print(f"gatewayctl: cannot read gateway state: {e}", file=sys.stderr)
+            for d, fault in faults["faults"].items():
+                if fault:
+                    print(f"gatewayctl: {d}: {fault}", file=sys.stderr)
         return EXIT_UNREADABLE
     st = redact.redact_obj(st)
     reasons = degraded_reasons(st)
@@ -226,11 +254,15 @@ def cmd_send(cfg: Config, args: argparse.Namespace) -> int:
         return 2
     if isinstance(obj, dict) and not ("ts" in obj and "values" in obj):
         obj = {"ts": now_ms(), "values": obj}
-    conn = controller_store.open_controller(cfg.controller_db, check=False)
     try:
-        row_id = controller_store.enqueue(conn, args.type, json.dumps(obj))
-    finally:
-        conn.close()
+        conn = controller_store.open_controller(cfg.controller_db)
+        try:
+            row_id = controller_store.enqueue(conn, args.type, json.dumps(obj))
+        finally:
+            conn.close()
+    except (sqlite3.Error, OSError) as e:
+        print(f"gatewayctl: cannot queue the record: {describe(e)}", file=sys.stderr)
+        return 1
     print(f"queued as controller row {row_id}")
     return 0
 
@@ -263,14 +295,11 @@ def _journal(lines: int) -> str:
 def _dead_letter_sample(cfg: Config, limit: int = 200) -> list[dict[str, Any]]:
     if not cfg.queues_db.exists():
         return []
-    conn = _ro(cfg.queues_db)
+    conn = open_readonly(cfg.queues_db)
     try:
-        rows = conn.execute("SELECT id, stage, src_id, type, substr(message, 1, 2000), reason, created_ms "
-                            "FROM dead_letters ORDER BY id DESC LIMIT ?", (limit,)).fetchall()
+        return queues.dead_letter_sample(conn, limit)
     finally:
         conn.close()
-    keys = ("id", "stage", "src_id", "type", "message", "reason", "created_ms")
-    return [dict(zip(keys, r, strict=True)) for r in rows]
 
 
 def cmd_support_bundle(cfg: Config, args: argparse.Namespace) -> int:

@@ -3,11 +3,20 @@
 A daemon supplies a `Service`; `run()` owns the loop. The watchdog is fed only when the
 service's `step()` reports progress, so a daemon that is alive but stuck is restarted by
 systemd (and, failing that, by the cron fallback, which reads the heartbeat file).
+
+Start-up survives transient faults: when `start()` fails on a locked, full, read-only or
+unreachable database (or another OS error), the daemon still reports READY, says in STATUS=
+and its runtime status file what it waits for, and retries `start()` from the loop with a
+bounded backoff (its `stop()` runs first, so a retry starts clean). Restarting would not
+help against such a fault, so the loop keeps feeding the watchdog while it waits; a fault
+of any other kind (a bug, a newer schema) still ends the process.
 """
 
 from __future__ import annotations
 
+import contextlib
 import faulthandler
+import json
 import logging
 import os
 import select
@@ -16,15 +25,18 @@ import threading
 import time
 import traceback
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 from gatewayd.notify import Notifier
+from gatewayd.store.errors import Fault, classify, describe
 
 log = logging.getLogger("gatewayd.daemon")
 
 HEARTBEAT_EVERY_S = 5.0
 SHUTDOWN_TIMEOUT_S = 10.0
 ERROR_BACKOFF_MAX_S = 5.0
+START_BACKOFF_INITIAL_S = 0.5
+START_BACKOFF_MAX_S = 30.0
 
 
 class Service(Protocol):
@@ -50,6 +62,59 @@ def service_fds(service: Service) -> list[int]:
     """File descriptors whose readiness should end the loop's wait early (optional `fds()`)."""
     fds = getattr(service, "fds", None)
     return list(fds()) if fds is not None else []
+
+
+def service_health(service: Service) -> dict[str, Any]:
+    """The optional `health()`: {"fault": str | None, "files": {name: [dev, inode]}}."""
+    health = getattr(service, "health", None)
+    return dict(health()) if health is not None else {}
+
+
+def start_fault(exc: BaseException) -> bool:
+    """Whether a failed `start()` is worth waiting out rather than exiting on."""
+    return isinstance(exc, OSError) or classify(exc) is Fault.TRANSIENT
+
+
+class RuntimeStatus:
+    """`<runtime_dir>/<name>.status`: the daemon's current fault and the files it has open, as JSON.
+
+    It lives beside the heartbeat (tmpfs), so `gatewayctl status` learns why a daemon waits even
+    when that daemon cannot write any database. Rewritten only when its content changes.
+    """
+
+    def __init__(self, runtime_dir: Path, name: str):
+        self.path = runtime_dir / f"{name}.status"
+        self._key: tuple[str | None, str] | None = None
+        self._since_ms = 0
+
+    def update(self, fault: str | None, files: dict[str, Any] | None = None) -> None:
+        key = (fault, json.dumps(files or {}, sort_keys=True))
+        if key == self._key:
+            return
+        if self._key is None or key[0] != self._key[0]:
+            self._since_ms = time.time_ns() // 1_000_000
+        self._key = key
+        value = {"pid": os.getpid(), "fault": fault, "since_ms": self._since_ms, "files": files or {}}
+        tmp = self.path.with_suffix(".status.tmp")
+        try:
+            tmp.write_text(json.dumps(value))
+            os.replace(tmp, self.path)
+        except OSError as e:
+            log.debug("cannot write %s: %s", self.path, e)
+
+    def clear(self) -> None:
+        with contextlib.suppress(OSError):
+            self.path.unlink()
+
+
+def read_runtime_status(runtime_dir: Path, name: str) -> dict[str, Any] | None:
+    """What `RuntimeStatus` last wrote, or None (no file, or a daemon that is gone)."""
+    try:
+        value = json.loads((runtime_dir / f"{name}.status").read_text())
+        os.kill(int(value["pid"]), 0)
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return value if isinstance(value, dict) else None
 
 
 class Heartbeat:
@@ -80,8 +145,11 @@ class Runner:
         self.service = service
         self.notifier = notifier or Notifier()
         self.heartbeat = Heartbeat(runtime_dir, service.name)
+        self.runtime_status = RuntimeStatus(runtime_dir, service.name)
         self.stop_event = threading.Event()
         self._errors_in_row = 0
+        self._start_fault: str | None = None
+        self._start_backoff = 0.0
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
 
     def _on_signal(self, signum: int, _frame: object) -> None:
@@ -105,20 +173,29 @@ class Runner:
             pass
 
     def run(self) -> int:
-        self.service.start()
-        self.notifier.ready(self.service.status())
+        started = self._try_start()
+        self.notifier.ready(self._status())
         log.info("%s ready", self.service.name)
         interval = min(self.notifier.watchdog_interval or HEARTBEAT_EVERY_S, HEARTBEAT_EVERY_S)
         last_ping = float("-inf")
+        next_start = time.monotonic() + self._start_backoff
         try:
             while not self.stop_event.is_set():
-                healthy, wait = self._step()
+                if started:
+                    healthy, wait = self._step()
+                elif time.monotonic() >= next_start:
+                    started = self._try_start()
+                    next_start = time.monotonic() + self._start_backoff
+                    healthy, wait = True, 0.0 if started else self._start_backoff
+                else:
+                    healthy, wait = True, next_start - time.monotonic()
                 now = time.monotonic()
                 if healthy and now - last_ping >= interval:
                     self.notifier.watchdog()
                     self.heartbeat.beat()
                     last_ping = now
-                self.notifier.status(self.service.status())
+                self.notifier.status(self._status())
+                self._write_runtime_status(started)
                 if wait > 0:
                     if healthy:
                         wait = min(wait, max(0.0, last_ping + interval - time.monotonic()))
@@ -126,6 +203,38 @@ class Runner:
         finally:
             self._shutdown()
         return 0
+
+    def _try_start(self) -> bool:
+        """Run `start()`; on a transient fault remember why, clean up, and let the loop retry."""
+        try:
+            self.service.start()
+        except Exception as e:
+            if not start_fault(e):
+                raise
+            text = f"cannot start yet: {describe(e)}"
+            if text != self._start_fault:
+                log.warning("%s %s; retrying", self.service.name, text)
+            self._start_fault = text
+            self._start_backoff = min(START_BACKOFF_MAX_S, self._start_backoff * 2 or START_BACKOFF_INITIAL_S)
+            try:
+                self.service.stop()
+            except Exception as stop_error:  # noqa: BLE001 - a half-started service may not stop cleanly
+                log.debug("stop after a failed start: %s", stop_error)
+            return False
+        if self._start_fault:
+            log.info("%s started after: %s", self.service.name, self._start_fault)
+        self._start_fault = None
+        self._start_backoff = 0.0
+        return True
+
+    def _status(self) -> str:
+        if self._start_fault:
+            return f"waiting: {self._start_fault} (retrying every {self._start_backoff:.0f} s at most)"
+        return self.service.status()
+
+    def _write_runtime_status(self, started: bool) -> None:
+        health = service_health(self.service) if started else {}
+        self.runtime_status.update(self._start_fault or health.get("fault"), health.get("files"))
 
     def _wait(self, timeout: float) -> None:
         """Sleep until the timeout, a stop request, or one of the service's fds is readable."""
@@ -171,6 +280,7 @@ class Runner:
         finally:
             timer.cancel()
             self.heartbeat.clear()
+            self.runtime_status.clear()
         log.info("%s stopped", self.service.name)
 
 

@@ -120,3 +120,20 @@ def setup(name: str, level: str = "info", fmt: str = "text") -> logging.Logger:
     root.addHandler(handler)
     root.setLevel(getattr(logging, level.upper(), logging.INFO))
     return logging.getLogger(name)
+
+
+class Throttle:
+    """Log a repeating condition at most once per `every_s` for each key; repeats go to debug."""
+
+    def __init__(self, logger: logging.Logger, every_s: float = 60.0) -> None:
+        self.logger = logger
+        self.every_s = every_s
+        self._last: dict[str, float] = {}
+
+    def log(self, key: str, level: int, msg: str, *args: object) -> None:
+        now = time.monotonic()
+        if now - self._last.get(key, float("-inf")) >= self.every_s:
+            self._last[key] = now
+            self.logger.log(level, msg, *args)
+        else:
+            self.logger.debug(msg, *args)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 
 from gatewayd.store.queues import (
@@ -33,8 +34,8 @@ def packet_size(topic: str, payload: str) -> int:
     return PUBLISH_OVERHEAD + len(topic.encode()) + len(payload.encode())
 
 
-def _dumps(obj: object) -> str:
-    return json.dumps(obj, separators=(",", ":"), ensure_ascii=False)
+def _dumps(obj: object, ascii_only: bool = False) -> str:
+    return json.dumps(obj, separators=(",", ":"), ensure_ascii=ascii_only)
 
 
 def _reject_constant(name: str) -> None:
@@ -45,44 +46,102 @@ def _reject_constant(name: str) -> None:
 # refused because Python accepts them and ThingsBoard does not.
 _decode = json.JSONDecoder(parse_constant=_reject_constant).raw_decode
 _WS = " \t\n\r"
+_MISSING = object()
+
+# Explicit bounds, so that no record can reach a limit of Python, SQLite or ThingsBoard:
+# nesting (the JSON parser and encoder recurse), integers (SQLite and ThingsBoard store 64-bit
+# signed integers), floats (a literal such as 1e999 becomes infinity).
+MAX_JSON_DEPTH = 64
+INT_MIN, INT_MAX = -(2**63), 2**63 - 1
+MAX_TYPE_BYTES = 256
+
+def values_problem(values: dict[str, object]) -> str | None:
+    """Why parsed `values` nest too deep or hold a number ThingsBoard cannot store, or None.
+
+    An iterative walk, so no depth can exhaust Python's stack (the JSON decoder itself stops
+    at the interpreter's recursion limit, which `parse` turns into a reason). `values` sits at
+    depth 2 of the record.
+    """
+    stack: list[tuple[object, int]] = [(v, 3) for v in values.values()]
+    while stack:
+        v, depth = stack.pop()
+        if isinstance(v, bool):
+            continue
+        if isinstance(v, int):
+            if not INT_MIN <= v <= INT_MAX:
+                return f"holds an integer that does not fit in 64 bits ({str(v)[:30]}…)"
+        elif isinstance(v, float):
+            if not math.isfinite(v):
+                return "holds a number too large for a 64-bit float"
+        elif isinstance(v, (dict, list)):
+            if depth > MAX_JSON_DEPTH:
+                return f"are nested deeper than {MAX_JSON_DEPTH} levels"
+            stack.extend((x, depth + 1) for x in (v.values() if isinstance(v, dict) else v))
+    return None
+
+
+def type_name(type_: object) -> str:
+    """The controller's `type` as text: bytes decoded (invalid UTF-8 replaced), numbers as digits."""
+    if isinstance(type_, str):
+        return type_
+    if isinstance(type_, bytes):
+        return type_.decode("utf-8", "replace")
+    return "" if type_ is None else str(type_)
 
 
 def parse(type_: object, message: object, max_packet: int) -> Record | str:
-    """A publishable Record, or the reason the row must go to the dead letters."""
-    if isinstance(message, bytes):
+    """A publishable Record, or the reason the row must go to the dead letters.
+
+    `type_` and `message` may be anything SQLite can hold (str or bytes for TEXT and BLOB, int,
+    float, None); bytes are decoded here, strictly, never by the database driver. This is the
+    forwarder's hot path: the common case runs no Python function besides the JSON decoder.
+    """
+    if type(message) is bytes:
         try:
             message = message.decode()
-        except UnicodeDecodeError:
-            return "message is not UTF-8 text"
-    if not isinstance(message, str):
+        except UnicodeDecodeError as e:
+            return f"message is not UTF-8 text (byte 0x{message[e.start]:02x} at offset {e.start})"
+    elif not isinstance(message, str):
         return "message is missing" if message is None else f"message is not text ({type(message).__name__})"
     try:
         obj, end = _decode(message, len(message) - len(message.lstrip(_WS)))
     except ValueError as e:
         return f"message is not valid JSON: {e}"
+    except RecursionError:
+        return f"message is nested deeper than {MAX_JSON_DEPTH} levels"
     if end != len(message) and message[end:].strip(_WS):
         return f"message is not valid JSON: extra data at char {end}"
     if type(obj) is not dict:
         return "message is not a JSON object"
-    if "ts" not in obj:
-        return "'ts' is missing"
-    ts = obj["ts"]
-    if isinstance(ts, bool) or not isinstance(ts, int):
+    ts = obj.get("ts", _MISSING)
+    if type(ts) is not int:
+        if ts is _MISSING:
+            return "'ts' is missing"
         return f"'ts' must be an integer (epoch milliseconds), got {_dumps(ts)[:40]}"
-    if "values" not in obj:
-        return "'values' is missing"
-    values = obj["values"]
-    if not isinstance(values, dict):
-        return "'values' must be a JSON object"
+    if ts > INT_MAX or ts < INT_MIN:
+        return f"'ts' must be an integer (epoch milliseconds) that fits in 64 bits, got {str(ts)[:40]}"
+    values = obj.get("values", _MISSING)
+    if type(values) is not dict:
+        return "'values' is missing" if values is _MISSING else "'values' must be a JSON object"
     if not values:
         return "'values' is empty"
-    type_name = type_ if isinstance(type_, str) else ""
-    if type_name == "attributes":
-        rec = Record(KIND_ATTRIBUTES, PRIO_ATTRIBUTES, TOPIC_ATTRIBUTES, _dumps(values), ts, True)
-    else:
+    for v in values.values():
+        t = type(v)
+        if (t is float and v - v != 0.0) or (t is int and (v > INT_MAX or v < INT_MIN)) or t is dict or t is list:
+            problem = values_problem(values)
+            if problem:
+                return f"'values' {problem}"
+            break
+    name = type_ if type(type_) is str else type_name(type_)
+    if name == "attributes":
+        rec = Record(KIND_ATTRIBUTES, PRIO_ATTRIBUTES, TOPIC_ATTRIBUTES, _dumps(values, "\\u" in message), ts, True)
+    elif len(obj) == 2:
         # The controller's own text is already the wire format when it holds nothing else.
-        payload = message if len(obj) == 2 else _dumps({"ts": ts, "values": values})
-        rec = Record(KIND_TELEMETRY, PRIO_TELEMETRY, TOPIC_TELEMETRY, payload, ts, "log" not in type_name)
+        rec = Record(KIND_TELEMETRY, PRIO_TELEMETRY, TOPIC_TELEMETRY, message, ts, "log" not in name)
+    else:
+        # Escapes may decode to lone surrogates, which only an ASCII encoding can carry.
+        payload = _dumps({"ts": ts, "values": values}, "\\u" in message)
+        rec = Record(KIND_TELEMETRY, PRIO_TELEMETRY, TOPIC_TELEMETRY, payload, ts, "log" not in name)
     # Cheap bound first: a UTF-8 character is at most 4 bytes.
     if PUBLISH_OVERHEAD + len(rec.topic) + 4 * len(rec.payload) > max_packet:
         size = packet_size(rec.topic, rec.payload)

@@ -34,7 +34,10 @@ A loopback HTTP JSON API (`--control-port`) drives it; `SimulatorClient` below w
     POST /devices {name, token?}                  add a device (random token when omitted)
     POST /shared_attributes {device, values?, deleted?}
     POST /rpc {device, method, params, timeout?}  -> {"id", "response"}; HTTP 504 on timeout
-    POST /faults {no_puback?, max_packet_bytes?, rate_limit?, refuse?, drop?}
+    POST /faults {no_puback?, max_packet_bytes?, rate_limit?, refuse?, drop?, refuse_payloads?}
+                                      refuse_payloads: [{"match": TEXT, "code": N}]: an MQTT 5 PUBLISH
+                                      whose payload contains TEXT ("" = any) is answered with a PUBACK
+                                      of reason code N and not forwarded
     POST /disconnect {device}                     close that device's session
     POST /package {device, title, version, data_b64|text|file, corrupt?, type: "sw"|"fw"}
     POST /client_rpc {method, response, device?}  canned reply to a client-side RPC
@@ -308,7 +311,7 @@ STAT_KEYS = (
     "connects", "disconnects", "evictions", "publishes", "telemetry_publishes", "telemetry_records",
     "attribute_publishes", "attribute_requests", "rpc_requests_sent", "rpc_responses",
     "client_rpc_requests", "chunk_requests", "invalid_payloads", "unknown_topic_publishes",
-    "subscribe_failures", "oversize_closes", "rate_limit_closes", "pubacks_swallowed",
+    "subscribe_failures", "oversize_closes", "rate_limit_closes", "pubacks_swallowed", "publishes_refused",
 )
 
 
@@ -374,10 +377,20 @@ class Faults:
         self.max_packet_bytes = max_packet_bytes
         self.refuse = False
         self.rate_limit = 0  # publishes per second per session; 0 = off
+        self.refuse_payloads: list[tuple[bytes, int]] = []  # (substring, MQTT 5 PUBACK reason code)
+
+    def refusal(self, payload: bytes) -> int:
+        """The reason code to refuse this payload with, 0 to accept it."""
+        for match, code in self.refuse_payloads:
+            if match in payload:
+                return code
+        return 0
 
     def as_dict(self) -> dict[str, Any]:
         return {"no_puback": self.no_puback, "max_packet_bytes": self.max_packet_bytes,
-                "refuse": self.refuse, "rate_limit": self.rate_limit}
+                "refuse": self.refuse, "rate_limit": self.rate_limit,
+                "refuse_payloads": [{"match": m.decode("utf-8", "replace"), "code": c}
+                                    for m, c in self.refuse_payloads]}
 
 
 class State:
@@ -745,6 +758,12 @@ class Session:
             if self.rl_count > faults.rate_limit:
                 st.count(dev, "rate_limit_closes")
                 return None, f"rate limit exceeded ({faults.rate_limit} publishes/s)"
+        if qos == 1 and self.level >= MQTT5 and faults.refuse_payloads:
+            code = faults.refusal(pkt[payload_start:])
+            if code:
+                st.count(dev, "publishes_refused")
+                self._send_to_device(self._puback(pid, code))
+                return None, None
         try:
             topic = topic_b.decode("utf-8")
         except UnicodeDecodeError as exc:
@@ -1515,6 +1534,9 @@ class Controller:
                 f.max_packet_bytes = int(body["max_packet_bytes"])
             if "rate_limit" in body:
                 f.rate_limit = int(body["rate_limit"] or 0)
+            if "refuse_payloads" in body:
+                f.refuse_payloads = [(str(r.get("match", "")).encode("utf-8"), int(r["code"]))
+                                     for r in body["refuse_payloads"] or []]
             if "refuse" in body:
                 refuse = bool(body["refuse"])
                 self._in_loop(lambda: self.proxy.set_refuse(refuse))
@@ -1708,7 +1730,8 @@ class SimulatorClient:
         return self._call("POST", "/rpc", body, timeout=timeout + 10)["response"]
 
     def set_faults(self, **faults: Any) -> dict[str, Any]:
-        """no_puback=bool, max_packet_bytes=int, rate_limit=int, refuse=bool, drop=True."""
+        """no_puback=bool, max_packet_bytes=int, rate_limit=int, refuse=bool, drop=True,
+        refuse_payloads=[{"match": str, "code": int}]."""
         return self._call("POST", "/faults", faults)  # type: ignore[no-any-return]
 
     def drop(self) -> dict[str, Any]:

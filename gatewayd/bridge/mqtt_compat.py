@@ -18,13 +18,14 @@
   is stored durably before it is acknowledged.
 
 No paho background thread is ever started: the bridge drives `loop()` from its own main loop,
-so a stalled loop stalls the systemd watchdog too.
+so a stalled loop stalls the systemd watchdog too. paho never opens the transport either: DNS,
+TCP and TLS are done without blocking by `connector.py`, and `connect()` takes the open socket.
 """
 
 from __future__ import annotations
 
 import logging
-import ssl
+import socket
 import struct
 from collections.abc import Callable
 from typing import Any
@@ -186,18 +187,13 @@ class Connection:
         self.on_message(msg.topic, bytes(msg.payload), int(msg.qos))
 
     # -- operations ------------------------------------------------------------------------
-    def tls(self, ca_cert: str, client_cert: str, client_key: str) -> None:
-        """Verify the server against ca_cert (or the system CAs) and its host name; never plaintext."""
-        ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=ca_cert or None)
-        ctx.check_hostname = True
-        ctx.verify_mode = ssl.CERT_REQUIRED
-        if client_cert:
-            ctx.load_cert_chain(client_cert, client_key or None)
-        self.client.tls_set_context(ctx)
-        self.client.tls_insecure_set(False)
+    def connect(self, host: str, port: int, keepalive: int, sock: socket.socket) -> None:
+        """Send CONNECT on a transport already open (TCP, or TLS after its handshake: `connector.py`).
 
-    def connect(self, host: str, port: int, keepalive: int) -> None:
-        """TCP (+TLS) connect and send CONNECT; raises OSError / ssl.SSLError on failure."""
+        Both paho generations create their socket in `_create_socket_connection()` and only wrap
+        it in TLS when `tls_set*()` was called, which we never do: handing our socket in there is
+        all paho needs, and it never blocks on the network."""
+        self.client._create_socket_connection = lambda: sock
         if self.mqtt5:
             self.client.connect(host, port, keepalive, clean_start=True)
         else:

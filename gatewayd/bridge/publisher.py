@@ -275,37 +275,26 @@ class Window:
         return pubs
 
 
-def stalled(window: Window, last_ack: float, now: float, timeout: float) -> float:
-    """Seconds the broker has owed us a PUBACK beyond `timeout` (0 = not stalled).
-
-    Waiting starts at the later of the last PUBACK and the oldest unacknowledged publish, so
-    an idle period before new data arrives never counts as a stall.
-    """
-    oldest = window.oldest_sent()
-    if oldest is None:
-        return 0.0
-    waited = now - max(last_ack, oldest)
-    return waited if waited > timeout else 0.0
-
-
 # -- the packet limit of a server that closes the session instead of announcing it -----------
 
 MIN_PACKET = 1024          # never learn a limit below this; a record this small is never blamed
 LOSSES_TO_SHRINK = 2       # suspect sessions lost in a row (no PUBACK in between) before shrinking
 LOSSES_TO_TRIM = 4         # ... when the suspect is less than twice the largest acknowledged packet
 LOSSES_TO_DEAD_LETTER = 2  # ... with the same record sent alone as the largest packet in flight
+URGENT_LOSSES_TO_DEAD_LETTER = 3  # ... with the same urgent row the only publish in flight
 DISTRUST_AFTER_LOSSES = 5  # no PUBACK across this many lost sessions with publishes in flight ...
 DISTRUST_AFTER_S = 600.0   # ... and this long: sizes acknowledged before may no longer be accepted
+REPROBE_AFTER_S = 3600.0   # a learned limit unchanged this long is relaxed (doubled, ceiling lifted)
 
-NOTHING, SHRINK, ISOLATE, DEAD_LETTER = "nothing", "shrink", "isolate", "dead-letter"
+NOTHING, SHRINK, ISOLATE, DEAD_LETTER, PROBE = "nothing", "shrink", "isolate", "dead-letter", "probe"
 
 
 @dataclass
 class LossVerdict:
     """What to do about a session lost with publishes in flight (see `PacketLimit.lost`)."""
 
-    action: str          # NOTHING, SHRINK, ISOLATE or DEAD_LETTER
-    pub: Publish         # the suspect: the largest publish in flight
+    action: str          # NOTHING, SHRINK, ISOLATE, DEAD_LETTER or PROBE
+    pub: Publish         # the suspect: the largest publish in flight that can be blamed
     losses: int          # sessions lost in a row without a PUBACK
     limit: int = 0       # SHRINK: the new packet limit
     distrusted: int = 0  # > 0: the largest acknowledged size, forgotten because the server now refuses it
@@ -328,19 +317,29 @@ class PacketLimit:
       goes below it, and a session lost with no packet larger than that in flight proves
       nothing (broker restart, network drop, rate limit);
     - `LOSSES_TO_SHRINK` sessions lost in a row with a larger suspect and no PUBACK in
-      between halve the limit (never below `MIN_PACKET` nor `acked_max`). A suspect less than
-      twice `acked_max` is weaker evidence (a server restart while a batch a little larger than
-      any acknowledged one is in flight, twice in a row, is not that unlikely) and the shrink
-      would only trim the limit to `acked_max`: that takes `LOSSES_TO_TRIM` losses in a row;
-    - a suspect that is a single record sent alone (larger than the limit, or nothing else
-      fitted with it) lost `LOSSES_TO_DEAD_LETTER` times in a row is too large for this
-      server: DEAD_LETTER, and `ceiling` keeps records at least that large from being tried
-      again. Records of `MIN_PACKET` bytes or less are never blamed;
+      between halve the limit (never below `MIN_PACKET` nor `acked_max`, and only when that
+      leaves the suspect out). A suspect less than twice `acked_max` is weaker evidence (a
+      server restart while a batch a little larger than any acknowledged one is in flight,
+      twice in a row, is not that unlikely) and the shrink would only trim the limit to
+      `acked_max`: that takes `LOSSES_TO_TRIM` losses in a row;
+    - a suspect that is a single telemetry record sent alone (larger than the limit, or
+      nothing else fitted with it) lost `LOSSES_TO_DEAD_LETTER` times in a row is too large
+      for this server: DEAD_LETTER, and `ceiling` keeps records at least that large from being
+      tried again. Records of `MIN_PACKET` bytes or less are never blamed;
+    - urgent rows (attributes, RPC replies: priority > 0) always travel alone, first after a
+      reconnect, so they are in flight at many an unrelated loss: their size alone proves
+      nothing, and they never shrink the limit. A loss with one in flight that is larger than
+      anything acknowledged is ambiguous: PROBE (send one publish at a time until the next
+      PUBACK). Only an urgent row that was the *only* publish in flight at
+      `URGENT_LOSSES_TO_DEAD_LETTER` losses in a row is dead-lettered (no ceiling is set);
     - a suspect batch at the floor: ISOLATE (send its records one by one);
     - when no PUBACK at all has come for `DISTRUST_AFTER_S` across `DISTRUST_AFTER_LOSSES`
-      lost sessions, `acked_max` is forgotten: the server's limit may have been lowered.
+      lost sessions, `acked_max` is forgotten: the server's limit may have been lowered;
+    - a learned limit unchanged for `REPROBE_AFTER_S` is relaxed (`reprobe`): the server may
+      have been reconfigured, and evidence against the larger size costs two lost sessions.
 
-    `learned` and `ceiling` are what the bridge persists; `acked_max` lives in memory.
+    `learned`, `ceiling`, `acked_max` and `changed_ms` are what the bridge persists (`dirty`
+    says they changed).
     """
 
     def __init__(self, floor: int = MIN_PACKET) -> None:
@@ -348,19 +347,26 @@ class PacketLimit:
         self.learned: int | None = None   # largest packet to build from several records
         self.ceiling: int | None = None   # largest packet to try at all (one byte more was refused)
         self.acked_max = 0
+        self.changed_ms = 0               # wall clock of the last change of learned / ceiling
+        self.dirty = False
         self.losses = 0                   # suspect sessions lost since the last PUBACK
         self.streak = 0                   # sessions lost with publishes in flight since the last PUBACK
         self.streak_since = 0.0
         self.alone: tuple[int, int] | None = None  # (priority, id) of the record lost while sent alone
         self.alone_losses = 0
 
-    def restore(self, learned: int | None, ceiling: int | None) -> None:
+    def restore(self, learned: int | None, ceiling: int | None, acked: int | None = None,
+                changed_ms: int | None = None) -> None:
         self.ceiling = max(self.floor, ceiling) if ceiling else None
         self.learned = max(self.floor, learned) if learned else None
         if self.learned is not None and self.ceiling is not None:
             self.learned = min(self.learned, self.ceiling)
+        self.acked_max = acked or 0
+        self.changed_ms = changed_ms or 0
 
     def forget(self) -> None:
+        if self.active:
+            self.dirty = True
         self.learned = self.ceiling = None
 
     @property
@@ -375,13 +381,18 @@ class PacketLimit:
         """Largest packet to try for one record on its own."""
         return min(hard, self.ceiling) if self.ceiling is not None else hard
 
-    def acked(self, size: int) -> bool:
+    def _changed(self, now_ms: int) -> None:
+        self.changed_ms = now_ms
+        self.dirty = True
+
+    def acked(self, size: int, now_ms: int = 0) -> bool:
         """A PUBACK for a `size`-byte packet; True when `learned` / `ceiling` changed."""
         self.losses = self.streak = self.alone_losses = 0
         self.alone = None
         if size <= self.acked_max:
             return False
         self.acked_max = size
+        self.dirty = True
         changed = False
         if self.learned is not None and size > self.learned:
             self.learned = size
@@ -389,16 +400,34 @@ class PacketLimit:
         if self.ceiling is not None and size > self.ceiling:
             self.ceiling = None
             changed = True
+        if changed:
+            self._changed(now_ms)
         return changed
 
-    def lost(self, inflight: Sequence[Publish], limit: int, now: float) -> LossVerdict:
+    def reprobe(self, hard: int, now_ms: int) -> bool:
+        """Relax a limit learned long ago: double it (forget it at `hard`) and lift the ceiling."""
+        if not self.active or now_ms - self.changed_ms < REPROBE_AFTER_S * 1000:
+            return False
+        if self.learned is not None:
+            self.learned = None if self.learned * 2 >= hard else self.learned * 2
+        self.ceiling = None
+        self._changed(now_ms)
+        return True
+
+    def lost(self, inflight: Sequence[Publish], limit: int, now: float, now_ms: int = 0) -> LossVerdict:
         """The session ended with `inflight` (send order, not empty) unacknowledged; they were
         built with the packet limit `limit`. Updates the limits and says what else to do."""
         if self.streak == 0:
             self.streak_since = now
         self.streak += 1
-        suspect = inflight[0]
-        for p in inflight:
+        urgent = [p for p in inflight if p.priority > 0 and p.size > max(self.acked_max, self.floor)]
+        if urgent:
+            return self._urgent_lost(max(urgent, key=lambda p: p.size), len(inflight) == 1)
+        bulk = [p for p in inflight if p.priority <= 0]
+        if not bulk:
+            return LossVerdict(NOTHING, inflight[0], self.streak)
+        suspect = bulk[0]
+        for p in bulk:
             if p.size > suspect.size:
                 suspect = p
         size = suspect.size
@@ -407,26 +436,41 @@ class PacketLimit:
             if self.streak < DISTRUST_AFTER_LOSSES or now - self.streak_since < DISTRUST_AFTER_S:
                 return LossVerdict(NOTHING, suspect, self.streak)
             distrusted, self.acked_max = self.acked_max, 0
+            self.dirty = True
         self.losses += 1
         if suspect.count == 1 and size > self.floor:
-            key = (suspect.priority, suspect.first_id)
-            if key != self.alone:
-                self.alone, self.alone_losses = key, 0
-            self.alone_losses += 1
-            if self.alone_losses >= LOSSES_TO_DEAD_LETTER:
-                self.alone, self.alone_losses = None, 0
+            if self._lost_alone(suspect, LOSSES_TO_DEAD_LETTER):
                 self.ceiling = size - 1 if self.ceiling is None else min(self.ceiling, size - 1)
                 if limit > self.ceiling:
                     self.learned = self.ceiling if self.learned is None else min(self.learned, self.ceiling)
+                self._changed(now_ms)
                 return LossVerdict(DEAD_LETTER, suspect, self.streak, distrusted=distrusted)
             if size > limit:  # sent alone beyond the limit: only its own fate is in question
                 return LossVerdict(NOTHING, suspect, self.streak, distrusted=distrusted)
         if self.losses < (LOSSES_TO_SHRINK if size >= 2 * self.acked_max else LOSSES_TO_TRIM):
             return LossVerdict(NOTHING, suspect, self.streak, distrusted=distrusted)
         target = max(self.floor, self.acked_max, min(limit, size) // 2)
-        if target < limit:
+        if target < limit and target < size:
             self.learned = target
+            self._changed(now_ms)
             return LossVerdict(SHRINK, suspect, self.streak, limit=target, distrusted=distrusted)
         if suspect.count > 1:
             return LossVerdict(ISOLATE, suspect, self.streak, distrusted=distrusted)
         return LossVerdict(NOTHING, suspect, self.streak, distrusted=distrusted)
+
+    def _urgent_lost(self, pub: Publish, alone: bool) -> LossVerdict:
+        """A loss with an urgent row larger than anything acknowledged in flight."""
+        if alone and self._lost_alone(pub, URGENT_LOSSES_TO_DEAD_LETTER):
+            return LossVerdict(DEAD_LETTER, pub, self.streak)
+        return LossVerdict(PROBE, pub, self.streak)
+
+    def _lost_alone(self, pub: Publish, enough: int) -> bool:
+        """Count a loss of this single-record publish; True (and the count restarts) at `enough` in a row."""
+        key = (pub.priority, pub.first_id)
+        if key != self.alone:
+            self.alone, self.alone_losses = key, 0
+        self.alone_losses += 1
+        if self.alone_losses < enough:
+            return False
+        self.alone, self.alone_losses = None, 0
+        return True

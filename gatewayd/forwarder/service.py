@@ -3,27 +3,108 @@
 The three commits of a batch and why a replay is harmless are described in docs/DESIGN.md
 ("Exactly-once between stages"). Wake-ups are cheap: between batches the loop only asks
 SQLite whether another connection committed (`PRAGMA data_version`).
+
+Nothing a controller stores can stop the loop: every value is read as bytes and judged here
+(`records.parse`), and a row that fails anywhere — parsing, archiving, storing — goes to the
+dead letters alone. A database fault is classified (`store/errors.py`): corruption of a file
+gatewayd owns moves it aside; anything else (locked, full, read-only, I/O) is reported once
+and retried with a bounded backoff while the daemon stays up and nothing is lost.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import operator
 import sqlite3
 import time
+from collections.abc import Iterator, Sequence
+from typing import Any
 
 from gatewayd.config import Config
 from gatewayd.inotify import DirectoryWatch
-from gatewayd.records import parse
+from gatewayd.records import MAX_TYPE_BYTES, Record, parse, type_name
 from gatewayd.store import archive as archive_store
 from gatewayd.store import controller as controller_store
 from gatewayd.store import queues
-from gatewayd.store.db import data_version, file_identity, get_mark, set_mark, transaction
+from gatewayd.store.check import BackgroundCheck, UncleanMarker
+from gatewayd.store.controller import Oversized
+from gatewayd.store.db import Tracked, data_version, get_mark, move_aside, schema_version, set_mark, transaction
+from gatewayd.store.errors import SQLITE_BUSY, SQLITE_FULL, SQLITE_LOCKED, Fault, classify, describe, primary_code
+from gatewayd.store.queues import DeadLetter, NewRow
+from gatewayd.store.space import Headroom
 
 log = logging.getLogger("gatewayd.forwarder")
 
 MARK = "controller"
+BATCH_STATE = "forwarder.batch"  # {"epoch", "schema", "delete": [[first, last], ...]} of the last batch
 HOUSEKEEPING_EVERY_S = 60.0
-IDLE_WAIT_S = 5.0  # with inotify: the longest sleep between looks when nothing is written
+WORK_BUDGET_S = 0.5              # longest cap / retention pass per loop iteration
+IDLE_WAIT_S = 5.0                # with inotify: the longest sleep between looks when nothing is written
+BACKOFF_INITIAL_S = 0.25
+BACKOFF_MAX_S = 10.0
+LOW_SPACE_RETRY_S = 2.0
+BATCH_MAX_BYTES = 16 << 20       # a batch stops after about this many message bytes
+RAW_KEEP_BYTES = 1 << 20         # what a dead letter keeps of an oversized value
+MESSAGE_MIN_LIMIT = 1 << 20
+
+QUEUES, ARCHIVE, CONTROLLER = "queues.db", "archive.db", "controller database"
+_RECORD = operator.itemgetter(1)
+_ARCHIVE = operator.attrgetter("archive")
+
+
+class StoreFault(Exception):
+    """A database call failed; `where` names the file, `exc` is SQLite's (or the OS's) error."""
+
+    def __init__(self, where: str, exc: BaseException):
+        super().__init__(f"{where}: {describe(exc)}")
+        self.where = where
+        self.exc = exc
+
+
+class Paused(Exception):
+    """Bulk records must wait (disk space); not an error of any database."""
+
+
+@contextlib.contextmanager
+def on(where: str) -> Iterator[None]:
+    """Tag database and OS errors with the file they concern; anything else is a bug and passes."""
+    try:
+        yield
+    except (sqlite3.Error, OSError) as e:
+        raise StoreFault(where, e) from e
+
+
+# A row that passed: (controller id, the record, the controller's type as text). A plain tuple:
+# the forwarder makes hundreds of thousands a second.
+Good = tuple[int, Record, str]
+
+
+def id_ranges(ids: Sequence[int]) -> list[list[int]]:
+    """Ascending ids as inclusive [first, last] ranges of consecutive values."""
+    if not ids:
+        return []
+    if ids[-1] - ids[0] + 1 == len(ids):
+        return [[ids[0], ids[-1]]]
+    out = [[ids[0], ids[0]]]
+    for i in ids[1:]:
+        if i == out[-1][1] + 1:
+            out[-1][1] = i
+        else:
+            out.append([i, i])
+    return out
+
+
+def _display(value: object) -> tuple[str | None, bytes | None]:
+    """(text for the dead letter's `message`, exact bytes when the text cannot hold them)."""
+    if isinstance(value, bytes):
+        try:
+            return value.decode(), None
+        except UnicodeDecodeError:
+            return value.decode("utf-8", "backslashreplace"), value
+    if value is None:
+        return None, None
+    return repr(value), None
 
 
 class Forwarder:
@@ -31,105 +112,209 @@ class Forwarder:
 
     def __init__(self, cfg: Config):
         self.cfg = cfg
-        self.batch_size: int = cfg["forwarder"]["batch_size"]
-        self.poll_s: float = cfg["forwarder"]["poll_interval_ms"] / 1000.0
+        fwd = cfg["forwarder"]
+        self.batch_size: int = fwd["batch_size"]
+        self.poll_s: float = fwd["poll_interval_ms"] / 1000.0
         self.max_packet: int = cfg["thingsboard"]["max_packet_bytes"]
+        self.max_message = max(MESSAGE_MIN_LIMIT, 8 * self.max_packet)
         self.archive_enabled: bool = cfg["archive"]["enabled"]
-        self.queues: sqlite3.Connection | None = None
-        self.archive: sqlite3.Connection | None = None
-        self.ctrl: sqlite3.Connection | None = None
-        self.ctrl_identity: tuple[int, int] | None = None
+        self.q = Tracked(cfg.queues_db, queues.open_queues)
+        self.a = Tracked(cfg.archive_db, archive_store.open_archive)
+        self.c = Tracked(cfg.controller_db, controller_store.open_controller)
+        self.headroom = Headroom(cfg.state_dir, fwd["min_free_bytes"], fwd["reserve_bytes"])
+        self.marker = UncleanMarker(cfg.state_dir, self.name)
+        self.unclean = False
+        self.check: BackgroundCheck | None = None
+        self.check_done = False
         self.epoch = ""
         self.mark = 0
         self.archive_mark = 0
+        self.schema = -1
+        self.pending: list[list[int]] = []   # controller id ranges moved but not yet deleted there
+        self.draining = False                # the controller file was replaced: empty the old one first
+        self.reconcile = False
         self.seen_version = -1
         self.moved_total = 0
         self.dead_total = 0
         self.last_housekeeping = float("-inf")
+        self.more_housekeeping = False
+        self.caps_pending = False
         self._rate = 0.0
         self._last_move = float("-inf")
         self.watch: DirectoryWatch | None = None
+        self.woken = False
+        self._type_names: dict[controller_store.Value, str] = {}
+        self.fault: str | None = None
+        self.fault_key: tuple[str, str] | None = None
+        self.backoff = 0.0
+        self.retry_at = 0.0
+
+    # -- compatibility views -----------------------------------------------------------------
+    @property
+    def queues(self) -> sqlite3.Connection | None:
+        return self.q.conn
+
+    @property
+    def archive(self) -> sqlite3.Connection | None:
+        return self.a.conn if self.archive_enabled else None
+
+    @property
+    def ctrl(self) -> sqlite3.Connection | None:
+        return self.c.conn
 
     # -- lifecycle -----------------------------------------------------------------------
     def start(self) -> None:
+        """Open gatewayd's own files only: the controller's file is opened by the loop, so a
+        controller holding its database cannot keep the forwarder from starting."""
         self.cfg.ensure_dirs()
-        self.queues = queues.open_queues(self.cfg.queues_db)
+        self.headroom.low()  # a nearly full disk releases the reserve before anything is opened
+        self.unclean = self.marker.arm() or self.unclean
+        self.q.open()  # a failure here is the Runner's to classify and wait out
         if self.archive_enabled:
-            self.archive = archive_store.open_archive(self.cfg.archive_db)
-        self._open_controller()
-        try:
-            self.watch = DirectoryWatch(self.cfg.controller_data_dir)
-        except OSError as e:
-            log.warning("inotify unavailable (%s); polling the controller database every %.0f ms",
-                        e, self.poll_s * 1000)
+            self.a.open()
+        if self.watch is None:
+            try:
+                self.watch = DirectoryWatch(self.cfg.controller_data_dir)
+            except OSError as e:
+                log.warning("inotify unavailable (%s); polling the controller database every %.0f ms",
+                            e, self.poll_s * 1000)
+        with contextlib.suppress(StoreFault):
+            self._open_controller()
 
     def fds(self) -> list[int]:
         return [self.watch.fd] if self.watch is not None else []
 
     def stop(self) -> None:
+        if self.check is not None:
+            self.check.stop()
         if self.watch is not None:
             self.watch.close()
-        for conn in (self.ctrl, self.archive, self.queues):
-            if conn is not None:
-                conn.close()
+            self.watch = None
+        for t in (self.c, self.a, self.q):
+            t.close()
+        if not self.unclean or self.check_done:
+            self.marker.disarm()
 
     def status(self) -> str:
+        if self.fault:
+            wait = max(0.0, self.retry_at - time.monotonic())
+            return f"{self.fault}; retrying in {wait:.0f} s"
         busy = time.monotonic() - self._last_move < 2.0
         return (f"{'forwarding at ' + format(self._rate, '.0f') + ' records/s' if busy else 'idle'}; "
                 f"{self.moved_total} moved, {self.dead_total} dead-lettered since start")
 
+    def health(self) -> dict[str, Any]:
+        """For the runtime status file `gatewayctl status` reads even when no database can be written."""
+        return {"fault": self.fault, "files": {QUEUES: self.q.identity}}
+
     def report_error(self, text: str) -> None:
-        if self.queues is not None:
-            queues.record_error(self.queues, self.name, text)
+        if self.q.conn is not None:
+            with contextlib.suppress(sqlite3.Error):
+                queues.record_error(self.q.conn, self.name, text)
 
-    # -- controller database -------------------------------------------------------------
-    def _open_controller(self) -> None:
-        assert self.queues is not None
-        if self.ctrl is not None:
-            self.ctrl.close()
-        path = self.cfg.controller_db
-        self.ctrl = controller_store.open_controller(path)
-        self.ctrl_identity = file_identity(path)
-        self.epoch = controller_store.epoch(self.ctrl)
-        epoch, mark = get_mark(self.queues, MARK)
-        if epoch != self.epoch:
-            if epoch:
-                log.warning("controller database %s is a new file (epoch %s, was %s); reading it from the start",
-                            path, self.epoch, epoch)
-            with transaction(self.queues):
-                set_mark(self.queues, MARK, self.epoch, 0)
-            mark = 0
-        self.mark = mark
-        self.archive_mark = 0
-        if self.archive is not None:
-            a_epoch, a_mark = get_mark(self.archive, MARK)
-            self.archive_mark = a_mark if a_epoch == self.epoch else 0
-        controller_store.protect_ids(self.ctrl, self.mark)
-        if self.mark:
-            self._delete_moved(self.mark)
-        self.seen_version = -1
+    # -- faults --------------------------------------------------------------------------
+    def _set_fault(self, key: tuple[str, str], text: str, level: int = logging.WARNING,
+                   exc: BaseException | None = None) -> None:
+        """Log and record a fault once; the same fault again only updates STATUS=."""
+        self.fault = text
+        if key != self.fault_key:
+            self.fault_key = key
+            log.log(level, "%s; will retry", text, exc_info=exc)
+            self.report_error(text)
 
-    def _delete_moved(self, upto: int) -> None:
-        assert self.ctrl is not None
-        with transaction(self.ctrl):
-            self.ctrl.execute("DELETE FROM messages WHERE id <= ?", (upto,))
+    def _clear_fault(self) -> None:
+        if self.fault_key is not None:
+            log.info("recovered: %s", self.fault)
+            self.report_error(f"recovered: {self.fault}")
+        self.fault = None
+        self.fault_key = None
+        self.backoff = 0.0
+
+    def _retry_later(self, now: float) -> float:
+        self.backoff = min(BACKOFF_MAX_S, self.backoff * 2 or BACKOFF_INITIAL_S)
+        self.retry_at = now + self.backoff
+        return self.backoff
+
+    def _on_fault(self, f: StoreFault, now: float) -> tuple[bool, float]:
+        kind = classify(f.exc)
+        code = primary_code(f.exc)
+        name = getattr(f.exc, "sqlite_errorname", None) or type(f.exc).__name__
+        if kind is Fault.CORRUPT and f.where in (QUEUES, ARCHIVE):
+            try:
+                self._move_aside(self.q if f.where == QUEUES else self.a, describe(f.exc))
+                return True, 0.0
+            except StoreFault as g:  # cannot even rename it (read-only, I/O): wait like any fault
+                f = g
+                kind, code = classify(f.exc), primary_code(f.exc)
+                name = getattr(f.exc, "sqlite_errorname", None) or type(f.exc).__name__
+        if kind is Fault.CORRUPT:
+            self.c.close()
+            self._set_fault((f.where, name), (
+                f"controller database {self.cfg.controller_db} is damaged ({describe(f.exc)}); it belongs to the "
+                "controller, so gatewayd leaves it where it is: repair or replace it"), logging.CRITICAL)
+            return True, self._retry_later(now)
+        if code == SQLITE_FULL or (isinstance(f.exc, OSError) and f.exc.errno == 28):
+            self.headroom.on_full()
+        # Reopen on the next attempt, except while merely waiting for a lock or for space: a file
+        # opened read-only stays read-only, and one that came back may be another file.
+        if code not in (SQLITE_BUSY, SQLITE_LOCKED, SQLITE_FULL):
+            if f.where == CONTROLLER and not self.draining:
+                self.c.close()
+            elif f.where in (QUEUES, ARCHIVE):
+                (self.q if f.where == QUEUES else self.a).close()
+        bug = kind is Fault.BUG
+        self._set_fault((f.where, name), f"{f.where}: {describe(f.exc)}", logging.ERROR if bug else logging.WARNING,
+                        f.exc if bug else None)
+        return True, self._retry_later(now)
+
+    def _move_aside(self, tracked: Tracked, reason: str) -> None:
+        """A damaged file of ours: keep it for forensics, start a new one (the other daemons follow
+        the file identity)."""
+        tracked.close()
+        with on(QUEUES if tracked is self.q else ARCHIVE):
+            if tracked.path.exists():
+                move_aside(tracked.path, reason)
+        self.reconcile = True
 
     # -- the loop ------------------------------------------------------------------------
     def step(self) -> tuple[bool, float]:
-        assert self.ctrl is not None
-        if file_identity(self.cfg.controller_db) != self.ctrl_identity:
-            log.warning("controller database %s was replaced or removed; reopening", self.cfg.controller_db)
-            self._open_controller()
+        self.woken = self.watch.drain() if self.watch is not None else False
         now = time.monotonic()
-        if now - self.last_housekeeping >= HOUSEKEEPING_EVERY_S:
+        if now < self.retry_at:
+            return True, self.retry_at - now
+        try:
+            result = self._work(now)
+        except StoreFault as f:
+            return self._on_fault(f, now)
+        except Paused as p:
+            self._set_fault(("space", "low"), str(p))
+            self.retry_at = now + LOW_SPACE_RETRY_S
+            return True, LOW_SPACE_RETRY_S
+        self._clear_fault()
+        return result
+
+    def _work(self, now: float) -> tuple[bool, float]:
+        self._ensure_open()
+        self._integrity()
+        if self.pending and not self.draining:
+            self._delete_moved(self.pending)
+        if now - self.last_housekeeping >= HOUSEKEEPING_EVERY_S or self.more_housekeeping:
             self.last_housekeeping = now
             self._housekeeping()
-        woken = self.watch.drain() if self.watch is not None else False
+        if self.caps_pending:
+            self._enforce_outbox_caps()
         idle_wait = IDLE_WAIT_S if self.watch is not None else self.poll_s
-        version = data_version(self.ctrl)
-        if version == self.seen_version:
+        ctrl = self.c.conn
+        assert ctrl is not None
+        with on(CONTROLLER):
+            version = data_version(ctrl)
+        if version == self.seen_version and not self.draining:
             # The event is the WAL write; the commit shows in data_version only a moment later.
-            return True, self.poll_s if woken else idle_wait
+            return True, self.poll_s if self.woken else idle_wait
+        if self.headroom.low():
+            raise Paused(f"only {self.headroom.free()} bytes free under {self.cfg.state_dir} (keeping "
+                         f"{self.headroom.min_free} for the ledger and replies): controller records wait in "
+                         "the controller queue until space returns")
         t0 = time.perf_counter()
         moved = self.move_batch()
         if moved < self.batch_size:
@@ -138,79 +323,366 @@ class Forwarder:
             self._rate = moved / max(time.perf_counter() - t0, 1e-6)
             self._last_move = time.monotonic()
             return True, 0.0
+        if self.draining:
+            self._switch_controller()
+            return True, 0.0
         return True, idle_wait
 
+    def _ensure_open(self) -> None:
+        """(Re)open whatever is closed or was replaced under us; one stat per file."""
+        for tracked, where in ((self.q, QUEUES), (self.a, ARCHIVE)):
+            if tracked is self.a and not self.archive_enabled:
+                continue
+            if tracked.replaced():
+                log.warning("%s was replaced under the forwarder; reopening it", tracked.path)
+                tracked.close()
+            if tracked.conn is None:
+                with on(where):
+                    tracked.open()
+                self.reconcile = True
+        if self.c.conn is not None and not self.draining and self.c.replaced():
+            log.warning("controller database %s was replaced or removed; moving what the old file still "
+                        "holds before switching to the new one", self.cfg.controller_db)
+            self.draining = True
+            self.pending = []
+        if self.c.conn is None:
+            self._open_controller()
+        elif self.reconcile and not self.draining:
+            self._reconcile()
+
+    def _integrity(self) -> None:
+        """After an unclean shutdown, check our files in the background (never before READY)."""
+        if self.unclean and not self.check_done and self.check is None:
+            self.check = BackgroundCheck([self.cfg.queues_db, self.cfg.archive_db]).start()
+        if self.check is None:
+            return
+        for r in self.check.results():
+            if r.problem is None:
+                log.info("integrity check of %s: ok (%.1f s in %d slices)", r.path, r.seconds, r.slices)
+                continue
+            tracked = self.q if r.path == self.cfg.queues_db else self.a
+            self._move_aside(tracked, r.problem)
+            self._ensure_open()
+        if self.check.done():
+            self.check = None
+            self.check_done = True
+
+    # -- controller database -------------------------------------------------------------
+    def _open_controller(self) -> None:
+        self.reconcile = True
+        with on(CONTROLLER):
+            self.c.open()
+        self.draining = False
+        self._reconcile()
+
+    def _switch_controller(self) -> None:
+        log.info("the replaced controller database is drained; switching to %s", self.cfg.controller_db)
+        self.c.close()
+        self.draining = False
+        self._open_controller()
+
+    def _reconcile(self) -> None:
+        """Decide where reading resumes: same table, a new file, or a table recreated in the same file.
+
+        A table dropped and recreated reuses ids from 1, which a mark would silently skip (and a
+        delete of 'moved' ids would remove unread). It shows as an AUTOINCREMENT sequence below the
+        mark, or as a schema change with rows at or below the mark: a new epoch, read from the
+        start. When unsure, reading again (duplicates) is preferred to skipping (loss).
+        """
+        ctrl, q = self.c.conn, self.q.conn
+        assert ctrl is not None and q is not None
+        with on(CONTROLLER):
+            rebuilt = controller_store.ensure_autoincrement(ctrl)
+            epoch = controller_store.epoch(ctrl)
+            schema = schema_version(ctrl)
+            seq = controller_store.sequence(ctrl)
+        with on(QUEUES):
+            q_epoch, mark = get_mark(q, MARK)
+            saved = queues.get_state(q, BATCH_STATE) or {}
+        pending: list[list[int]] = []
+        if q_epoch != epoch:
+            if q_epoch:
+                log.warning("controller database %s is a new file (epoch %s, was %s); reading it from the start",
+                            self.cfg.controller_db, epoch, q_epoch)
+            mark = 0
+        else:
+            same = saved.get("epoch") == epoch
+            recreated = ""
+            if mark > 0 and (seq is None or seq < mark or rebuilt):
+                recreated = f"its id sequence is at {seq or 0}, below the {mark} already moved"
+            elif same and saved.get("schema") not in (None, schema):
+                with on(CONTROLLER):
+                    if controller_store.has_rows_upto(ctrl, mark):
+                        recreated = f"its schema changed and it holds rows with ids up to {mark} again"
+            elif same:
+                pending = saved.get("delete") or []
+            if not recreated and pending:
+                with on(CONTROLLER):
+                    controller_store.delete_ranges(ctrl, [(int(a), int(b)) for a, b in pending], schema)
+                pending = []
+            if not recreated and mark > 0:
+                with on(CONTROLLER):
+                    if controller_store.has_rows_upto(ctrl, mark):
+                        recreated = f"it holds rows with ids up to {mark} that were never moved"
+            if recreated:
+                log.warning("controller table 'messages' in %s was recreated (%s): a new epoch, read from "
+                            "the start", self.cfg.controller_db, recreated)
+                with on(CONTROLLER):
+                    epoch = controller_store.new_epoch(ctrl)
+                mark = 0
+        with on(QUEUES), transaction(q):
+            set_mark(q, MARK, epoch, mark)
+            queues.set_state(q, BATCH_STATE, {"epoch": epoch, "schema": schema, "delete": []})
+        self.epoch, self.mark, self.schema, self.pending = epoch, mark, schema, []
+        self.archive_mark = 0
+        if self.archive is not None:
+            with on(ARCHIVE):
+                a_epoch, a_mark = get_mark(self.archive, MARK)
+            self.archive_mark = a_mark if a_epoch == epoch else 0
+        self.seen_version = -1
+        self.reconcile = False
+
+    def _delete_moved(self, ranges: Sequence[Sequence[int]]) -> None:
+        """Step 3: delete exactly the controller rows moved (unless the table changed meanwhile)."""
+        ctrl = self.c.conn
+        assert ctrl is not None
+        with on(CONTROLLER):
+            deleted = controller_store.delete_ranges(ctrl, [(int(a), int(b)) for a, b in ranges], self.schema)
+        self.pending = []
+        if not deleted:
+            log.warning("the controller's schema changed after rows were read; checking its table before "
+                        "deleting anything")
+            self._reconcile()
+
+    # -- one batch -----------------------------------------------------------------------
     def move_batch(self) -> int:
         """Move up to batch_size rows; returns how many controller rows were consumed."""
-        assert self.ctrl is not None and self.queues is not None
-        rows = self.ctrl.execute("SELECT id, type, message FROM messages WHERE id > ? ORDER BY id LIMIT ?",
-                                 (self.mark, self.batch_size)).fetchall()
+        ctrl = self.c.conn
+        assert ctrl is not None and self.q.conn is not None
+        with on(CONTROLLER):
+            schema, rows = controller_store.read_batch(ctrl, self.mark, self.batch_size, self.max_message,
+                                                       BATCH_MAX_BYTES)
+        if schema != self.schema and not self.draining:
+            self._reconcile()
+            with on(CONTROLLER):
+                schema, rows = controller_store.read_batch(ctrl, self.mark, self.batch_size, self.max_message,
+                                                           BATCH_MAX_BYTES)
         if not rows:
             return 0
         last = rows[-1][0]
-        good: list[tuple[int, queues.NewRow, bool]] = []
-        bad: list[tuple[int | None, str | None, str | None, str]] = []
-        archive_rows: list[tuple[int, str, str]] = []
-        for src_id, type_, message in rows:
-            rec = parse(type_, message, self.max_packet)
-            if isinstance(rec, str):
-                text = message if isinstance(message, str) or message is None else repr(message)
-                bad.append((src_id, type_ if isinstance(type_, str) else repr(type_), text, rec))
-                log.warning("controller row %d dead-lettered: %s", src_id, rec)
+        good: list[Good] = []
+        bad: list[DeadLetter] = []
+        names = self._type_names
+        max_packet = self.max_packet
+        for row in rows:
+            rid, type_, message = row
+            name = names.get(type_)  # type: ignore[arg-type]
+            if name is None or type(message) is not bytes:
+                item = self._examine(ctrl, row)
+                if isinstance(item, DeadLetter):
+                    bad.append(item)
+                    log.warning("controller row %d dead-lettered: %s", rid, item.reason)
+                else:
+                    good.append(item)
                 continue
-            good.append((src_id, (rec.priority, rec.kind, rec.topic, rec.payload, rec.ts, 1), rec.archive))
-            if rec.archive and self.archive is not None and src_id > self.archive_mark:
-                archive_rows.append((rec.ts, str(type_ or rec.kind), rec.payload))
+            try:
+                rec = parse(name, message, max_packet)
+            except Exception as e:  # noqa: BLE001 - one row's problem, never the queue's
+                rec = f"cannot be processed ({type(e).__name__}: {e})"
+            if type(rec) is str:
+                bad.append(self._dead(row, rec))
+                log.warning("controller row %d dead-lettered: %s", rid, rec)
+            else:
+                good.append((rid, rec, name))  # type: ignore[arg-type]
 
         # 1. archive (idempotent through its own mark)
         if self.archive is not None:
-            with transaction(self.archive):
-                if archive_rows:
-                    self.archive.executemany("INSERT INTO archive(ts, type, message) VALUES (?,?,?)", archive_rows)
-                set_mark(self.archive, MARK, self.epoch, last)
+            with on(ARCHIVE):
+                self._commit_archive(good, bad, last)
             self.archive_mark = last
 
-        # 2. outbox, dead letters, ledger and mark in one transaction
-        with transaction(self.queues):
-            epoch, mark = get_mark(self.queues, MARK)
-            if epoch == self.epoch and mark >= last:
-                log.warning("rows up to %d were already moved (another forwarder?)", mark)
-            else:
-                skip = mark if epoch == self.epoch else 0
-                new_good = [g for g in good if g[0] > skip]
-                new_bad = [b for b in bad if (b[0] or 0) > skip]
-                queues.append(self.queues, [g[1] for g in new_good])
-                if new_bad:
-                    queues.add_dead_letters(self.queues, "forwarder", new_bad)
-                queues.bump(self.queues, {
-                    "ingested": len(new_good) + len(new_bad),
-                    "dead_lettered": len(new_bad),
-                    "archived": sum(1 for g in new_good if g[2]) if self.archive is not None else 0,
-                })
-                set_mark(self.queues, MARK, self.epoch, last)
-                self.dead_total += len(new_bad)
+        # 2. outbox, dead letters, ledger, mark and the ids to delete, in one transaction
+        first = rows[0][0]
+        ranges = [[first, last]] if last - first + 1 == len(rows) else id_ranges([r[0] for r in rows])
+        with on(QUEUES):
+            self._commit_queues(good, bad, last, schema, [] if self.draining else ranges)
         self.mark = last
+        self.schema = schema
 
-        # 3. the controller's copy
-        self._delete_moved(last)
+        # 3. the controller's copy (a replaced file is only read: it is no longer the controller's)
+        if not self.draining:
+            self.pending = ranges
+            self._delete_moved(ranges)
         self.moved_total += len(rows)
         self._enforce_outbox_caps()
         return len(rows)
 
+    def _examine(self, ctrl: sqlite3.Connection, row: controller_store.Row) -> Good | DeadLetter:
+        """The careful path for one row: a value that is not text, too long, or a type not seen before."""
+        rid, type_, message = row
+        type_len = type_.length if isinstance(type_, Oversized) else len(type_) if isinstance(type_, bytes) else 0
+        if type_len > MAX_TYPE_BYTES:
+            if isinstance(type_, bytes):
+                head: bytes | None = type_[:MAX_TYPE_BYTES]
+            else:
+                with on(CONTROLLER):
+                    head = controller_store.read_prefix(ctrl, rid, "type", MAX_TYPE_BYTES)
+            text = _display(head)[0]
+            return self._dead(row, f"type is {type_len} bytes long, more than {MAX_TYPE_BYTES}",
+                              f"{text}…" if text is not None else None, ctrl)
+        if isinstance(message, Oversized):
+            return self._dead(row, f"message is {message.length} bytes, more than the {self.max_message} a "
+                              f"record may have (the first {min(message.length, RAW_KEEP_BYTES)} bytes are kept)",
+                              None, ctrl)
+        name = type_name(type_)
+        if len(self._type_names) >= 1000:
+            self._type_names.clear()
+        self._type_names[type_] = name  # type: ignore[index]
+        try:
+            rec = parse(name, message, self.max_packet)
+        except Exception as e:  # noqa: BLE001 - one row's problem, never the queue's
+            rec = f"cannot be processed ({type(e).__name__}: {e})"
+        if isinstance(rec, str):
+            return self._dead(row, rec)
+        return rid, rec, name
+
+    @staticmethod
+    def _dead(row: controller_store.Row, reason: str, type_text: str | None = None,
+              ctrl: sqlite3.Connection | None = None) -> DeadLetter:
+        """The dead letter of a row: its reason, readable text, and the exact bytes when text cannot
+        hold them (the first RAW_KEEP_BYTES of a value too long to read whole)."""
+        rid, type_, message = row
+        if type_text is None:
+            type_text = _display(type_)[0]
+        if isinstance(message, Oversized):
+            assert ctrl is not None
+            with on(CONTROLLER):
+                head = controller_store.read_prefix(ctrl, rid, "message", RAW_KEEP_BYTES)
+            return DeadLetter(rid, type_text, None, reason, head, message.length)
+        text, raw = _display(message)
+        return DeadLetter(rid, type_text, text, reason, raw, len(raw) if raw is not None else None)
+
+    def _commit_archive(self, good: list[Good], bad: list[DeadLetter], last: int) -> None:
+        archive = self.archive
+        assert archive is not None
+        mark = self.archive_mark
+        rows = [(rec.ts, name or rec.kind, rec.payload) for src_id, rec, name in good
+                if rec.archive and src_id > mark]
+        try:
+            with transaction(archive):
+                archive_store.insert(archive, rows)
+                set_mark(archive, MARK, self.epoch, last)
+            return
+        except Exception as e:
+            if classify(e) is not Fault.DATA:
+                raise
+            log.warning("archiving the rows up to %d failed on their data (%s); archiving them one by one",
+                        last, describe(e))
+        refused: set[int] = set()
+        todo = [g for g in good if g[1].archive and g[0] > mark]
+        with transaction(archive):
+            for (src_id, rec, name), row in zip(todo, rows, strict=True):
+                try:
+                    archive_store.insert(archive, [row])
+                except Exception as e:
+                    if classify(e) is not Fault.DATA:
+                        raise
+                    refused.add(src_id)
+                    bad.append(DeadLetter(src_id, name, rec.payload,
+                                                 f"cannot be archived: {describe(e)}"))
+            set_mark(archive, MARK, self.epoch, last)
+        good[:] = [g for g in good if g[0] not in refused]
+
+    def _commit_queues(self, good: list[Good], bad: list[DeadLetter], last: int, schema: int,
+                       ranges: list[list[int]]) -> None:
+        try:
+            self._store(good, bad, last, schema, ranges, careful=False)
+        except Exception as e:
+            if classify(e) is not Fault.DATA:
+                raise
+            log.warning("storing the rows up to %d failed on their data (%s); storing them one by one",
+                        last, describe(e))
+            self._store(good, bad, last, schema, ranges, careful=True)
+
+    def _store(self, good: list[Good], bad: list[DeadLetter], last: int, schema: int,
+               ranges: list[list[int]], careful: bool) -> None:
+        q = self.q.conn
+        assert q is not None
+        with transaction(q):
+            epoch, mark = get_mark(q, MARK)
+            if epoch == self.epoch and mark >= last:
+                log.warning("rows up to %d were already moved (another forwarder?)", mark)
+                return
+            skip = mark if epoch == self.epoch else 0
+            new_good = [g for g in good if g[0] > skip] if skip else good
+            new_bad = [b for b in bad if (b.src_id or 0) > skip]
+            if careful:
+                stored = []
+                for g in new_good:
+                    if self._try_data(lambda g=g: queues.append(q, self._new_rows([g]))):
+                        stored.append(g)
+                    else:
+                        new_bad.append(DeadLetter(g[0], g[2], None, "cannot be stored in the outbox",
+                                                  g[1].payload.encode("utf-8", "surrogatepass")))
+                new_good = stored
+                for b in new_bad:
+                    if not self._try_data(lambda b=b: queues.add_controller_dead_letters(q, "forwarder", [b])):
+                        queues.add_controller_dead_letters(q, "forwarder", [DeadLetter(
+                            b.src_id, None, None, b.reason.encode("ascii", "backslashreplace").decode(),
+                            b.raw, b.raw_size)])
+            else:
+                queues.append(q, self._new_rows(new_good))
+                if new_bad:
+                    queues.add_controller_dead_letters(q, "forwarder", new_bad)
+            queues.bump(q, {
+                "ingested": len(new_good) + len(new_bad),
+                "dead_lettered": len(new_bad),
+                "archived": sum(map(_ARCHIVE, map(_RECORD, new_good))) if self.archive is not None else 0,
+            })
+            set_mark(q, MARK, self.epoch, last)
+            queues.set_state(q, BATCH_STATE, {"epoch": self.epoch, "schema": schema, "delete": ranges})
+        self.dead_total += len(new_bad)
+
+    @staticmethod
+    def _new_rows(good: list[Good]) -> list[NewRow]:
+        return [(r.priority, r.kind, r.topic, r.payload, r.ts, 1) for _, r, _ in good]
+
+    @staticmethod
+    def _try_data(fn: Any) -> bool:
+        """Run one statement; False when it failed on its data (the statement alone is undone)."""
+        try:
+            fn()
+        except Exception as e:
+            if classify(e) is not Fault.DATA:
+                raise
+            log.warning("a row failed on its data: %s", describe(e))
+            return False
+        return True
+
+    # -- housekeeping --------------------------------------------------------------------
     def _enforce_outbox_caps(self) -> None:
-        assert self.queues is not None
-        c = queues.counters(self.queues)
+        q = self.q.conn
+        assert q is not None
         max_rows, max_bytes = self.cfg["outbox"]["max_rows"], self.cfg["outbox"]["max_bytes"]
-        if c["outbox_rows"] > max_rows or c["outbox_bytes"] > max_bytes:
-            dropped = queues.enforce_caps(self.queues, max_rows, max_bytes)
-            if dropped:
-                log.warning("outbox over its cap (%d rows / %d bytes allowed): dropped the %d oldest telemetry "
-                            "records (counted as dropped)", max_rows, max_bytes, dropped)
+        with on(QUEUES):
+            if not queues.over_caps(q, max_rows, max_bytes):
+                self.caps_pending = False
+                return
+            dropped = queues.enforce_caps(q, max_rows, max_bytes, budget_s=WORK_BUDGET_S)
+            self.caps_pending = queues.over_caps(q, max_rows, max_bytes)
+        if dropped:
+            log.warning("outbox over its cap (%d rows / %d bytes allowed): dropped the %d oldest telemetry "
+                        "records (counted as dropped)", max_rows, max_bytes, dropped)
 
     def _housekeeping(self) -> None:
+        self.more_housekeeping = False
         if self.archive is None:
             return
-        removed = archive_store.enforce_limits(self.archive, self.cfg["archive"]["max_bytes"],
-                                               self.cfg["archive"]["retention_days"])
+        t0 = time.monotonic()
+        with on(ARCHIVE):
+            removed = archive_store.enforce_limits(self.archive, self.cfg["archive"]["max_bytes"],
+                                                   self.cfg["archive"]["retention_days"], budget_s=WORK_BUDGET_S)
+        self.more_housekeeping = bool(removed) and time.monotonic() - t0 >= WORK_BUDGET_S
         if removed:
             log.info("archive: removed %d records past retention or over the size cap", removed)
+

@@ -111,7 +111,7 @@ class Ingest:
         if self.ctrl is not None:
             self.ctrl.close()
             self.ctrl = None
-        conn = controller_store.open_controller(self.cfg.controller_db, check=False)
+        conn = controller_store.open_controller(self.cfg.controller_db)  # never moves the file
         try:
             ingest_store.ensure_tables(conn)
         except BaseException:

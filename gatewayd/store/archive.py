@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sqlite3
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 from gatewayd.store.db import open_db, transaction
@@ -22,6 +23,7 @@ MIGRATIONS = [
 
 
 def open_archive(path: Path, check: bool = True) -> sqlite3.Connection:
+    """`check`: move the file aside if SQLite reports it damaged (the forwarder, which owns it)."""
     return open_db(path, MIGRATIONS, check=check)
 
 
@@ -33,23 +35,32 @@ def used_bytes(conn: sqlite3.Connection) -> int:
     return int((pages - free) * size)
 
 
-def enforce_limits(conn: sqlite3.Connection, max_bytes: int, retention_days: float, chunk: int = 10000) -> int:
+def insert(conn: sqlite3.Connection, rows: Sequence[tuple[int, str, str]]) -> None:
+    """Archive `(ts, type, message)` rows; the caller holds the transaction."""
+    conn.executemany("INSERT INTO archive(ts, type, message) VALUES (?,?,?)", rows)
+
+
+def enforce_limits(conn: sqlite3.Connection, max_bytes: int, retention_days: float, chunk: int = 10000,
+                   budget_s: float | None = None) -> int:
     """Delete records older than the retention, then the oldest until under the size cap.
 
     Records arrive roughly in time order, so age is judged from the oldest rows by id: no
-    index on `ts` slows the forwarder's inserts, and a pass costs one short range scan.
+    index on `ts` slows the forwarder's inserts, and a pass costs one short range scan. Each
+    chunk is its own transaction, so the write lock is never held for long; with `budget_s`
+    the call returns once that much time is spent (the caller comes back for the rest).
     """
     removed = 0
+    deadline = time.monotonic() + budget_s if budget_s is not None else float("inf")
     cutoff = int((time.time() - retention_days * 86400) * 1000)
     for _ in range(10_000):
         with transaction(conn):
             n = conn.execute("DELETE FROM archive WHERE id IN (SELECT id FROM (SELECT id, ts FROM archive "
                              "ORDER BY id LIMIT ?) WHERE ts < ?)", (chunk, cutoff)).rowcount
         removed += n
-        if n < chunk:
+        if n < chunk or time.monotonic() >= deadline:
             break
     for _ in range(1000):
-        if used_bytes(conn) <= max_bytes:
+        if time.monotonic() >= deadline or used_bytes(conn) <= max_bytes:
             break
         with transaction(conn):
             n = conn.execute("DELETE FROM archive WHERE id IN (SELECT id FROM archive ORDER BY id LIMIT ?)",

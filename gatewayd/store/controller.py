@@ -1,7 +1,8 @@
 """The controller contract database (`<controller_data_dir>/communication_queue.db`).
 
 Its schema belongs to the controllers written for the seed gateway, so gatewayd only ever
-adds what is missing (IF NOT EXISTS) and never sets `user_version` on it.
+adds what is missing (IF NOT EXISTS) and never sets `user_version` on it. The file is the
+controller's: gatewayd never moves it aside, whatever SQLite says about it.
 """
 
 from __future__ import annotations
@@ -9,11 +10,12 @@ from __future__ import annotations
 import logging
 import sqlite3
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
 
-from gatewayd.store.db import now_ms, open_db, open_readonly, transaction
+from gatewayd.store.db import now_ms, open_db, open_readonly, schema_version, transaction
 
 log = logging.getLogger("gatewayd.store")
 
@@ -29,26 +31,49 @@ CREATE TABLE IF NOT EXISTS gatewayd_meta(key TEXT PRIMARY KEY, value TEXT)
 CONTROLLER_BUSY_TIMEOUT_MS = 2000
 
 
-def open_controller(path: Path, check: bool = True) -> sqlite3.Connection:
-    conn = open_db(path, check=check, create_sql=CREATE_SQL, busy_timeout_ms=CONTROLLER_BUSY_TIMEOUT_MS)
-    _ensure_autoincrement(conn)
+@dataclass(frozen=True, slots=True)
+class Oversized:
+    """Stands for a value longer than the reader's limit, which was not read."""
+
+    length: int
+
+
+# One controller row as stored, whatever its SQL types: (id, type, message). `type` and
+# `message` are bytes for TEXT and BLOB values (never decoded by SQLite or the driver), int /
+# float for INTEGER / REAL, None for NULL, Oversized for a value too long to read. Plain
+# tuples: the forwarder reads millions of them.
+Value = bytes | int | float | Oversized | None
+Row = tuple[int, Value, Value]
+FIRST_FETCH = 32
+
+
+def open_controller(path: Path) -> sqlite3.Connection:
+    """Open the controller's file; errors (damage included) reach the caller, the file stays where it is."""
+    conn = open_db(path, check=False, create_sql=CREATE_SQL, busy_timeout_ms=CONTROLLER_BUSY_TIMEOUT_MS)
+    try:
+        ensure_autoincrement(conn)
+    except BaseException:
+        conn.close()
+        raise
     return conn
 
 
-def _ensure_autoincrement(conn: sqlite3.Connection) -> None:
+def ensure_autoincrement(conn: sqlite3.Connection) -> bool:
     """Row ids must never be reused, or a replay after a crash could skip a new row.
 
-    A `messages` table created without AUTOINCREMENT is rebuilt with it in one transaction.
+    A `messages` table created without AUTOINCREMENT is rebuilt with it in one transaction;
+    returns True when it was.
     """
-    sql = conn.execute("SELECT sql FROM sqlite_master WHERE type = 'table' AND name = 'messages'").fetchone()[0]
-    if "AUTOINCREMENT" in sql.upper():
-        return
+    row = conn.execute("SELECT sql FROM sqlite_master WHERE type = 'table' AND name = 'messages'").fetchone()
+    if row is None or "AUTOINCREMENT" in str(row[0]).upper():
+        return False
     log.warning("controller table 'messages' lacks AUTOINCREMENT; rebuilding it so row ids are never reused")
     with transaction(conn):
         conn.execute("ALTER TABLE messages RENAME TO messages_gatewayd_old")
         conn.execute("CREATE TABLE messages(id INTEGER PRIMARY KEY AUTOINCREMENT, type TEXT, message TEXT)")
         conn.execute("INSERT INTO messages(id, type, message) SELECT id, type, message FROM messages_gatewayd_old")
         conn.execute("DROP TABLE messages_gatewayd_old")
+    return True
 
 
 def epoch(conn: sqlite3.Connection) -> str:
@@ -65,14 +90,109 @@ def epoch(conn: sqlite3.Connection) -> str:
     return value
 
 
-def protect_ids(conn: sqlite3.Connection, above: int) -> None:
-    """Make sure the next row id the controller gets is above `above` (ids already moved)."""
+def new_epoch(conn: sqlite3.Connection) -> str:
+    """Start a new epoch in the same file: its `messages` table is not the one the marks refer to."""
+    value = uuid.uuid4().hex
     with transaction(conn):
-        row = conn.execute("SELECT seq FROM sqlite_sequence WHERE name = 'messages'").fetchone()
-        if row is None:
-            conn.execute("INSERT INTO sqlite_sequence(name, seq) VALUES ('messages', ?)", (above,))
-        elif row[0] < above:
-            conn.execute("UPDATE sqlite_sequence SET seq = ? WHERE name = 'messages'", (above,))
+        conn.execute("INSERT INTO gatewayd_meta(key, value) VALUES ('epoch', ?) "
+                     "ON CONFLICT(key) DO UPDATE SET value = excluded.value", (value,))
+    return value
+
+
+def sequence(conn: sqlite3.Connection) -> int | None:
+    """The AUTOINCREMENT high-water mark of `messages` (None: no row was ever inserted in this table)."""
+    row = conn.execute("SELECT seq FROM sqlite_sequence WHERE name = 'messages'").fetchone()
+    return int(row[0]) if row and row[0] is not None else None
+
+
+def has_rows_upto(conn: sqlite3.Connection, upto: int) -> bool:
+    return conn.execute("SELECT 1 FROM messages WHERE id <= ? LIMIT 1", (upto,)).fetchone() is not None
+
+
+def read_batch(conn: sqlite3.Connection, after: int, limit: int, max_value: int,
+               max_total: int) -> tuple[int, list[Row]]:
+    """(schema version, rows with id > after in id order), read in one snapshot.
+
+    Values are read as stored (see `Row`); a value longer than `max_value` bytes is not read at
+    all (Oversized). Memory stays bounded whatever the controller wrote: the fast path reads
+    with SQLite's length limit lowered so that `limit` rows fit in `max_total` bytes; a batch
+    holding a longer value is read again by the careful path, which stops after about
+    `max_total` bytes.
+    """
+    factory = conn.text_factory
+    conn.text_factory = bytes
+    try:
+        conn.execute("BEGIN")
+        try:
+            version = schema_version(conn)
+            cap = max(4096, max_total // max(limit, 1))
+            if cap < max_value:
+                rows = _read_fast(conn, after, limit, cap)
+                if rows is not None:
+                    return version, rows
+            return version, _read_careful(conn, after, limit, max_value, max_total)
+        finally:
+            conn.execute("COMMIT")
+    finally:
+        conn.text_factory = factory
+
+
+def _read_fast(conn: sqlite3.Connection, after: int, limit: int, cap: int) -> list[Row] | None:
+    """None when a value is longer than `cap` (SQLite refuses to load it: SQLITE_TOOBIG)."""
+    default = conn.setlimit(sqlite3.SQLITE_LIMIT_LENGTH, cap)
+    try:
+        return conn.execute("SELECT id, type, message FROM messages WHERE id > ? ORDER BY id LIMIT ?",
+                            (after, limit)).fetchall()
+    except sqlite3.DataError:
+        return None
+    finally:
+        conn.setlimit(sqlite3.SQLITE_LIMIT_LENGTH, default)
+
+
+def _read_careful(conn: sqlite3.Connection, after: int, limit: int, max_value: int, max_total: int) -> list[Row]:
+    cur = conn.execute(
+        "SELECT id, CASE WHEN length(CAST(type AS BLOB)) <= ?1 THEN type END, "
+        "CASE WHEN length(CAST(message AS BLOB)) <= ?1 THEN message END, "
+        "coalesce(length(CAST(type AS BLOB)), 0), coalesce(length(CAST(message AS BLOB)), 0) "
+        "FROM messages WHERE id > ?2 ORDER BY id LIMIT ?3", (max_value, after, limit))
+    rows: list[Row] = []
+    total = 0
+    size = FIRST_FETCH
+    while total < max_total:
+        chunk = cur.fetchmany(size)
+        if not chunk:
+            break
+        for rid, type_, message, type_len, message_len in chunk:
+            rows.append((rid, Oversized(type_len) if type_len > max_value else type_,
+                         Oversized(message_len) if message_len > max_value else message))
+            total += min(type_len, max_value) + min(message_len, max_value) + 64
+        size = max(1, min(4096, (max_total - total) * len(rows) // max(total, 1)))
+    cur.close()
+    return rows
+
+
+def read_prefix(conn: sqlite3.Connection, row_id: int, column: str, size: int) -> bytes | None:
+    """The first `size` bytes of one value, for keeping what an oversized row held."""
+    if column not in ("type", "message"):
+        raise ValueError(column)
+    row = conn.execute(f"SELECT substr(CAST({column} AS BLOB), 1, ?) FROM messages WHERE id = ?",
+                       (size, row_id)).fetchone()
+    return bytes(row[0]) if row and row[0] is not None else None
+
+
+def delete_ranges(conn: sqlite3.Connection, ranges: Sequence[tuple[int, int]], expect_schema: int | None) -> bool:
+    """Delete the rows moved, given as inclusive id ranges, in one short transaction.
+
+    With `expect_schema`, nothing is deleted (False is returned) if the schema changed since the
+    rows were read: the table may have been dropped and recreated, and its ids are new rows.
+    """
+    if not ranges:
+        return True
+    with transaction(conn):
+        if expect_schema is not None and schema_version(conn) != expect_schema:
+            return False
+        conn.executemany("DELETE FROM messages WHERE id BETWEEN ? AND ?", ranges)
+    return True
 
 
 def enqueue(conn: sqlite3.Connection, type_: str, message: str) -> int:

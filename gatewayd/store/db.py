@@ -2,8 +2,10 @@
 
 WAL, `synchronous=FULL` (a commit is on disk when it returns), a `busy_timeout` so several
 processes can share a file, explicit short transactions, numbered migrations guarded by
-`PRAGMA user_version`, and a start-up integrity check that moves a corrupt file aside
-(never deletes it) and starts a fresh one.
+`PRAGMA user_version`. Opening costs the same whatever the file size: only a file SQLite
+itself reports as damaged (SQLITE_CORRUPT / SQLITE_NOTADB) is moved aside (never deleted),
+and only when gatewayd owns it; the full integrity check runs later (`store/check.py`).
+Every other error (locked, full, read-only, I/O) propagates for the caller to retry.
 """
 
 from __future__ import annotations
@@ -15,14 +17,25 @@ import sqlite3
 import stat
 import time
 import urllib.parse
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
+
+from gatewayd.store.errors import Fault, classify
 
 log = logging.getLogger("gatewayd.store")
 
 BUSY_TIMEOUT_MS = 5000
 CORRUPT_SUFFIX = ".corrupt-"
+SIDE_FILES = ("-wal", "-shm", "-journal")
 DB_FILE_MODE = 0o640
+SQLITE_HEADER = b"SQLite format 3\x00"
+
+
+class NotADatabase(sqlite3.DatabaseError):
+    """A non-empty file without SQLite's header: classified CORRUPT like SQLITE_NOTADB."""
+
+    sqlite_errorcode = 26
+    sqlite_errorname = "SQLITE_NOTADB"
 
 
 def now_ms() -> int:
@@ -64,7 +77,10 @@ def open_readonly(path: Path, busy_timeout_ms: int = BUSY_TIMEOUT_MS) -> sqlite3
 
 
 def move_aside(path: Path, reason: str) -> Path:
-    """Rename a damaged database (and its -wal/-shm) out of the way, keeping it for forensics."""
+    """Rename a damaged database (and its -wal/-shm/-journal) out of the way, kept for forensics.
+
+    Only for files gatewayd owns: a controller's file is reported, never renamed.
+    """
     stamp = time.strftime("%Y%m%dT%H%M%S")
     target = path.with_name(f"{path.name}{CORRUPT_SUFFIX}{stamp}")
     n = 1
@@ -72,7 +88,7 @@ def move_aside(path: Path, reason: str) -> Path:
         target = path.with_name(f"{path.name}{CORRUPT_SUFFIX}{stamp}.{n}")
         n += 1
     os.replace(path, target)
-    for ext in ("-wal", "-shm"):
+    for ext in SIDE_FILES:
         side = Path(str(path) + ext)
         if side.exists():
             os.replace(side, Path(str(target) + ext))
@@ -80,20 +96,18 @@ def move_aside(path: Path, reason: str) -> Path:
     return target
 
 
-def _check(path: Path, busy_timeout_ms: int) -> str | None:
-    """None when healthy, else why not."""
+def check_header(path: Path) -> None:
+    """Raise NotADatabase when a non-empty file does not start like an SQLite database.
+
+    Costs one read of 16 bytes, so it can run before READY whatever the file size.
+    """
     try:
-        conn = _connect(path, busy_timeout_ms)
-        try:
-            rows = conn.execute("PRAGMA quick_check").fetchall()
-        finally:
-            conn.close()
-    except sqlite3.DatabaseError as e:
-        if "locked" in str(e) or "busy" in str(e):
-            return None
-        return str(e)
-    result = "; ".join(str(r[0]) for r in rows[:5])
-    return None if result == "ok" else result
+        with open(path, "rb") as f:
+            head = f.read(len(SQLITE_HEADER))
+    except FileNotFoundError:
+        return
+    if head and head != SQLITE_HEADER:
+        raise NotADatabase(f"{path} is not an SQLite database (header {head[:16]!r})")
 
 
 def open_db(path: Path, migrations: Sequence[str] = (), *, check: bool = True,
@@ -102,34 +116,57 @@ def open_db(path: Path, migrations: Sequence[str] = (), *, check: bool = True,
 
     `migrations[i]` takes the schema from user_version i to i+1. `create_sql` is run with
     IF NOT EXISTS semantics for files whose schema we do not own (the controller's).
+    With `check`, a file SQLite reports as damaged is moved aside and replaced by a new one;
+    without it (and for every other error) the exception reaches the caller.
     """
     path.parent.mkdir(parents=True, exist_ok=True)
-    if check and path.exists() and path.stat().st_size > 0:
-        problem = _check(path, busy_timeout_ms)
-        if problem:
-            move_aside(path, problem)
-    _own_file(path)
-    conn = _connect(path, busy_timeout_ms)
     try:
-        mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
-    except sqlite3.DatabaseError as e:
-        conn.close()
-        if not check:
+        return _open(path, migrations, busy_timeout_ms, create_sql)
+    except Exception as e:
+        if not check or classify(e) is not Fault.CORRUPT:
             raise
         move_aside(path, str(e))
-        _own_file(path)
-        conn = _connect(path, busy_timeout_ms)
-        mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
-    if mode != "wal":
-        log.warning("%s: journal_mode is %s, not wal", path, mode)
-    conn.execute("PRAGMA synchronous = FULL")
-    if create_sql:
-        with transaction(conn):
-            for stmt in _statements(create_sql):
-                conn.execute(stmt)
-    if migrations:
-        migrate(conn, migrations)
+    return _open(path, migrations, busy_timeout_ms, create_sql)
+
+
+def _open(path: Path, migrations: Sequence[str], busy_timeout_ms: int, create_sql: str) -> sqlite3.Connection:
+    _own_file(path)
+    check_header(path)
+    conn = _connect(path, busy_timeout_ms)
+    try:
+        # Reading the schema first makes a damaged page 1 fail here, before anything is written.
+        conn.execute("PRAGMA schema_version").fetchone()
+        mode = conn.execute("PRAGMA journal_mode").fetchone()[0]
+        if mode != "wal":
+            mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+        if mode != "wal":
+            log.warning("%s: journal_mode is %s, not wal", path, mode)
+        conn.execute("PRAGMA synchronous = FULL")
+        if create_sql:
+            _create_missing(conn, create_sql)
+        if migrations:
+            migrate(conn, migrations)
+    except BaseException:
+        conn.close()
+        raise
     return conn
+
+
+def _create_missing(conn: sqlite3.Connection, script: str) -> None:
+    """Run `CREATE … IF NOT EXISTS` statements, taking the write lock only when something is missing."""
+    stmts = _statements(script)
+    existing = {r[0] for r in conn.execute("SELECT name FROM sqlite_master")}
+    missing = [s for s in stmts if _created_name(s) not in existing]
+    if missing:
+        with transaction(conn):
+            for stmt in missing:
+                conn.execute(stmt)
+
+
+def _created_name(stmt: str) -> str:
+    """The object name of `CREATE TABLE|INDEX IF NOT EXISTS name(...)`."""
+    words = stmt.replace("(", " ").split()
+    return words[5] if len(words) > 5 and words[2:5] == ["IF", "NOT", "EXISTS"] else ""
 
 
 def _statements(script: str) -> list[str]:
@@ -166,7 +203,15 @@ def transaction(conn: sqlite3.Connection, immediate: bool = True) -> Iterator[sq
             conn.execute("ROLLBACK")
         raise
     else:
-        conn.execute("COMMIT")
+        try:
+            conn.execute("COMMIT")
+        except BaseException:
+            # A failed COMMIT (disk full, I/O) may leave the transaction open: end it, or the
+            # next BEGIN fails with "cannot start a transaction within a transaction".
+            if conn.in_transaction:
+                with contextlib.suppress(sqlite3.Error):
+                    conn.execute("ROLLBACK")
+            raise
 
 
 def get_mark(conn: sqlite3.Connection, name: str) -> tuple[str, int]:
@@ -186,12 +231,59 @@ def data_version(conn: sqlite3.Connection) -> int:
     return int(conn.execute("PRAGMA data_version").fetchone()[0])
 
 
+def schema_version(conn: sqlite3.Connection) -> int:
+    """Changes whenever any connection changes the schema (a table dropped, created, altered)."""
+    return int(conn.execute("PRAGMA schema_version").fetchone()[0])
+
+
 def file_identity(path: Path) -> tuple[int, int] | None:
+    """(device, inode) of the file at `path`, None when there is none: a replaced file differs."""
     try:
         st = path.stat()
     except FileNotFoundError:
         return None
     return st.st_dev, st.st_ino
+
+
+class Tracked:
+    """A connection that knows which file it was opened on, to notice the file being replaced.
+
+    Another process may move a damaged database aside and start a new one, or an operator may
+    restore a file: a connection to the old inode would go on reading and writing a file nobody
+    else sees. Call `replaced()` once per loop iteration (one `stat`) and `reopen()` when true.
+    """
+
+    def __init__(self, path: Path, opener: Callable[[Path], sqlite3.Connection]):
+        self.path = path
+        self._opener = opener
+        self.conn: sqlite3.Connection | None = None
+        self.identity: tuple[int, int] | None = None
+
+    def open(self) -> sqlite3.Connection:
+        if self.conn is None:
+            for attempt in range(3):  # the file may be swapped between the open and the stat
+                before = file_identity(self.path)
+                conn = self._opener(self.path)
+                after = file_identity(self.path)
+                if before in (after, None) or attempt == 2:
+                    break
+                conn.close()
+            self.conn, self.identity = conn, after
+        return self.conn
+
+    def replaced(self) -> bool:
+        return self.conn is not None and file_identity(self.path) != self.identity
+
+    def reopen(self) -> sqlite3.Connection:
+        self.close()
+        return self.open()
+
+    def close(self) -> None:
+        if self.conn is not None:
+            with contextlib.suppress(sqlite3.Error):
+                self.conn.close()
+        self.conn = None
+        self.identity = None
 
 
 def corrupt_copies(*dirs: Path) -> list[str]:
@@ -200,7 +292,7 @@ def corrupt_copies(*dirs: Path) -> list[str]:
     for d in dirs:
         try:
             found.extend(str(p) for p in sorted(d.glob(f"*.db{CORRUPT_SUFFIX}*"))
-                         if not str(p).endswith(("-wal", "-shm")))
+                         if not str(p).endswith(SIDE_FILES))
         except OSError:
             pass
     return found

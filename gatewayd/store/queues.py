@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import sqlite3
+import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -90,6 +91,13 @@ MIGRATIONS = [
     """
     ALTER TABLE rpc_requests ADD COLUMN inbound_id INTEGER
     """,
+    # 4: a dead letter keeps what the controller stored even when it is not text: `raw` holds
+    # the exact bytes (a prefix of `raw_size` bytes for an oversized value), `message` a
+    # readable rendering.
+    """
+    ALTER TABLE dead_letters ADD COLUMN raw BLOB;
+    ALTER TABLE dead_letters ADD COLUMN raw_size INTEGER
+    """,
 ]
 
 
@@ -105,6 +113,18 @@ class OutboxRow:
 
 # (priority, kind, topic, payload, ts, counted)
 NewRow = tuple[int, str, str, str, int | None, int]
+
+
+@dataclass(slots=True)
+class DeadLetter:
+    """A record refused with its reason; `raw` when `message` cannot hold the stored value exactly."""
+
+    src_id: int | None
+    type: str | None
+    message: str | None
+    reason: str
+    raw: bytes | None = None
+    raw_size: int | None = None
 
 
 def open_queues(path: Path, check: bool = True) -> sqlite3.Connection:
@@ -217,16 +237,45 @@ def add_dead_letters(conn: sqlite3.Connection, stage: str,
         [(stage, s, t, m, r, created) for s, t, m, r in items])
 
 
-def enforce_caps(conn: sqlite3.Connection, max_rows: int, max_bytes: int, chunk: int = 5000) -> int:
+def add_controller_dead_letters(conn: sqlite3.Connection, stage: str, items: Sequence[DeadLetter]) -> None:
+    """Dead letters with the raw value kept; the caller holds the transaction and the counters."""
+    created = now_ms()
+    conn.executemany(
+        "INSERT INTO dead_letters(stage, src_id, type, message, reason, created_ms, raw, raw_size) "
+        "VALUES (?,?,?,?,?,?,?,?)",
+        [(stage, d.src_id, d.type, d.message, d.reason, created, d.raw, d.raw_size) for d in items])
+
+
+def dead_letter_sample(conn: sqlite3.Connection, limit: int, text_chars: int = 2000) -> list[dict[str, Any]]:
+    """The newest dead letters, message cut to `text_chars`, for support bundles."""
+    rows = conn.execute(
+        "SELECT id, stage, src_id, type, substr(message, 1, ?), reason, created_ms, length(raw), raw_size "
+        "FROM dead_letters ORDER BY id DESC LIMIT ?", (text_chars, limit)).fetchall()
+    keys = ("id", "stage", "src_id", "type", "message", "reason", "created_ms", "raw_bytes", "raw_size")
+    return [dict(zip(keys, r, strict=True)) for r in rows]
+
+
+def over_caps(conn: sqlite3.Connection, max_rows: int, max_bytes: int) -> bool:
+    c = counters(conn)
+    return c["outbox_rows"] > max_rows or c["outbox_bytes"] > max_bytes
+
+
+def enforce_caps(conn: sqlite3.Connection, max_rows: int, max_bytes: int, chunk: int = 5000,
+                 budget_s: float | None = None) -> int:
     """Drop the oldest telemetry until the outbox fits its caps; attributes and replies are kept.
 
+    One transaction per chunk, so the write lock is never held for long whatever the backlog;
+    with `budget_s` the call returns once that much time is spent (call again for the rest).
     Returns the number of rows dropped (each counted in `dropped` when it was a ledger row).
     """
     dropped = 0
-    with transaction(conn):
-        c = counters(conn)
-        rows, size = c["outbox_rows"], c["outbox_bytes"]
-        while rows > max_rows or size > max_bytes:
+    deadline = time.monotonic() + budget_s if budget_s is not None else float("inf")
+    for _ in range(1_000_000):
+        with transaction(conn):
+            c = counters(conn)
+            rows, size = c["outbox_rows"], c["outbox_bytes"]
+            if rows <= max_rows and size <= max_bytes:
+                break
             want = max(rows - max_rows, 1)
             if size > max_bytes:
                 want = max(want, min(chunk, -(-(size - max_bytes) // max(1, size // max(rows, 1)))))
@@ -237,9 +286,9 @@ def enforce_caps(conn: sqlite3.Connection, max_rows: int, max_bytes: int, chunk:
                 break
             n, nbytes, counted = _delete(conn, ids)
             bump(conn, {"outbox_rows": -n, "outbox_bytes": -nbytes, "queued": -counted, "dropped": counted})
-            rows -= n
-            size -= nbytes
-            dropped += n
+        dropped += n
+        if time.monotonic() >= deadline:
+            break
     return dropped
 
 
@@ -344,3 +393,15 @@ def mark_delivered_ranges(conn: sqlite3.Connection, ranges: Iterable[tuple[int, 
             counted += c
         _count_delivered(conn, total, size, counted)
     return total
+
+
+def outbox_kind(conn: sqlite3.Connection, row_id: int) -> str | None:
+    """The kind of one outbox row, None when it is gone."""
+    row = conn.execute("SELECT kind FROM outbox WHERE id = ?", (row_id,)).fetchone()
+    return str(row[0]) if row else None
+
+
+def save_state(conn: sqlite3.Connection, key: str, value: Any) -> None:
+    """`set_state` in a transaction of its own."""
+    with transaction(conn):
+        set_state(conn, key, value)

@@ -9,6 +9,7 @@ from typing import Any
 import pytest
 
 from tests.helpers.brokers import start_mosquitto
+from tests.helpers.daemons import Daemon
 
 
 @pytest.fixture
@@ -19,3 +20,12 @@ def broker(tmp_path: Path) -> Iterator[Any]:
         yield b
     finally:
         b.stop()
+
+
+@pytest.fixture
+def daemons() -> Iterator[list[Daemon]]:
+    """Daemons a test appends here are stopped afterwards (SIGTERM, then SIGKILL, by PID)."""
+    started: list[Daemon] = []
+    yield started
+    for d in started:
+        d.stop()

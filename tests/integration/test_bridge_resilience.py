@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 
 from gatewayd.bridge.publisher import packet_size
+from gatewayd.store import queues
 from tests.helpers.brokers import free_port, start_simulator
 from tests.integration.test_bridge_support import (
     DEVICE,
@@ -117,6 +118,36 @@ def test_no_puback_stops_the_watchdog(tmp_path: Path, broker: Any) -> None:
         st = state(base, "bridge.last_error")
         assert st and "no PUBACK" in st["message"]
         assert counters(base)["outbox_rows"] == 100  # nothing deleted without its PUBACK
+    finally:
+        bridge.stop()
+        notify.close()
+        sim.stop()
+
+
+def test_rows_waiting_with_nothing_in_flight_and_no_puback_stop_the_watchdog(tmp_path: Path, broker: Any) -> None:
+    """The configured rate allows one publish per 100 s: one attribute row goes and is acknowledged,
+    the others wait with nothing in flight; no PUBACK for the stall timeout ends the pings all the same."""
+    sim = _sim(tmp_path, broker)
+    base = tmp_path / "gw"
+    notify = NotifySocket(tmp_path / "notify.sock")
+    bridge = start_bridge(bridge_config(base, sim.port, stall_timeout_s=3, rate_limit_per_s=0.01),
+                          env=notify.env(2_000_000))
+    try:
+        sim.client.wait_connected(DEVICE, timeout=15)
+        q = queues.open_queues(base / "state" / "queues.db")
+        try:
+            for i in range(5):
+                queues.enqueue(q, queues.KIND_ATTRIBUTES, queues.TOPIC_ATTRIBUTES, f'{{"a{i}":{i}}}',
+                               queues.PRIO_ATTRIBUTES)
+        finally:
+            q.close()
+        wait_for(lambda: counters(base)["outbox_rows"] == 4, 10, what="the first row delivered")
+        assert any(m == "WATCHDOG=1" for _, m in notify.drain(1.5))  # waiting less than the timeout is fine
+        wait_for(lambda: any("stalled: no PUBACK" in m for _, m in notify.drain(0.5)), 15, what="STATUS= stalled")
+        quiet = notify.drain(4.0)
+        assert not [m for _, m in quiet if m == "WATCHDOG=1"], quiet
+        assert "4 records queued and 0 publishes in flight" in bridge.log()
+        assert counters(base)["outbox_rows"] == 4
     finally:
         bridge.stop()
         notify.close()

@@ -159,8 +159,9 @@ class NotifySocket:
         self.sock.close()
 
 
-def start_bridge(cfg: Path, env: dict[str, str] | None = None) -> Daemon:
-    return Daemon("bridge", cfg, env=env).start()
+def start_bridge(cfg: Path, env: dict[str, str] | None = None, python: str | None = None,
+                 prefix: list[str] | None = None) -> Daemon:
+    return Daemon("bridge", cfg, python=python, env=env, argv_prefix=prefix).start()
 
 
 __all__ = ["wait_for"]

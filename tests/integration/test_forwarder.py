@@ -10,11 +10,11 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any
 
 import pytest
 
 from tests.helpers.daemons import ROOT, Daemon, wait_for, write_config
+from tests.helpers.datapath import balanced, controller_db, controller_depth, counters, outbox_payloads, ro
 
 pytestmark = pytest.mark.integration
 
@@ -60,48 +60,10 @@ print(json.dumps({"max_wait_ms": max(waits) * 1000, "n": len(waits)}))
 """
 
 
-def controller_db(base: Path) -> Path:
-    return base / "controller" / "communication_queue.db"
-
-
-def ro(path: Path) -> sqlite3.Connection:
-    return sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=10)
-
-
-def outbox_payloads(base: Path) -> list[dict[str, Any]]:
-    with ro(base / "state" / "queues.db") as c:
-        return [json.loads(p) for (p,) in c.execute("SELECT payload FROM outbox ORDER BY id")]
-
-
-def counters(base: Path) -> dict[str, int]:
-    with ro(base / "state" / "queues.db") as c:
-        return dict(c.execute("SELECT name, value FROM counters").fetchall())
-
-
-def controller_depth(base: Path) -> int:
-    path = controller_db(base)
-    if not path.exists():
-        return -1
-    with ro(path) as c:
-        return int(c.execute("SELECT count(*) FROM messages").fetchone()[0])
-
-
-def balanced(c: dict[str, int]) -> bool:
-    return c["ingested"] == c["delivered"] + c["queued"] + c["dead_lettered"] + c["dropped"]
-
-
 def run_controller(base: Path, total: int, per_tx: int = 100, pause: float = 0.0) -> subprocess.Popen[str]:
     controller_db(base).parent.mkdir(parents=True, exist_ok=True)
     return subprocess.Popen([sys.executable, "-c", SEED_CONTROLLER, str(controller_db(base)), str(total),
                              str(per_tx), str(pause)], stdout=subprocess.PIPE, text=True)
-
-
-@pytest.fixture
-def daemons():
-    started: list[Daemon] = []
-    yield started
-    for d in started:
-        d.stop()
 
 
 def test_seed_controller_works_unchanged(tmp_path: Path, daemons: list[Daemon]) -> None:
@@ -220,26 +182,37 @@ def test_bad_rows_dead_lettered_and_rest_flows(tmp_path: Path, daemons: list[Dae
 
 
 def test_corrupt_databases_moved_aside_and_reported(tmp_path: Path, daemons: list[Daemon]) -> None:
+    """A damaged file of gatewayd's is moved aside; the controller's is reported, never renamed."""
     cfg = write_config(tmp_path)
     (tmp_path / "state").mkdir()
     (tmp_path / "controller").mkdir()
     (tmp_path / "state" / "queues.db").write_bytes(b"garbage" * 1000)
-    controller_db(tmp_path).write_bytes(b"\x00junk" * 1000)
+    junk = b"\x00junk" * 1000
+    controller_db(tmp_path).write_bytes(junk)
     fwd = Daemon("forwarder", cfg)
     daemons.append(fwd)
     fwd.start()
-    assert "is damaged" in fwd.log() and "moved aside" in fwd.log()
+    fwd.wait_log("it belongs to the controller")
+    assert "queues.db is damaged" in fwd.log() and "moved aside" in fwd.log()
     aside = sorted(p.name for p in tmp_path.rglob("*.corrupt-*"))
-    assert len(aside) == 2 and aside[0].startswith("communication_queue.db.corrupt-")
-    ctrl = run_controller(tmp_path, 10, per_tx=10)
-    assert ctrl.wait(30) == 0
-    wait_for(lambda: controller_depth(tmp_path) == 0, 30, what="drained")
+    assert len(aside) == 1 and aside[0].startswith("queues.db.corrupt-")
+    assert controller_db(tmp_path).read_bytes() == junk
     st = subprocess.run([sys.executable, "-m", "gatewayd.ctl", "--config", str(cfg), "status", "--json"],
                         capture_output=True, text=True, cwd=ROOT, timeout=60)
     status = json.loads(st.stdout)
-    assert len(status["corrupt_files"]) == 2
+    assert len(status["corrupt_files"]) == 1
+    assert "belongs to the controller" in status["faults"]["forwarder"]
+    assert status["controller"]["database_error"]
     assert any("damaged database" in r for r in status["degraded_reasons"])
     assert st.returncode == 1
+    assert fwd.log().count("it belongs to the controller") == 1  # reported once, not once per retry
+    # The controller replaces its file: the forwarder follows without a restart.
+    controller_db(tmp_path).unlink()
+    ctrl = run_controller(tmp_path, 10, per_tx=10)
+    assert ctrl.wait(30) == 0
+    wait_for(lambda: counters(tmp_path)["ingested"] == 10, 30, what="rows of the new file")
+    wait_for(lambda: controller_depth(tmp_path) == 0, 30, what="drained")
+    fwd.wait_log("recovered")
 
 
 def test_outbox_cap_drops_oldest_telemetry_only(tmp_path: Path, daemons: list[Daemon]) -> None:

@@ -146,7 +146,7 @@ def test_publish_ack_and_inbound_before_puback(mqtt5: bool) -> None:
 
     conn.on_message = on_message
     try:
-        conn.connect("127.0.0.1", broker.port, 30)
+        conn.connect("127.0.0.1", broker.port, 30, socket.create_connection(("127.0.0.1", broker.port), 5))
         _pump(conn, lambda: events["connack"] is not None)
         assert events["connack"][0] == 0
         assert conn.subscribe(["a/+", "b"]) == 0
@@ -185,7 +185,7 @@ def test_refused_credentials_are_classified(mqtt5: bool) -> None:
     got: list[tuple[int, str]] = []
     conn.on_connect = lambda code, text: got.append((code, text))
     try:
-        conn.connect("127.0.0.1", broker.port, 30)
+        conn.connect("127.0.0.1", broker.port, 30, socket.create_connection(("127.0.0.1", broker.port), 5))
         deadline = time.monotonic() + 5
         while not got and time.monotonic() < deadline:
             conn.loop(0.02)

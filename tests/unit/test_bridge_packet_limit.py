@@ -3,9 +3,12 @@ instead of announcing its limit (pure logic: `PacketLimit`, with `plan` in a mod
 
 from __future__ import annotations
 
+import json
 import random
 from dataclasses import dataclass, field
+from pathlib import Path
 
+from gatewayd.bridge.limits import ServerLimits
 from gatewayd.bridge.publisher import (
     DEAD_LETTER,
     DISTRUST_AFTER_LOSSES,
@@ -14,6 +17,8 @@ from gatewayd.bridge.publisher import (
     LOSSES_TO_TRIM,
     MIN_PACKET,
     NOTHING,
+    PROBE,
+    REPROBE_AFTER_S,
     SHRINK,
     Oversized,
     PacketLimit,
@@ -22,6 +27,7 @@ from gatewayd.bridge.publisher import (
     packet_size,
     plan,
 )
+from gatewayd.store import queues
 from gatewayd.store.queues import KIND_TELEMETRY, TOPIC_TELEMETRY
 
 T = TOPIC_TELEMETRY
@@ -307,3 +313,92 @@ def test_model_random_transport_losses_after_learning_do_not_lower_the_limit() -
     m2 = Model(rows, server_limit=8000, window=2, drop_every=4, pl=m.pl).run(max_sessions=5000)
     assert m2.delivered == list(range(3001, 30001)) and not m2.dead
     assert m2.closes > 50 and m2.shrinks == 0 and m2.pl.learned == learned
+
+
+# -- urgent rows, small suspects, persistence, re-probing, announced limits -----------------------
+
+def urgent(size: int, rid: int, prio: int = 100) -> Publish:
+    return Publish("v1/devices/me/rpc/response/1", "x", prio, rid, rid, 1, size, False)
+
+
+def test_urgent_rows_in_flight_are_never_blamed_for_their_size_alone() -> None:
+    pl = PacketLimit()
+    for t in range(10):  # an RPC reply larger than anything acknowledged, beside small telemetry
+        v = pl.lost([urgent(2200, 7), pub(300, 1, 3)], HARD, float(t))
+        assert v.action == PROBE and v.pub.first_id == 7
+    assert not pl.active and pl.learned is None and pl.ceiling is None
+
+
+def test_an_urgent_row_alone_at_three_losses_in_a_row_is_dead_lettered_without_a_ceiling() -> None:
+    pl = PacketLimit()
+    assert pl.lost([urgent(30000, 7)], HARD, 0.0).action == PROBE
+    assert pl.lost([urgent(30000, 7)], HARD, 1.0).action == PROBE
+    v = pl.lost([urgent(30000, 7)], HARD, 2.0)
+    assert v.action == DEAD_LETTER and v.pub.first_id == 7 and not pl.active
+    # a PUBACK in between starts the count again
+    pl.lost([urgent(30000, 8)], HARD, 3.0)
+    pl.lost([urgent(30000, 8)], HARD, 4.0)
+    pl.acked(500)
+    assert pl.lost([urgent(30000, 8)], HARD, 5.0).action == PROBE
+
+
+def test_urgent_rows_no_larger_than_acknowledged_ones_leave_the_judgment_to_the_telemetry() -> None:
+    pl = PacketLimit()
+    pl.acked(3000)
+    for t in (0.0, 1.0):
+        v = pl.lost([urgent(2200, 7), pub(65000, 1)], HARD, t)
+    assert v.action == SHRINK and v.pub.first_id == 1 and pl.learned == 32500
+
+
+def test_a_suspect_no_larger_than_the_floor_never_shrinks_the_limit() -> None:
+    pl = PacketLimit()
+    for t in range(6):
+        assert pl.lost([pub(300, 1, 3)], HARD, float(t)).action in (NOTHING, ISOLATE)
+    assert pl.learned is None and pl.limit(HARD) == HARD
+
+
+def test_the_whole_learning_state_is_restored() -> None:
+    pl = PacketLimit()
+    pl.restore(8000, 20000, acked=7900, changed_ms=123)
+    assert (pl.learned, pl.ceiling, pl.acked_max, pl.changed_ms) == (8000, 20000, 7900, 123)
+    # the restored evidence protects: a batch of a proven size in flight at a loss proves nothing
+    for t in range(3):
+        assert pl.lost([pub(7900)], 8000, float(t)).action == NOTHING
+    assert pl.learned == 8000
+
+
+def test_a_learned_limit_is_reprobed_after_a_while() -> None:
+    pl = PacketLimit()
+    pl.lost([pub(65000)], HARD, 0.0, now_ms=1000)
+    assert pl.lost([pub(65000)], HARD, 1.0, now_ms=1000).action == SHRINK
+    pl.ceiling = 40000
+    assert not pl.reprobe(HARD, 1000 + int(REPROBE_AFTER_S * 1000) - 1)
+    assert pl.reprobe(HARD, 1000 + int(REPROBE_AFTER_S * 1000))
+    assert pl.learned == 65000 and pl.ceiling is None and pl.dirty
+    assert pl.reprobe(HARD, 1000 + int(REPROBE_AFTER_S * 2000))
+    assert pl.learned is None and not pl.active  # doubling reached the hard limit: nothing left to learn
+    pl.restore(4000, None, changed_ms=0)
+    assert pl.reprobe(HARD, int(REPROBE_AFTER_S * 1000)) and pl.learned == 8000
+
+
+def test_an_announced_limit_disables_learning(tmp_path: Path) -> None:
+    db = queues.open_queues(tmp_path / "q.db")
+    try:
+        limits = ServerLimits("tb:1883", HARD, 20, 0.0)
+        limits.packet.restore(4096, None)
+        assert limits.max_packet() == 4096
+        limits.answer = json.dumps({"maxPayloadSize": 16384, "maxInflightMessages": 10}).encode()
+        limits.request_id = "1"
+        assert limits.poll(0.0, db)
+        assert limits.max_packet() == 16384 and not limits.packet.active and limits.inflight() == 10
+        for t in range(5):
+            assert limits.judge_loss([pub(16000)], "lost", float(t), db).action == NOTHING
+        assert limits.max_packet() == 16384
+        saved = queues.get_state(db, "bridge.packet_limit")
+        assert saved["limit"] is None and saved["ceiling"] is None
+        # an upgraded server that stops answering brings learning back
+        limits.answer, limits.request_id = b'{"error":"unsupported"}', "2"
+        assert limits.poll(1.0, db) and limits.learning and limits.max_packet() == HARD
+        assert queues.get_state(db, "bridge.session_limits") is None
+    finally:
+        db.close()

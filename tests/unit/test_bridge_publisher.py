@@ -16,7 +16,6 @@ from gatewayd.bridge.publisher import (
     packet_size,
     parse_rate_limits,
     plan,
-    stalled,
     utf8_len,
 )
 from gatewayd.store.queues import KIND_ATTRIBUTES, KIND_RAW, KIND_TELEMETRY, TOPIC_ATTRIBUTES, TOPIC_TELEMETRY
@@ -163,17 +162,13 @@ def test_rate_limiter_from_config_and_server() -> None:
     assert rl.wait_for(pub, now) > 0  # data points exhausted (18 / 3 = 6 publishes)
 
 
-def test_window_and_stall() -> None:
+def test_window() -> None:
     w = Window(2)
-    assert stalled(w, 0.0, 1000.0, 60) == 0  # nothing in flight: never stalled
     p = Publish(T, "x", 0, 1, 3, 3, 10, True)
     w.add(7, p, now=100.0)
     assert w.records == 3 and not w.full
     w.add(8, Publish(T, "y", 0, 4, 4, 1, 10, True), now=101.0)
     assert w.full
-    assert stalled(w, last_ack=50.0, now=150.0, timeout=60) == 0
-    assert stalled(w, last_ack=50.0, now=161.0, timeout=60) == pytest.approx(61.0)
-    assert stalled(w, last_ack=120.0, now=161.0, timeout=60) == 0  # a PUBACK came meanwhile
     assert w.ack(7) is p and w.records == 1
     assert w.ack(7) is None
     assert w.oldest_sent() == 101.0

@@ -11,7 +11,9 @@ import pytest
 from gatewayd.store import archive as archive_store
 from gatewayd.store import controller as controller_store
 from gatewayd.store import queues
+from gatewayd.store.check import BackgroundCheck
 from gatewayd.store.db import corrupt_copies, get_mark, migrate, open_db, set_mark, transaction
+from tests.helpers.daemons import wait_for
 
 
 def qconn(tmp_path: Path) -> sqlite3.Connection:
@@ -76,7 +78,7 @@ def test_corrupt_file_moved_aside_not_deleted(tmp_path: Path) -> None:
     assert len(moved) == 1 and Path(moved[0]).read_bytes() == garbage
 
 
-def test_damaged_pages_detected(tmp_path: Path) -> None:
+def test_damaged_pages_found_by_the_background_check(tmp_path: Path) -> None:
     path = tmp_path / "queues.db"
     conn = qconn(tmp_path)
     with transaction(conn):
@@ -88,8 +90,16 @@ def test_damaged_pages_detected(tmp_path: Path) -> None:
     for off in range(page * 3, page * 6):
         data[off] = 0x5A
     path.write_bytes(bytes(data))
+    # Opening reads page 1 only, so it costs the same whatever the file size ...
     queues.open_queues(path).close()
-    assert len(corrupt_copies(tmp_path)) == 1
+    assert corrupt_copies(tmp_path) == []
+    # ... and the full check, run in the background, finds the damage.
+    check = BackgroundCheck([path, tmp_path / "missing.db"]).start()
+    wait_for(check.done, 30, what="integrity check")
+    results = {r.path: r.problem for r in check.results()}
+    assert results[tmp_path / "missing.db"] is None
+    problem = results[path]
+    assert problem is not None and ("integrity check failed" in problem or "malformed" in problem), problem
 
 
 def test_outbox_priority_then_age(tmp_path: Path) -> None:
@@ -184,9 +194,9 @@ def test_controller_table_without_autoincrement_rebuilt(tmp_path: Path) -> None:
     sql = conn.execute("SELECT sql FROM sqlite_master WHERE name = 'messages'").fetchone()[0]
     assert "AUTOINCREMENT" in sql
     assert conn.execute("SELECT id, message FROM messages").fetchall() == [(1, "keep me")]
-    controller_store.protect_ids(conn, 100)
+    conn.execute("INSERT INTO messages(id, type, message) VALUES (100, 'telemetry', '{}')")
     conn.execute("DELETE FROM messages")
-    assert controller_store.enqueue(conn, "telemetry", "{}") == 101
+    assert controller_store.enqueue(conn, "telemetry", "{}") == 101  # never an id used before
 
 
 def test_archive_limits(tmp_path: Path) -> None:

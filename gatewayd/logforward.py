@@ -38,6 +38,7 @@ from typing import Any
 from gatewayd.log import level_name
 from gatewayd.redact import redact
 from gatewayd.store import logs, queues
+from gatewayd.store.db import file_identity
 from gatewayd.store.errors import Fault, classify, describe
 
 log = logging.getLogger("gatewayd.logforward")
@@ -285,16 +286,21 @@ class LogForwarder:
 
 
 class QueuesStore:
-    """`store.logs.queue_log_lines` on a connection of its own, opened when first needed."""
+    """`store.logs.queue_log_lines` on a connection of its own, opened when first needed and
+    again when the file at the path is another one (a damaged file moved aside by a daemon)."""
 
     def __init__(self, path: Path, max_per_min: int):
         self.path = path
         self.max_per_min = max_per_min
         self.conn: sqlite3.Connection | None = None
+        self.identity: tuple[int, int] | None = None
 
     def __call__(self, lines: list[tuple[int, dict[str, Any]]]) -> int:
+        if self.conn is not None and file_identity(self.path) != self.identity:
+            self.close()
         if self.conn is None:
             self.conn = queues.open_queues(self.path, check=False)
+            self.identity = file_identity(self.path)
         return logs.queue_log_lines(self.conn, lines, self.max_per_min)
 
     def close(self) -> None:

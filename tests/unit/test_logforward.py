@@ -31,6 +31,7 @@ from gatewayd.logforward import (
     QueuesStore,
 )
 from gatewayd.store import logs, queues
+from gatewayd.store.db import file_identity
 
 WARN = logging.WARNING
 
@@ -229,6 +230,7 @@ def full(conn: sqlite3.Connection) -> None:
 def test_full_disk_holds_lines_backs_off_and_never_logs_into_itself(tmp_path: Path) -> None:
     store = QueuesStore(tmp_path / "queues.db", 100)
     store.conn = queues.open_queues(tmp_path / "queues.db")
+    store.identity = file_identity(tmp_path / "queues.db")
     calls: list[float] = []
 
     def counting(lines: list[tuple[int, dict[str, Any]]]) -> int:
@@ -385,3 +387,23 @@ def test_a_burst_beyond_the_queue_is_counted_and_reported(conn: sqlite3.Connecti
     assert rows[0]["gw_log_message"].startswith("7 log line(s) of the forwarder not sent to ThingsBoard")
     assert [r["gw_log_message"] for r in rows[1:]] == [f"distinct {letters(i)}" for i in range(PENDING_MAX)]
     assert fwd.suppressed == 0
+
+
+def test_a_queues_db_moved_aside_is_left_for_the_new_one(tmp_path: Path) -> None:
+    path = tmp_path / "queues.db"
+    store = QueuesStore(path, 100)
+    try:
+        assert store([(1, {"gw_log_message": "one"})]) == 1
+        old = tmp_path / "queues.db.corrupt-x"
+        for ext in ("", "-wal", "-shm"):
+            if Path(str(path) + ext).exists():
+                os.replace(str(path) + ext, str(old) + ext)
+        assert store([(2, {"gw_log_message": "two"})]) == 1
+        for p, expected in ((path, ["two"]), (old, ["one"])):
+            conn = queues.open_queues(p, check=False)
+            try:
+                assert [r["gw_log_message"] for r in log_rows(conn)] == expected
+            finally:
+                conn.close()
+    finally:
+        store.close()

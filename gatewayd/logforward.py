@@ -25,6 +25,7 @@ The journal keeps every line; what reaches ThingsBoard is a bounded summary of i
 from __future__ import annotations
 
 import collections
+import json
 import logging
 import re
 import sqlite3
@@ -44,7 +45,9 @@ from gatewayd.store.errors import Fault, classify, describe
 log = logging.getLogger("gatewayd.logforward")
 
 NO_FORWARD = "gatewayd_no_forward"  # `extra={NO_FORWARD: True}`: this record stays in the journal
-MAX_MESSAGE_CHARS = 2000
+# Bytes of the JSON-encoded message: with its keys and timestamp a line stays under the smallest
+# packet limit the bridge may learn (1024 bytes), so a log line is never dead-lettered for its size.
+MAX_MESSAGE_BYTES = 800
 PENDING_MAX = 1000  # records waiting for the writer thread
 HELD_MAX = 200  # lines kept while the database refuses them (or forward_max_per_min, if larger)
 RUNS_MAX = 256  # distinct lines remembered for deduplication
@@ -55,6 +58,20 @@ _DIGITS = re.compile(r"\d+")
 
 LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING, "error": logging.ERROR,
           "critical": logging.CRITICAL}
+
+
+def fit_json(text: str, limit: int) -> str:
+    """The longest prefix of `text` (marked with "…" when cut) whose JSON string encoding fits `limit` bytes."""
+    if len(json.dumps(text)) <= limit:
+        return text
+    lo, hi = 0, len(text)
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if len(json.dumps(text[:mid] + "…")) <= limit:
+            lo = mid
+        else:
+            hi = mid - 1
+    return text[:lo] + "…"
 
 
 @dataclass
@@ -262,8 +279,7 @@ class LogForwarder:
     def values(self, line: Line) -> dict[str, Any]:
         # Surrogate pairs become their character, a lone surrogate U+FFFD: ThingsBoard stores UTF-8.
         text = redact(line.text).encode("utf-16", "surrogatepass").decode("utf-16", "replace")
-        if len(text) > MAX_MESSAGE_CHARS:
-            text = text[:MAX_MESSAGE_CHARS - 1] + "…"
+        text = fit_json(text, MAX_MESSAGE_BYTES)
         return {"gw_log_level": level_name(line.levelno), "gw_log_message": text, "gw_log_daemon": self.daemon}
 
     def _failed(self, e: BaseException) -> None:

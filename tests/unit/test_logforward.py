@@ -21,7 +21,7 @@ from gatewayd import log as gwlog
 from gatewayd import redact
 from gatewayd.log import JsonFormatter, journald_stderr
 from gatewayd.logforward import (
-    MAX_MESSAGE_CHARS,
+    MAX_MESSAGE_BYTES,
     NO_FORWARD,
     PENDING_MAX,
     Deduper,
@@ -184,7 +184,8 @@ def test_secrets_are_masked_and_long_lines_cut(conn: sqlite3.Connection) -> None
         fwd.work()
         rows = log_rows(conn)
         assert rows[0]["gw_log_message"] == f"login with {redact.MASK} failed"
-        assert len(rows[1]["gw_log_message"]) == MAX_MESSAGE_CHARS
+        assert len(json.dumps(rows[1]["gw_log_message"])) <= MAX_MESSAGE_BYTES
+        assert rows[1]["gw_log_message"].endswith("…") and len(rows[1]["gw_log_message"]) > MAX_MESSAGE_BYTES // 8
     finally:
         redact.reset()
 
@@ -205,12 +206,12 @@ def test_any_text_becomes_valid_telemetry(conn: sqlite3.Connection, text: str, l
     values = json.loads(payload)["values"]
     message = values["gw_log_message"]
     message.encode("utf-8")  # no surrogate left: ThingsBoard can store it
-    assert len(message) <= MAX_MESSAGE_CHARS
+    assert len(json.dumps(message)) <= MAX_MESSAGE_BYTES
     if not any(0xD800 <= ord(c) <= 0xDFFF for c in text):
         expected = redact.redact(text)
-        if len(expected) > MAX_MESSAGE_CHARS:
-            expected = expected[:MAX_MESSAGE_CHARS - 1] + "…"
-        assert message == expected
+        if message != expected:
+            assert message.endswith("…") and expected.startswith(message[:-1])
+            assert len(json.dumps(expected)) > MAX_MESSAGE_BYTES
     assert values["gw_log_level"] in ("debug", "info", "warning", "error", "critical")
 
 

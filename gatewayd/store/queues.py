@@ -27,6 +27,7 @@ KIND_ATTRIBUTES = "attributes"
 KIND_RPC_REPLY = "rpc_reply"
 KIND_RAW = "raw"
 
+PRIO_LOG = -10  # gatewayd's own log lines: bulk rows (sent in id order), never in the ledger
 PRIO_TELEMETRY = 0
 PRIO_ATTRIBUTES = 50
 PRIO_RPC_REPLY = 100
@@ -286,7 +287,7 @@ def enforce_caps(conn: sqlite3.Connection, max_rows: int, max_bytes: int, chunk:
             if size > max_bytes:
                 want = max(want, min(chunk, -(-(size - max_bytes) // max(1, size // max(rows, 1)))))
             ids = [r[0] for r in conn.execute(
-                "SELECT id FROM outbox WHERE priority = ? AND kind = ? ORDER BY id LIMIT ?",
+                "SELECT id FROM outbox WHERE priority <= ? AND kind = ? ORDER BY id LIMIT ?",
                 (PRIO_TELEMETRY, KIND_TELEMETRY, min(want, chunk)))]
             if not ids:
                 break

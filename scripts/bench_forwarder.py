@@ -9,7 +9,6 @@ idle_cpu_percent_forwarder, rss_mb_forwarder: an idle `gatewayd forwarder` proce
 from __future__ import annotations
 
 import argparse
-import sqlite3
 import sys
 import tempfile
 import time
@@ -18,25 +17,12 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from benchlib import emit, idle_cpu_percent, rss_mb  # noqa: E402
+from benchlib import emit, fill_controller, idle_cpu_percent, rss_mb  # noqa: E402
 
 from gatewayd.config import load  # noqa: E402
 from gatewayd.forwarder.service import Forwarder  # noqa: E402
 from gatewayd.store import queues  # noqa: E402
 from tests.helpers.daemons import Daemon, write_config  # noqa: E402
-
-
-def fill_controller(path: Path, n: int) -> None:
-    conn = sqlite3.connect(path)
-    conn.execute("PRAGMA journal_mode=WAL")
-    now = int(time.time() * 1000)
-    chunk = 100_000
-    for start in range(0, n, chunk):
-        conn.executemany("INSERT INTO messages(type, message) VALUES ('telemetry', ?)",
-                         ((f'{{"ts":{now + i},"values":{{"temperature":{20 + i % 10}.5,"seq":{i}}}}}',)
-                          for i in range(start, min(n, start + chunk))))
-        conn.commit()
-    conn.close()
 
 
 def bench_throughput(base: Path, n: int) -> None:

@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import os
 import re
+import signal
 import sqlite3
 import sys
 import tempfile
@@ -164,6 +165,9 @@ def run(base: Path, devices: int, outage_s: float, backlog: int, ceiling: float,
         per_s = [bins.get(s, 0) for s in range(wall_back, max(bins) + 1)] if bins else []
         peak = max(per_s) if per_s else 0
     finally:
+        for d in bridges:  # all told first: each takes a moment to shut down
+            if d.proc is not None and d.proc.poll() is None:
+                d.proc.send_signal(signal.SIGTERM)
         for d in bridges:
             if d.proc is not None:
                 d.stop()

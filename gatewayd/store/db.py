@@ -29,6 +29,11 @@ CORRUPT_SUFFIX = ".corrupt-"
 SIDE_FILES = ("-wal", "-shm", "-journal")
 DB_FILE_MODE = 0o640
 SQLITE_HEADER = b"SQLite format 3\x00"
+# Pages of the files gatewayd creates. A small transaction writes whole pages to the WAL (page
+# 1, b-tree interior, counters, marks, the leaf): 2 KiB pages write about 30 % fewer bytes per
+# record than SQLite's 4 KiB at a controller's pace, at no cost in bulk throughput (1 KiB would
+# save another 15 % but costs 15-30 % of the bulk rates). Fixed when a file is created.
+NEW_FILE_PAGE_SIZE = 2048
 
 
 class NotADatabase(sqlite3.DatabaseError):
@@ -142,6 +147,8 @@ def _open(path: Path, migrations: Sequence[str], busy_timeout_ms: int, create_sq
     check_header(path)
     conn = _connect(path, busy_timeout_ms)
     try:
+        if os.path.getsize(path) == 0:
+            conn.execute(f"PRAGMA page_size = {NEW_FILE_PAGE_SIZE}")
         # Reading the schema first makes a damaged page 1 fail here, before anything is written.
         conn.execute("PRAGMA schema_version").fetchone()
         mode = conn.execute("PRAGMA journal_mode").fetchone()[0]

@@ -220,3 +220,22 @@ def test_last_error_recorded_per_daemon(tmp_path: Path) -> None:
     state = queues.all_state(conn)
     assert queues.last_error(state, "bridge") == "boom"
     assert queues.last_error(state, "forwarder") is None
+
+
+def test_files_gatewayd_creates_get_small_pages_and_existing_files_keep_theirs(tmp_path: Path) -> None:
+    from gatewayd.store.db import NEW_FILE_PAGE_SIZE
+    for opener in (queues.open_queues, archive_store.open_archive, controller_store.open_controller):
+        conn = opener(tmp_path / f"{opener.__name__}.db")
+        assert conn.execute("PRAGMA page_size").fetchone()[0] == NEW_FILE_PAGE_SIZE
+        assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+        conn.close()
+    # a controller that created its file first keeps its page size
+    own = tmp_path / "communication_queue.db"
+    c = sqlite3.connect(own)
+    c.execute("PRAGMA page_size = 4096")
+    c.execute("PRAGMA journal_mode = WAL")
+    c.execute("CREATE TABLE messages(id INTEGER PRIMARY KEY AUTOINCREMENT, type TEXT, message TEXT)")
+    c.close()
+    conn = controller_store.open_controller(own)
+    assert conn.execute("PRAGMA page_size").fetchone()[0] == 4096
+    conn.close()

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from gatewayd.redact import redact
-from gatewayd.store.db import now_ms, open_db, transaction
+from gatewayd.store.db import insert_rows, now_ms, open_db, transaction
 
 TOPIC_TELEMETRY = "v1/devices/me/telemetry"
 TOPIC_ATTRIBUTES = "v1/devices/me/attributes"
@@ -168,9 +168,8 @@ def append(conn: sqlite3.Connection, rows: Sequence[NewRow], created_ms: int | N
     if not rows:
         return
     created = created_ms if created_ms is not None else now_ms()
-    conn.executemany(
-        "INSERT INTO outbox(priority, kind, topic, payload, ts, created_ms, counted) VALUES (?,?,?,?,?,?,?)",
-        [(p, k, t, pl, ts, created, c) for p, k, t, pl, ts, c in rows])
+    insert_rows(conn, "INSERT INTO outbox(priority, kind, topic, payload, ts, counted, created_ms) VALUES ", 7,
+                [(*r, created) for r in rows])
     bump(conn, {
         "outbox_rows": len(rows),
         "outbox_bytes": sum(len(r[3]) for r in rows),

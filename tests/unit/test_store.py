@@ -7,6 +7,8 @@ import time
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from gatewayd.store import archive as archive_store
 from gatewayd.store import controller as controller_store
@@ -239,3 +241,15 @@ def test_files_gatewayd_creates_get_small_pages_and_existing_files_keep_theirs(t
     conn = controller_store.open_controller(own)
     assert conn.execute("PRAGMA page_size").fetchone()[0] == 4096
     conn.close()
+
+
+@settings(max_examples=60, deadline=None)
+@given(rows=st.lists(st.tuples(st.integers(-(2**63), 2**63 - 1) | st.none(), st.text() | st.binary(),
+                               st.floats(allow_nan=False)), max_size=700))
+def test_insert_rows_stores_every_row_in_order_whatever_the_count(rows: list[tuple[object, ...]]) -> None:
+    from gatewayd.store.db import insert_rows
+    conn = sqlite3.connect(":memory:")
+    conn.execute("CREATE TABLE t(id INTEGER PRIMARY KEY AUTOINCREMENT, a, b, c)")
+    insert_rows(conn, "INSERT INTO t(a, b, c) VALUES ", 3, rows)
+    assert conn.execute("SELECT a, b, c FROM t ORDER BY id").fetchall() == rows
+    assert conn.execute("SELECT count(*), coalesce(max(id), 0) FROM t").fetchone() == (len(rows), len(rows))

@@ -86,7 +86,8 @@ def bench_drain(base: Path, records: int, tls: bool = False) -> None:
         conn.close()
         assert c["delivered"] == records, c
         emit("drain_records_per_s_tls" if tls else "drain_records_per_s", records / elapsed, "records/s",
-             records=records, seconds=round(elapsed, 3), broker="mosquitto (direct)" + (", TLS listener" if tls else ""),
+             records=records, seconds=round(elapsed, 3),
+             broker="mosquitto (direct)" + (", TLS listener" if tls else ""),
              note="clock from broker accepting connections to empty outbox")
     finally:
         bridge.stop()

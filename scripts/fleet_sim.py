@@ -41,7 +41,7 @@ from benchlib import emit, record_text, rss_mb  # noqa: E402
 
 from gatewayd.store import queues  # noqa: E402
 from gatewayd.store.db import transaction  # noqa: E402
-from tests.helpers.brokers import MosquittoProcess, free_port, start_mosquitto, wait_until  # noqa: E402
+from tests.helpers.brokers import MosquittoProcess, free_port, start_mosquitto  # noqa: E402
 from tests.helpers.daemons import Daemon, write_config  # noqa: E402
 
 FIRST_UID = 61000
@@ -78,7 +78,7 @@ def log_size(d: Daemon) -> int:
 
 
 def chown_tree(path: Path, uid: int) -> None:
-    for dirpath, dirnames, filenames in os.walk(path):
+    for dirpath, _dirnames, filenames in os.walk(path):
         os.chown(dirpath, uid, uid)
         for name in filenames:
             os.chown(os.path.join(dirpath, name), uid, uid)

@@ -234,21 +234,21 @@ def transaction(conn: sqlite3.Connection, immediate: bool = True) -> Iterator[sq
 # many rows per statement cost that once (about three times faster in the forwarder's batches).
 # Few sizes, so that the driver's statement cache holds every text.
 INSERT_CHUNKS = (256, 32, 4, 1)
-_insert_sql: dict[tuple[str, int, int], str] = {}
+_insert_sql: dict[tuple[str, str, int], str] = {}
 
 
-def insert_rows(conn: sqlite3.Connection, head: str, width: int, rows: Sequence[Sequence[object]]) -> None:
-    """`head` ("INSERT INTO t(a, b) VALUES ") with `rows` of `width` values each, many per statement."""
+def insert_rows(conn: sqlite3.Connection, head: str, row: str, rows: Sequence[Sequence[object]]) -> None:
+    """`head` ("INSERT INTO t(a, b) VALUES ") and `row` ("(?, ?)", one `?` per value of a row)
+    with `rows`, many rows per statement."""
     i, n = 0, len(rows)
     for size in INSERT_CHUNKS:
         if n - i < size:
             continue
-        sql = _insert_sql.get((head, width, size))
+        sql = _insert_sql.get((head, row, size))
         if sql is None:
-            one = "(" + ",".join("?" * width) + ")"
-            sql = _insert_sql[(head, width, size)] = head + ",".join([one] * size)
+            sql = _insert_sql[(head, row, size)] = head + ",".join([row] * size)
         while n - i >= size:
-            conn.execute(sql, [v for row in rows[i:i + size] for v in row])
+            conn.execute(sql, [v for r in rows[i:i + size] for v in r])
             i += size
 
 

@@ -168,8 +168,8 @@ def append(conn: sqlite3.Connection, rows: Sequence[NewRow], created_ms: int | N
     if not rows:
         return
     created = created_ms if created_ms is not None else now_ms()
-    insert_rows(conn, "INSERT INTO outbox(priority, kind, topic, payload, ts, counted, created_ms) VALUES ", 7,
-                [(*r, created) for r in rows])
+    insert_rows(conn, "INSERT INTO outbox(priority, kind, topic, payload, ts, counted, created_ms) VALUES ",
+                "(?,?,?,?,?,?,?)", [(*r, created) for r in rows])
     bump(conn, {
         "outbox_rows": len(rows),
         "outbox_bytes": sum(len(r[3]) for r in rows),

@@ -250,6 +250,6 @@ def test_insert_rows_stores_every_row_in_order_whatever_the_count(rows: list[tup
     from gatewayd.store.db import insert_rows
     conn = sqlite3.connect(":memory:")
     conn.execute("CREATE TABLE t(id INTEGER PRIMARY KEY AUTOINCREMENT, a, b, c)")
-    insert_rows(conn, "INSERT INTO t(a, b, c) VALUES ", 3, rows)
+    insert_rows(conn, "INSERT INTO t(a, b, c) VALUES ", "(?, ?, ?)", rows)
     assert conn.execute("SELECT a, b, c FROM t ORDER BY id").fetchall() == rows
     assert conn.execute("SELECT count(*), coalesce(max(id), 0) FROM t").fetchone() == (len(rows), len(rows))

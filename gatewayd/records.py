@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from gatewayd.store.queues import (
     KIND_ATTRIBUTES,
@@ -14,6 +15,9 @@ from gatewayd.store.queues import (
     TOPIC_ATTRIBUTES,
     TOPIC_TELEMETRY,
 )
+
+if TYPE_CHECKING:
+    from gatewayd.privacy import Policy
 
 # MQTT PUBLISH framing around topic and payload: fixed header (<= 5), topic length (2),
 # packet id (2), and 2 for the brackets when a telemetry record travels in a JSON array.
@@ -28,6 +32,16 @@ class Record:
     payload: str
     ts: int
     archive: bool
+    clock: int = 0  # how far `ts` can be trusted (archive.clock: 0 as stamped, 1 corrected, 2 wrong)
+
+
+class Dropped:
+    """A record the privacy policy drops whole (counted in the ledger's `dropped`, reason `privacy`)."""
+
+    __slots__ = ()
+
+
+DROPPED = Dropped()
 
 
 def packet_size(topic: str, payload: str) -> int:
@@ -89,12 +103,13 @@ def type_name(type_: object) -> str:
     return "" if type_ is None else str(type_)
 
 
-def parse(type_: object, message: object, max_packet: int) -> Record | str:
-    """A publishable Record, or the reason the row must go to the dead letters.
+def parse(type_: object, message: object, max_packet: int, policy: Policy | None = None) -> Record | str | Dropped:
+    """A publishable Record, or the reason the row must go to the dead letters, or DROPPED.
 
     `type_` and `message` may be anything SQLite can hold (str or bytes for TEXT and BLOB, int,
     float, None); bytes are decoded here, strictly, never by the database driver. This is the
     forwarder's hot path: the common case runs no Python function besides the JSON decoder.
+    `policy` (privacy) is applied to a valid record's values; the packet limit is checked after it.
     """
     if type(message) is bytes:
         try:
@@ -132,10 +147,17 @@ def parse(type_: object, message: object, max_packet: int) -> Record | str:
             if problem:
                 return f"'values' {problem}"
             break
+    whole = len(obj) == 2
+    if policy is not None:
+        kept = policy.apply(values)
+        if kept is None:
+            return DROPPED
+        if kept is not values:
+            values, whole = kept, False
     name = type_ if type(type_) is str else type_name(type_)
     if name == "attributes":
         rec = Record(KIND_ATTRIBUTES, PRIO_ATTRIBUTES, TOPIC_ATTRIBUTES, _dumps(values, "\\u" in message), ts, True)
-    elif len(obj) == 2:
+    elif whole:
         # The controller's own text is already the wire format when it holds nothing else.
         rec = Record(KIND_TELEMETRY, PRIO_TELEMETRY, TOPIC_TELEMETRY, message, ts, "log" not in name)
     else:

@@ -44,6 +44,7 @@ class Segment:
     u: int                      # offset (wall - boot) in ms, as of the latest reading
     good: bool = False
     a0: int = 0                 # archive sequence when it began: its records are archived above
+    min_id: int = 0             # controller rows below it were written before it could begin
     delta: int | None = None    # the correction, once a good segment followed
     lost: bool = False          # its boot ended before any good segment: uncorrectable
     archived: bool = False      # the archive's copies are corrected (delta) or flagged (lost)
@@ -115,6 +116,7 @@ class ClockTrack:
         except (TypeError, AttributeError):
             self.boots = []  # a state written by another version: start over, nothing is corrected
         self.last: Reading | None = None
+        self.last_seq: int | None = None  # the controller's sequence at the last reading
         self.fixer: Fixer | None = None
         self._rebuild()
 
@@ -131,8 +133,10 @@ class ClockTrack:
         return self.boots[-1].segments[-1] if self.boots and self.boots[-1].segments else None
 
     # -- readings --------------------------------------------------------------------------
-    def observe(self, r: Reading, epoch: str, mark: int, archive_seq: Callable[[], int]) -> list[str]:
-        """Take one reading; what changed, in words for the journal (empty: nothing worth saving)."""
+    def observe(self, r: Reading, epoch: str, mark: int, archive_seq: Callable[[], int],
+                seq: int | None = None) -> list[str]:
+        """Take one reading (`seq`: the controller's id sequence now); what changed, in words for
+        the journal (empty: nothing worth saving)."""
         self.last = r
         boot = self.boot
         events: list[str] = []
@@ -143,10 +147,15 @@ class ClockTrack:
         else:
             if boot.epoch != epoch:  # another controller file: its ids say nothing of earlier boots
                 boot.epoch, boot.first_id, boot.seen_id = epoch, 0, 0
+                for s in boot.segments:
+                    s.min_id = 0
+                self.last_seq = None
                 events.append(f"controller epoch {epoch}")
             seg = boot.segments[-1]
             if abs(r.offset_ms - seg.u) > STEP_MS:
-                self._add_segment(boot, Segment(seg.b1, r.boot_ms, r.boot_ms, r.offset_ms, a0=archive_seq()))
+                before = self.last_seq if self.last_seq is not None else max(boot.seen_id, boot.first_id - 1)
+                self._add_segment(boot, Segment(seg.b1, r.boot_ms, r.boot_ms, r.offset_ms, a0=archive_seq(),
+                                                min_id=max(before + 1, boot.first_id)))
                 events.append(f"the clock was stepped by {(r.offset_ms - seg.u) / 1000:+.3f} s to "
                               f"{_utc(r.wall_ms)} ({r.sync.describe()})")
             else:
@@ -156,6 +165,8 @@ class ClockTrack:
             events.append(f"the clock is {r.sync.describe()}" + (
                 "; records stamped before are corrected by " + ", ".join(f"{d / 1000:+.3f} s" for d in fixed)
                 if fixed else ""))
+        if seq is not None:
+            self.last_seq = seq
         if events:
             self._rebuild()
         return events
@@ -180,7 +191,8 @@ class ClockTrack:
                     seg.lost = True
         boot = Boot(r.boot_id, epoch, first_id, seen_id=mark)
         self.boots.append(boot)
-        self._add_segment(boot, Segment(0, r.boot_ms, r.boot_ms, r.offset_ms, a0=archive_seq))
+        self._add_segment(boot, Segment(0, r.boot_ms, r.boot_ms, r.offset_ms, a0=archive_seq, min_id=first_id))
+        self.last_seq = None
         while len(self.boots) > MAX_BOOTS:
             self.boots.pop(0)
 
@@ -234,7 +246,10 @@ class ClockTrack:
 
     # -- records ---------------------------------------------------------------------------
     def _rebuild(self) -> None:
+        """One rule per segment, oldest first; a row belongs to the newest whose ids and stamps fit
+        (a good or pending segment's rule does nothing, but shadows older ones)."""
         rules: list[Rule] = []
+        needed = False
         current = self.boot
         for i, boot in enumerate(self.boots):
             if current is not None and boot.epoch != current.epoch:
@@ -242,18 +257,18 @@ class ClockTrack:
             later = [b.first_id for b in self.boots[i + 1:] if current is None or b.epoch == current.epoch]
             last_id = (min(later) - 1) if later else INF
             for j, seg in enumerate(boot.segments):
-                if seg.good:
-                    continue
                 nxt = boot.segments[j + 1].first if j + 1 < len(boot.segments) else None
                 lo = seg.b0 + seg.u - SLACK_MS
                 hi = (nxt + seg.u + SLACK_MS) if nxt is not None else INF
+                first_id = max(boot.first_id, seg.min_id)
+                needed = needed or not seg.good
                 if seg.delta is not None:
-                    rules.append(Rule(boot.first_id, last_id, lo, hi, seg.delta, CLOCK_CORRECTED))
+                    rules.append(Rule(first_id, last_id, lo, hi, seg.delta, CLOCK_CORRECTED))
                 elif seg.lost:
-                    rules.append(Rule(boot.first_id, last_id, lo, hi, None, CLOCK_UNSYNCED))
-                elif boot is current:
-                    rules.append(Rule(boot.first_id, last_id, lo, hi, None, CLOCK_OK))  # pending
-        self.fixer = Fixer(rules) if rules else None
+                    rules.append(Rule(first_id, last_id, lo, hi, None, CLOCK_UNSYNCED))
+                else:
+                    rules.append(Rule(first_id, last_id, lo, hi, None, CLOCK_OK))  # good, or pending
+        self.fixer = Fixer(rules) if needed else None  # all vouched for: nothing to correct or flag
 
     # -- the archive's copies ----------------------------------------------------------------
     def archive_jobs(self, archive_seq: int) -> list[ArchiveJob]:

@@ -425,18 +425,20 @@ class Forwarder:
         """Read the clock, note a step, a new boot or synchronisation; True while controller records
         must wait for it (`[forwarder] wait_for_clock`)."""
         track = self._track()
+        seq: int | None = None
+        if self.c.conn is not None and not self.draining:
+            with on(CONTROLLER):
+                seq = controller_store.sequence(self.c.conn) or 0
         reading = self.reading = self.clock.read()
-        events = track.observe(reading, self.epoch, self.mark, self._archive_seq)
+        events = track.observe(reading, self.epoch, self.mark, self._archive_seq, seq)
         for event in events:
             log.log(logging.WARNING if "stepped" in event else logging.INFO, "clock: %s", event)
         changed = bool(events)
         if changed:
             self.more_housekeeping = True  # the archive's copies are corrected before anything else
         wait, started = track.waiting(self.clock_mode, self.clock_wait_ms)
-        if wait and self.c.conn is not None:
-            with on(CONTROLLER):
-                seen = controller_store.sequence(self.c.conn)
-            changed = track.note_seen(seen or 0) or changed
+        if wait and seq is not None:  # rows held back now may be read in a later boot: they are this boot's
+            changed = track.note_seen(seq) or changed
         flipped = wait != self.clock_waiting
         self.clock_waiting = wait
         if changed or started or flipped:

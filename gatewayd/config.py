@@ -246,6 +246,15 @@ SCHEMA: dict[str, dict[str, Key]] = {
     },
     "logging": {
         "level": Key(str, "info", _one_of("debug", "info", "warning", "error")),
+        "format": Key(str, "text", _one_of("text", "json"),
+                      doc='"text", or "json": one JSON object per line on stderr, for log shippers'),
+        "forward_level": Key(str, "warning", _one_of("debug", "info", "warning", "error", "critical", "off"),
+                             doc='own log lines at this level and above go to ThingsBoard as telemetry; "off": none'),
+        "forward_max_per_min": Key(int, 10, _min(0), doc="at most this many per minute, all daemons together; "
+                                   "0 = none"),
+        "forward_repeat_window_s": Key((int, float), 30.0, _positive,
+                                       doc="similar lines within this window are sent once, then as "
+                                           "'(repeated N times)'"),
     },
     # `gatewayd ingest` (issue 12): each adapter is off while its address is empty.
     "ingest": {

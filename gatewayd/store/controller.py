@@ -10,13 +10,16 @@ from __future__ import annotations
 import logging
 import sqlite3
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 from gatewayd.store.db import now_ms, open_db, open_readonly, schema_version, transaction
 
 log = logging.getLogger("gatewayd.store")
+
+T = TypeVar("T")
 
 CREATE_SQL = """
 CREATE TABLE IF NOT EXISTS messages(id INTEGER PRIMARY KEY AUTOINCREMENT, type TEXT, message TEXT);
@@ -210,22 +213,33 @@ def last_health_check_ms(conn: sqlite3.Connection) -> int | None:
         return None
 
 
-def read_health_check_ms(path: Path, busy_timeout_ms: int = 1000) -> int | None:
-    """`last_health_check_ms` of a file, read-only and without waiting long; None when unreadable."""
+def _read_file(path: Path, read: Callable[[sqlite3.Connection], T], missing: T | None,
+               busy_timeout_ms: int) -> T | None:
+    """`read` on a read-only connection that waits little; `missing` without a file, None when unreadable."""
     if not path.exists():
-        return None
+        return missing
     try:
         conn = open_readonly(path, busy_timeout_ms)
         try:
-            return last_health_check_ms(conn)
+            return read(conn)
         finally:
             conn.close()
     except sqlite3.Error:
         return None
 
 
+def read_health_check_ms(path: Path, busy_timeout_ms: int = 1000) -> int | None:
+    """`last_health_check_ms` of a file, read-only and without waiting long; None when unreadable."""
+    return _read_file(path, last_health_check_ms, None, busy_timeout_ms)
+
+
 def depth(conn: sqlite3.Connection) -> int:
     return int(conn.execute("SELECT count(*) FROM messages").fetchone()[0])
+
+
+def read_depth(path: Path, busy_timeout_ms: int = 1000) -> int | None:
+    """`depth` of a file, read-only and without waiting long; 0 when there is no file, None when unreadable."""
+    return _read_file(path, depth, 0, busy_timeout_ms)
 
 
 def touch_health(conn: sqlite3.Connection) -> None:

@@ -27,6 +27,7 @@ KIND_ATTRIBUTES = "attributes"
 KIND_RPC_REPLY = "rpc_reply"
 KIND_RAW = "raw"
 
+PRIO_LOG = -10  # gatewayd's own log lines: bulk rows (sent in id order), never in the ledger
 PRIO_TELEMETRY = 0
 PRIO_ATTRIBUTES = 50
 PRIO_RPC_REPLY = 100
@@ -148,6 +149,15 @@ def dropped_by_reason(c: dict[str, int]) -> dict[str, int]:
 
 def counters(conn: sqlite3.Connection) -> dict[str, int]:
     return {name: int(value) for name, value in conn.execute("SELECT name, value FROM counters")}
+
+
+def ledger(c: dict[str, int]) -> dict[str, Any]:
+    """The ledger part of `counters()`, and whether it adds up
+    (ingested = delivered + queued + dead_lettered + dropped)."""
+    out: dict[str, Any] = {k: c.get(k, 0) for k in ("ingested", "delivered", "queued", "dead_lettered", "dropped",
+                                                     "archived")}
+    out["balanced"] = out["ingested"] == out["delivered"] + out["queued"] + out["dead_lettered"] + out["dropped"]
+    return out
 
 
 def append(conn: sqlite3.Connection, rows: Sequence[NewRow], created_ms: int | None = None) -> None:
@@ -280,7 +290,7 @@ def enforce_caps(conn: sqlite3.Connection, max_rows: int, max_bytes: int, chunk:
             if size > max_bytes:
                 want = max(want, min(chunk, -(-(size - max_bytes) // max(1, size // max(rows, 1)))))
             ids = [r[0] for r in conn.execute(
-                "SELECT id FROM outbox WHERE priority = ? AND kind = ? ORDER BY id LIMIT ?",
+                "SELECT id FROM outbox WHERE priority <= ? AND kind = ? ORDER BY id LIMIT ?",
                 (PRIO_TELEMETRY, KIND_TELEMETRY, min(want, chunk)))]
             if not ids:
                 break

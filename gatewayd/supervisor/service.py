@@ -7,8 +7,8 @@ controller thread or in background jobs):
 2. finish RPCs whose background work is done, or answer "running" at the RPC deadline;
 3. drive the software update (updates.py) and the remote files (files.py);
 4. poll udev for hot-plugged devices;
-5. every `telemetry_interval_s`, queue device telemetry; keep "supervisor.controller" in the
-   state table fresh for `gatewayctl status`.
+5. every `telemetry_interval_s`, queue device telemetry (with the ledger and queue figures);
+   keep "supervisor.controller" in the state table fresh for `gatewayctl status`.
 """
 
 from __future__ import annotations
@@ -25,7 +25,8 @@ from typing import Any
 from gatewayd import __version__
 from gatewayd.config import Config
 from gatewayd.records import PUBLISH_OVERHEAD
-from gatewayd.store import queues
+from gatewayd.store import controller as controller_store
+from gatewayd.store import figures, queues
 from gatewayd.store import rpc as ledger
 from gatewayd.store.db import now_ms, transaction
 from gatewayd.supervisor import commands
@@ -383,6 +384,8 @@ class Supervisor:
             values["controller_state"] = "disabled"
         values.update(system_metrics(self.cfg.state_dir))
         values["supervisor_uptime_s"] = int(self.uptime_s())
+        # The ledger and queues as `gatewayctl status` shows them, so a loss is visible from afar.
+        values.update(figures.read(self._db()).telemetry(controller_store.read_depth(self.cfg.controller_db), now))
         self.publish_telemetry(values, priority=queues.PRIO_TELEMETRY)
 
     def status_report(self) -> dict[str, Any]:

@@ -421,6 +421,13 @@ def test_forwarder_warning_lands_with_warning_priority(running: Container) -> No
 
     wait_until(warned, 30, 0.5, "a PRIORITY=4 line from the forwarder")
 
+    def forwarded() -> list[dict[str, Any]]:
+        return [v for v in delivered_values(c) if v.get("gw_log_daemon") == "forwarder"
+                and v.get("gw_log_level") == "warning" and "dead-lettered" in str(v.get("gw_log_message"))]
+
+    # the sandboxed unit also queued it for ThingsBoard, where it arrives as telemetry
+    wait_until(forwarded, 60, 0.5, "the forwarder's warning at the simulator")
+
 
 def test_records_flow_to_thingsboard(running: Container) -> None:
     c = running

@@ -32,7 +32,6 @@ class Record:
     payload: str
     ts: int
     archive: bool
-    clock: int = 0  # how far `ts` can be trusted (archive.clock: 0 as stamped, 1 corrected, 2 wrong)
 
 
 class Dropped:
@@ -61,6 +60,7 @@ def _reject_constant(name: str) -> None:
 _decode = json.JSONDecoder(parse_constant=_reject_constant).raw_decode
 _WS = " \t\n\r"
 _MISSING = object()
+_CHANGED: dict[str, object] = {}
 
 # Explicit bounds, so that no record can reach a limit of Python, SQLite or ThingsBoard:
 # nesting (the JSON parser and encoder recurse), integers (SQLite and ThingsBoard store 64-bit
@@ -147,17 +147,14 @@ def parse(type_: object, message: object, max_packet: int, policy: Policy | None
             if problem:
                 return f"'values' {problem}"
             break
-    whole = len(obj) == 2
-    if policy is not None:
-        kept = policy.apply(values)
+    if policy is not None and (kept := policy.apply(values)) is not values:
         if kept is None:
             return DROPPED
-        if kept is not values:
-            values, whole = kept, False
+        values, obj = kept, _CHANGED  # the controller's text no longer says it: serialise again
     name = type_ if type(type_) is str else type_name(type_)
     if name == "attributes":
         rec = Record(KIND_ATTRIBUTES, PRIO_ATTRIBUTES, TOPIC_ATTRIBUTES, _dumps(values, "\\u" in message), ts, True)
-    elif whole:
+    elif len(obj) == 2:
         # The controller's own text is already the wire format when it holds nothing else.
         rec = Record(KIND_TELEMETRY, PRIO_TELEMETRY, TOPIC_TELEMETRY, message, ts, "log" not in name)
     else:

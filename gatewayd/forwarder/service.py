@@ -122,7 +122,7 @@ def _shifted(rec: Record, delta: int) -> Record:
         obj = json.loads(payload)
         obj["ts"] = ts
         payload = json.dumps(obj, separators=(",", ":"))
-    return Record(rec.kind, rec.priority, rec.topic, payload, ts, rec.archive, CLOCK_CORRECTED)
+    return Record(rec.kind, rec.priority, rec.topic, payload, ts, rec.archive)
 
 
 class Forwarder:
@@ -143,7 +143,7 @@ class Forwarder:
         self.track: ClockTrack | None = None
         self.reading: Reading | None = None
         self.clock_waiting = False
-        self._batch_flagged = False
+        self._clock_codes: dict[int, int] = {}  # controller id -> archive.clock, for this batch's flagged rows
         self.q = Tracked(cfg.queues_db, queues.open_queues)
         self.a = Tracked(cfg.archive_db, archive_store.open_archive)
         self.c = Tracked(cfg.controller_db, controller_store.open_controller)
@@ -463,27 +463,22 @@ class Forwarder:
         return (f"waiting for the system clock (reads {when}, {r.sync.describe()}; "
                 f"{self.track.wait_left_ms(self.clock_wait_ms) / 1000:.0f} s left)")
 
-    def _fix_clock(self, good: list[Good], fixer: Fixer | None) -> None:
+    def _fix_clock(self, good: list[Good], fixer: Fixer) -> None:
         """Correct the records stamped by a clock since found wrong (by the measured step), flag
-        those that cannot be (`Record.clock`)."""
+        those that cannot be (`_clock_codes`, for the archive)."""
         for i, (rid, rec, name) in enumerate(good):
             ts = rec.ts
-            if fixer is not None:
-                if ts >= PLAUSIBLE_SINCE_MS and not fixer.lo <= ts <= fixer.hi:
-                    continue
-                delta, code = fixer.classify(rid, ts)
-            elif ts < PLAUSIBLE_SINCE_MS:
-                delta, code = 0, CLOCK_UNSYNCED
-            else:
+            if ts >= PLAUSIBLE_SINCE_MS and not fixer.lo <= ts <= fixer.hi:
                 continue
+            delta, code = fixer.classify(rid, ts)
             if code == CLOCK_OK:
+                if ts < PLAUSIBLE_SINCE_MS:
+                    self._clock_codes[rid] = CLOCK_OK  # pending: corrected once the clock is vouched for
                 continue
-            self._batch_flagged = True
+            self._clock_codes[rid] = code
             if delta:
-                rec = _shifted(rec, delta)
+                good[i] = (rid, _shifted(rec, delta), name)
                 self.corrected_total += 1
-            rec.clock = code
-            good[i] = (rid, rec, name)
 
     def _archive_clock_work(self, deadline: float) -> bool:
         """Correct (or flag) the archive's copies of records stamped by a clock found wrong; True once
@@ -639,18 +634,18 @@ class Forwarder:
                 rec = parse(name, message, max_packet, policy)
             except Exception as e:  # noqa: BLE001 - one row's problem, never the queue's
                 rec = f"cannot be processed ({type(e).__name__}: {e})"
-            if type(rec) is str:
-                bad.append(self._dead(row, rec))
-                log.warning("controller row %d dead-lettered: %s", rid, rec)
+            if type(rec) is Record:
+                good.append((rid, rec, name))  # type: ignore[arg-type]
             elif rec is DROPPED:
                 dropped.append(rid)
             else:
-                good.append((rid, rec, name))  # type: ignore[arg-type]
+                bad.append(self._dead(row, rec))  # type: ignore[arg-type]
+                log.warning("controller row %d dead-lettered: %s", rid, rec)
         untrusted = self.reading is not None and not self.reading.trusted
         fixer = self.track.fixer if self.track is not None else None
-        self._batch_flagged = False
-        if good and ((fixer is not None and fixer.active)
-                     or min(map(_TS, map(_RECORD, good))) < PLAUSIBLE_SINCE_MS):
+        self._clock_codes = {}
+        # Without a fixer (every clock segment vouched for) the archive flags a stamp before 2025 itself.
+        if good and fixer is not None and (fixer.active or min(map(_TS, map(_RECORD, good))) < PLAUSIBLE_SINCE_MS):
             self._fix_clock(good, fixer)
 
         # 1. archive (idempotent through its own mark)
@@ -731,8 +726,10 @@ class Forwarder:
                 if rec.archive and src_id > mark]
         try:
             with transaction(archive):
-                if self._batch_flagged:
-                    archive_store.insert_flagged(archive, [(rec.ts, name or rec.kind, rec.payload, rec.clock)
+                codes = self._clock_codes
+                if codes:
+                    archive_store.insert_flagged(archive, [(rec.ts, name or rec.kind, rec.payload,
+                                                            codes.get(src_id, CLOCK_OK))
                                                            for src_id, rec, name in good
                                                            if rec.archive and src_id > mark])
                 else:
@@ -749,7 +746,10 @@ class Forwarder:
         with transaction(archive):
             for (src_id, rec, name), row in zip(todo, rows, strict=True):
                 try:
-                    archive_store.insert_flagged(archive, [(*row, rec.clock)])
+                    if src_id in self._clock_codes:
+                        archive_store.insert_flagged(archive, [(*row, self._clock_codes[src_id])])
+                    else:
+                        archive_store.insert(archive, [row])
                 except Exception as e:
                     if classify(e) is not Fault.DATA:
                         raise
@@ -810,8 +810,8 @@ class Forwarder:
                 queues.DROPPED_PREFIX + "privacy": new_dropped,
                 "archived": sum(map(_ARCHIVE, map(_RECORD, new_good))) if self.archive is not None else 0,
             }
-            if untrusted or self._batch_flagged:
-                flags = [g[1].clock for g in new_good]
+            if untrusted or self._clock_codes:
+                flags = [self._clock_codes.get(g[0], CLOCK_OK) for g in new_good]
                 counts["clock.corrected"] = flags.count(CLOCK_CORRECTED)
                 counts["clock.unsynced"] = (len(new_good) - counts["clock.corrected"] if untrusted
                                             else flags.count(CLOCK_UNSYNCED))

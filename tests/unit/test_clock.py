@@ -250,6 +250,13 @@ def test_archive_copies_are_corrected_once_or_flagged(archive: sqlite3.Connectio
     assert archive_store.clock_counts(archive) == {1: 3, 2: 1}
 
 
+def test_a_stamp_before_2025_is_flagged_by_the_archive_itself(archive: sqlite3.Connection) -> None:
+    with archive:
+        archive_store.insert(archive, [(5_000, "telemetry", "{}"), (PLAUSIBLE_SINCE_MS - 1, "telemetry", "{}"),
+                                       (PLAUSIBLE_SINCE_MS, "telemetry", "{}")])
+    assert [c for (c,) in archive.execute("SELECT clock FROM archive ORDER BY id")] == [2, 2, 0]
+
+
 def test_retention_never_by_an_untrusted_clock_nor_past_the_flagged(archive: sqlite3.Connection) -> None:
     day = 86_400_000
     now = REAL_2026

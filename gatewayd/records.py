@@ -47,8 +47,13 @@ def packet_size(topic: str, payload: str) -> int:
     return PUBLISH_OVERHEAD + len(topic.encode()) + len(payload.encode())
 
 
+# Built once: json.dumps with arguments builds an encoder per call.
+_ENCODE = (json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode,
+           json.JSONEncoder(separators=(",", ":"), ensure_ascii=True).encode)
+
+
 def _dumps(obj: object, ascii_only: bool = False) -> str:
-    return json.dumps(obj, separators=(",", ":"), ensure_ascii=ascii_only)
+    return _ENCODE[ascii_only](obj)
 
 
 def _reject_constant(name: str) -> None:

@@ -138,6 +138,15 @@ def test_no_rule_is_no_policy_and_the_text_is_forwarded_as_written() -> None:
     assert isinstance(rec, Record) and rec.payload == message
 
 
+@pytest.mark.parametrize("key", ["k" * 16, "k" * 64, "k" * 65, "ключ-" * 40])
+def test_the_hash_is_hmac_sha256_for_keys_of_any_length(key: str) -> None:
+    policy = privacy.Policy([{"match": "*", "action": "hash"}], [], key)
+    values = {"s": "SN-4711", "n": 42, "o": {"b": [1, "x"], "a": None}, "u": "\ud800"}
+    assert policy.apply(values) == {k: privacy.hash_value(key.encode(), v) for k, v in values.items()}
+    assert privacy.hash_value(key.encode(), "SN-4711") == hmac.new(key.encode(), b"SN-4711", hashlib.sha256).hexdigest()
+    assert privacy.hash_value(b"k", {"b": 1, "a": 2}) == hmac.new(b"k", b'{"a":2,"b":1}', hashlib.sha256).hexdigest()
+
+
 def test_round_leaves_what_is_not_a_number() -> None:
     policy = privacy.Policy([{"match": "*", "action": "round", "digits": 1}], [], "")
     assert policy.apply({"a": 1.26, "b": True, "c": "1.26", "d": None, "e": [1.26], "f": 1234}) == {

@@ -62,6 +62,18 @@ class Boot:
     segments: list[Segment] = field(default_factory=list)
 
 
+def _well_formed(boot: Boot) -> bool:
+    def ints(*values: Any) -> bool:
+        return all(type(v) is int for v in values)
+
+    return (isinstance(boot.boot_id, str) and isinstance(boot.epoch, str) and bool(boot.segments)
+            and ints(boot.first_id, boot.seen_id)
+            and all(v is None or type(v) is int for v in (boot.a_end, boot.wait_from))
+            and all(ints(s.b0, s.first, s.b1, s.u, s.a0, s.min_id, s.done_id)
+                    and (s.delta is None or type(s.delta) is int)
+                    and all(type(f) is bool for f in (s.good, s.lost, s.archived)) for s in boot.segments))
+
+
 @dataclass(frozen=True)
 class Rule:
     """Read-time rule: rows with first_id <= id <= last_id and lo <= ts <= hi."""
@@ -113,6 +125,8 @@ class ClockTrack:
             for b in (state or {}).get("boots", []):
                 segs = [Segment(**s) for s in b.pop("segments", [])]
                 self.boots.append(Boot(**b, segments=segs))
+            if not all(_well_formed(b) for b in self.boots):
+                raise TypeError("not the shape this version writes")
         except (TypeError, AttributeError):
             self.boots = []  # a state written by another version: start over, nothing is corrected
         self.last: Reading | None = None

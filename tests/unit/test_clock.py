@@ -168,6 +168,10 @@ def test_segments_and_boots_are_bounded() -> None:
         observe(track, reading(1_000, 0, boot_id=f"b{b}"))
     assert len(track.boots) == 3
     assert ClockTrack({"boots": [{"nonsense": 1}]}).boots == []  # another version's state: start over
+    bad = track.state()
+    bad["boots"][0]["segments"][0]["u"] = "soon"
+    assert ClockTrack(bad).boots == []
+    assert ClockTrack("not a dict").boots == [] and ClockTrack(track.state()).state() == track.state()
 
 
 @st.composite

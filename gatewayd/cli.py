@@ -10,7 +10,7 @@ import sys
 from gatewayd import __version__
 from gatewayd.config import EX_CONFIG, ConfigError, load, render_toml
 
-DAEMONS = ("bridge", "forwarder", "supervisor", "ingest")
+DAEMONS = ("bridge", "forwarder", "supervisor", "ingest", "http")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -21,7 +21,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--version", action="version", version=f"gatewayd {__version__}")
     sub = p.add_subparsers(dest="daemon", metavar="{" + ",".join(DAEMONS) + "}")
     for name in DAEMONS:
-        sp = sub.add_parser(name, help=f"run the {name} in the foreground")
+        sp = sub.add_parser(name, help="serve /health and /metrics (read-only)" if name == "http"
+                            else f"run the {name} in the foreground")
         sp.add_argument("--config", dest="sub_config", help=argparse.SUPPRESS)
         if name == "ingest":
             sp.add_argument("--configured", action="store_true",

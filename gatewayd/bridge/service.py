@@ -174,6 +174,10 @@ class Bridge:
     def report_error(self, text: str) -> None:
         self._set_error(text)
 
+    def report_status(self, text: str) -> None:
+        if self.db is not None:
+            queues.record_status(self.db, "bridge", text)
+
     def status(self) -> str:
         now = time.monotonic()
         if self.store.faulted:

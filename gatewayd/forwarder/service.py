@@ -244,6 +244,10 @@ class Forwarder:
             with contextlib.suppress(sqlite3.Error):
                 queues.record_error(self.q.conn, self.name, text)
 
+    def report_status(self, text: str) -> None:
+        if self.q.conn is not None:
+            queues.record_status(self.q.conn, self.name, text)
+
     # -- faults --------------------------------------------------------------------------
     def _set_fault(self, key: tuple[str, str], text: str, level: int = logging.WARNING,
                    exc: BaseException | None = None) -> None:

@@ -153,6 +153,10 @@ class Ingest:
             head = f"commit failing: {self.last_error}"
         return f"{head}; {self.committed_rows} committed since start; " + ", ".join(parts)
 
+    def report_status(self, text: str) -> None:
+        if self.queues is not None:
+            queues.record_status(self.queues, self.name, text)
+
     def report_error(self, text: str) -> None:
         if self.queues is not None:
             try:

@@ -247,3 +247,41 @@ def touch_health(conn: sqlite3.Connection) -> None:
     with transaction(conn):
         conn.execute("INSERT INTO health_check(id, timestamp_ms) VALUES (1, ?) "
                      "ON CONFLICT(id) DO UPDATE SET timestamp_ms = excluded.timestamp_ms", (now_ms(),))
+
+
+# -- dead letters sent back through the controller queue --------------------------------------
+# The copy and a marker naming the dead letter commit together here; the dead letter is
+# deleted from queues.db afterwards and the marker last. A crash in between leaves a marker,
+# and the next dead-letter operation finishes the move: never lost, never queued twice.
+REQUEUE_PREFIX = "requeue:"
+
+
+def requeue_insert(conn: sqlite3.Connection, items: list[tuple[tuple[int, int], object, object]]) -> int:
+    """Insert `(key, type, message)` rows, each unless its marker (`key` = (dead letter id,
+    created_ms)) is already there; one transaction. Returns how many were inserted."""
+    inserted = 0
+    with transaction(conn):
+        for (dl_id, created), type_, message in items:
+            key = f"{REQUEUE_PREFIX}{dl_id}:{created}"
+            if conn.execute("SELECT 1 FROM gatewayd_meta WHERE key = ?", (key,)).fetchone():
+                continue
+            cur = conn.execute("INSERT INTO messages(type, message) VALUES (?, ?)", (type_, message))
+            conn.execute("INSERT INTO gatewayd_meta(key, value) VALUES (?, ?)", (key, str(cur.lastrowid)))
+            inserted += 1
+    return inserted
+
+
+def requeue_pending(conn: sqlite3.Connection) -> list[tuple[int, int]]:
+    """Markers of requeues whose dead letter may still exist: (dead letter id, created_ms)."""
+    out = []
+    for (key,) in conn.execute("SELECT key FROM gatewayd_meta WHERE key LIKE ?", (REQUEUE_PREFIX + "%",)):
+        dl_id, _, created = key[len(REQUEUE_PREFIX):].partition(":")
+        if dl_id.isdigit() and created.isdigit():
+            out.append((int(dl_id), int(created)))
+    return out
+
+
+def requeue_forget(conn: sqlite3.Connection, keys: list[tuple[int, int]]) -> None:
+    with transaction(conn):
+        conn.executemany("DELETE FROM gatewayd_meta WHERE key = ?",
+                         [(f"{REQUEUE_PREFIX}{i}:{c}",) for i, c in keys])

@@ -198,6 +198,10 @@ class Supervisor:
         jobs = len(self.jobs.running())
         return f"{ctl}; {self.rpc.counters.rpcs} RPCs answered" + (f"; {jobs} job(s) running" if jobs else "")
 
+    def report_status(self, text: str) -> None:
+        if self.conn is not None:
+            queues.record_status(self.conn, "supervisor", text)
+
     def report_error(self, text: str) -> None:
         if self.conn is not None:
             try:

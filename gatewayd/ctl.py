@@ -160,7 +160,7 @@ def clock_view(saved: dict[str, Any], c: dict[str, int]) -> dict[str, Any]:
     boots = saved.get("boots") or [{}]
     current = boots[-1] if boots[-1].get("boot_id") == r.boot_id else {}
     return {"synchronized": r.sync.synced if r.sync.known else None, "state": r.sync.describe(),
-            "wall_ms": r.wall_ms, "forwarder_waiting": bool(saved.get("waiting")),
+            "forwarder_waiting": bool(saved.get("waiting")),
             "steps_this_boot": max(0, len(current.get("segments") or [None]) - 1),
             "corrected": c.get("clock.corrected", 0), "forwarded_unsynchronized": c.get("clock.unsynced", 0)}
 

@@ -48,12 +48,15 @@ def idle_cpu_percent(pid: int, seconds: float, settle: float = 2.0) -> float:
     return 100 * (c1 - c0) / (t1 - t0)
 
 
-def record_text(ts: int, i: int) -> str:
-    """One controller record of the benchmarks (about 60 bytes of JSON)."""
-    return f'{{"ts":{ts},"values":{{"temperature":{20 + i % 10}.5,"seq":{i}}}}}'
+PLAIN = '{{"ts":{ts},"values":{{"temperature":{t}.5,"seq":{i}}}}}'
 
 
-def fill_controller(path: Path, n: int, chunk: int = 100_000, first: int = 0) -> None:
+def record_text(ts: int, i: int, template: str = PLAIN) -> str:
+    """One controller record of the benchmarks (about 60 bytes of JSON for PLAIN)."""
+    return template.format(ts=ts, t=20 + i % 10, i=i)
+
+
+def fill_controller(path: Path, n: int, chunk: int = 100_000, first: int = 0, template: str = PLAIN) -> None:
     """Insert `n` telemetry records as a controller does, `chunk` rows per transaction."""
     conn = sqlite3.connect(path, timeout=30)
     conn.execute("PRAGMA journal_mode=WAL")
@@ -61,6 +64,6 @@ def fill_controller(path: Path, n: int, chunk: int = 100_000, first: int = 0) ->
     now = int(time.time() * 1000)
     for start in range(first, first + n, chunk):
         conn.executemany("INSERT INTO messages(type, message) VALUES ('telemetry', ?)",
-                         ((record_text(now + i, i),) for i in range(start, min(first + n, start + chunk))))
+                         ((record_text(now + i, i, template),) for i in range(start, min(first + n, start + chunk))))
         conn.commit()
     conn.close()

@@ -46,9 +46,9 @@ def used_bytes(conn: sqlite3.Connection) -> int:
 def insert(conn: sqlite3.Connection, rows: Sequence[tuple[int, str, str]]) -> None:
     """Archive `(ts, type, message)` rows; the caller holds the transaction. A ts before 2025 was
     not stamped by a set clock: such a row is flagged (clock = 2), so age never removes it."""
-    insert_rows(conn, "INSERT INTO archive(ts, type, message, clock) VALUES ",
-                f"(?, ?, ?, CASE WHEN ? < {PLAUSIBLE_SINCE_MS} THEN {CLOCK_UNCORRECTABLE} ELSE 0 END)",
-                [(ts, type_, message, ts) for ts, type_, message in rows])
+    insert_rows(conn, "INSERT INTO archive(ts, type, message, clock) SELECT column1, column2, column3, CASE WHEN "
+                f"column1 < {PLAUSIBLE_SINCE_MS} THEN {CLOCK_UNCORRECTABLE} ELSE 0 END FROM (VALUES ", "(?,?,?)",
+                rows, ")")
 
 
 def insert_flagged(conn: sqlite3.Connection, rows: Sequence[tuple[int, str, str, int]]) -> None:

@@ -18,6 +18,7 @@ import stat
 import time
 import urllib.parse
 from collections.abc import Callable, Iterator, Sequence
+from itertools import chain
 from pathlib import Path
 
 from gatewayd.store.errors import Fault, classify
@@ -234,21 +235,26 @@ def transaction(conn: sqlite3.Connection, immediate: bool = True) -> Iterator[sq
 # many rows per statement cost that once (about three times faster in the forwarder's batches).
 # Few sizes, so that the driver's statement cache holds every text.
 INSERT_CHUNKS = (256, 32, 4, 1)
-_insert_sql: dict[tuple[str, str, int], str] = {}
+_insert_sql: dict[tuple[str, str, str, int], str] = {}
 
 
-def insert_rows(conn: sqlite3.Connection, head: str, row: str, rows: Sequence[Sequence[object]]) -> None:
-    """`head` ("INSERT INTO t(a, b) VALUES ") and `row` ("(?, ?)", one `?` per value of a row)
-    with `rows`, many rows per statement."""
+def insert_rows(conn: sqlite3.Connection, head: str, row: str, rows: Sequence[Sequence[object]], tail: str = "",
+                shared: Sequence[object] = ()) -> None:
+    """`head` + `row` once per row, comma-separated, + `tail`: e.g. "INSERT INTO t(a, b) VALUES " and
+    "(?, ?)", or "INSERT INTO t(a, b, c) SELECT column1, column2, ?1 FROM (VALUES ", "(?, ?)", ")"
+    with `shared` = (c,): values bound once per statement as ?1, ?2, … ahead of the rows'."""
     i, n = 0, len(rows)
     for size in INSERT_CHUNKS:
         if n - i < size:
             continue
-        sql = _insert_sql.get((head, row, size))
+        key = (head, row, tail, size)
+        sql = _insert_sql.get(key)
         if sql is None:
-            sql = _insert_sql[(head, row, size)] = head + ",".join([row] * size)
+            sql = _insert_sql[key] = head + ",".join([row] * size) + tail
         while n - i >= size:
-            conn.execute(sql, [v for r in rows[i:i + size] for v in r])
+            params = list(shared)
+            params.extend(chain.from_iterable(rows[i:i + size]))
+            conn.execute(sql, params)
             i += size
 
 

@@ -6,7 +6,7 @@ import json
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from gatewayd.store.queues import (
     KIND_ATTRIBUTES,
@@ -109,7 +109,7 @@ def type_name(type_: object) -> str:
     return "" if type_ is None else str(type_)
 
 
-def plain_prefix(rows: Sequence[tuple[int, object, object]], names: Mapping[object, str],
+def plain_prefix(rows: Sequence[tuple[int, object, object]], names: Mapping[Any, str],
                  max_packet: int) -> tuple[list[tuple[int, Record, str]], int]:
     """The forwarder's fast path over a batch read from the controller: (id, Record, type name) of
     the leading rows that are plain telemetry, and how many rows that was.

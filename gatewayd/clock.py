@@ -4,8 +4,10 @@ says the wall clock is synchronised.
 Synchronised means what `timedatectl` ("System clock synchronized") and systemd's
 `time-sync.target` mean: the kernel's NTP maximum error (`adjtimex`, read-only, no privilege
 needed) is below 16 s. Any step of the clock (`date -s`, an NTP step) resets it, until a time
-daemon vouches for the clock again. Where `adjtimex` is refused (a seccomp filter), the flag
-file of systemd-timesyncd is the fallback; without either the state is unknown.
+daemon vouches for the clock again. Where `adjtimex` is refused (the units keep `ProtectClock=yes`,
+whose seccomp filter refuses even a read), the flag file of systemd-timesyncd is the first
+fallback and `timedatectl` (timedated reads adjtimex for us, over D-Bus; asked at most once a
+minute) the second; without any of them the state is unknown.
 
 The source is injectable: `GATEWAYD_TEST_CLOCK=<file>` makes every reading come from a small
 JSON file a test rewrites (`{"offset_ms": N, "synced": true|false|null, "boot_id": "...",
@@ -18,6 +20,7 @@ import ctypes
 import ctypes.util
 import json
 import os
+import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +33,9 @@ MAXERROR_SYNCED_US = 16_000_000          # the kernel's NTP_PHASE_LIMIT; systemd
 STA_UNSYNC = 0x0040
 TIME_ERROR = 5
 TIMESYNCD_FLAG = Path("/run/systemd/timesync/synchronized")
+TIMEDATECTL = ("timedatectl", "show", "--property=NTPSynchronized", "--value")
+TIMEDATECTL_EVERY_S = 60.0
+TIMEDATECTL_TIMEOUT_S = 2.0
 BOOT_ID = Path("/proc/sys/kernel/random/boot_id")
 
 
@@ -113,6 +119,23 @@ class SystemClock:
         except (OSError, AttributeError) as e:
             self._refused = f"no adjtimex: {e}"
         self._tx = _Timex()
+        self._asked_at = float("-inf")
+        self._answer: bool | None = None
+
+    def _timedated(self) -> bool | None:
+        """timedated's NTPSynchronized, asked at most once a minute (a subprocess, off the hot path)."""
+        now = time.monotonic()
+        if now - self._asked_at >= TIMEDATECTL_EVERY_S:
+            self._asked_at = now
+            try:
+                out = subprocess.run(TIMEDATECTL, capture_output=True, text=True, timeout=TIMEDATECTL_TIMEOUT_S,
+                                     check=False, stdin=subprocess.DEVNULL)
+            except (OSError, subprocess.SubprocessError):
+                self._answer = None
+            else:
+                value = out.stdout.strip()
+                self._answer = {"yes": True, "no": False}.get(value) if out.returncode == 0 else None
+        return self._answer
 
     def wall_ms(self) -> int:
         return time.time_ns() // 1_000_000
@@ -128,6 +151,9 @@ class SystemClock:
             self._refused = f"adjtimex: {os.strerror(ctypes.get_errno())}"
         if TIMESYNCD_FLAG.exists():
             return Sync(True, True, "timesyncd")
+        answer = self._timedated()
+        if answer is not None:
+            return Sync(True, answer, "timedated")
         return Sync(False, False, self._refused or "unknown")
 
     def read(self) -> Reading:

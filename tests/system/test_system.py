@@ -258,9 +258,7 @@ def test_units_verify_clean(installed: Container) -> None:
 
 
 # `systemd-analyze security` exposure when the units were last hardened: never worse.
-# forwarder 0.2 -> 0.5: it reads whether the clock is synchronised (adjtimex, the @clock group);
-# without CAP_SYS_TIME it still cannot change the clock.
-EXPOSURE_LIMITS = {"bridge": 1.1, "forwarder": 0.5, "supervisor": 1.9, "ingest": 1.1, "http": 0.2}
+EXPOSURE_LIMITS = {"bridge": 1.1, "forwarder": 0.2, "supervisor": 1.9, "ingest": 1.1, "http": 0.2}
 
 
 @pytest.mark.parametrize("daemon", list(EXPOSURE_LIMITS))
@@ -409,18 +407,18 @@ def test_journal_has_daemon_logs_with_priorities(running: Container, daemon: str
     assert not any(re.match(r"<\d>", str(e.get("MESSAGE", ""))) for e in entries)
 
 
-def test_the_forwarder_unit_lets_it_read_whether_the_clock_is_synchronised(running: Container) -> None:
-    """The unit's system call filter lets adjtimex through (systemd says so); the forwarder reports
-    the clock at start. (Inside systemd-nspawn the container's own filter refuses adjtimex, so the
-    state reads "unknown" here; nspawn must not be given @clock: the container may set the host's
-    clock.)"""
+def test_the_sandboxed_forwarder_knows_whether_the_clock_is_synchronised(running: Container) -> None:
+    """ProtectClock= refuses adjtimex even for reading, so the forwarder asks timedated
+    (timedatectl over D-Bus) and reports a known state at start. (Inside systemd-nspawn the
+    container's own filter also refuses timedated's adjtimex, so the answer here is "not
+    synchronised"; nspawn must not be given @clock: the container could set the host's clock.)"""
     c = running
     out = c.run(["systemd-analyze", "security", "--no-pager", UNITS["forwarder"]], timeout=120).stdout
-    assert "adjtimex is allowed" in out and "CAP_SYS_TIME" in out, out
+    assert re.search(r"✓ ProtectClock=", out), out
     wait_active(c, UNITS["forwarder"])
     lines = wait_until(lambda: [str(e.get("MESSAGE")) for e in c.journal("-u", UNITS["forwarder"])
                                 if "clock: boot" in str(e.get("MESSAGE"))], 30, 0.5, "the forwarder's clock line")
-    assert "the clock reads" in lines[-1], lines
+    assert "the clock reads" in lines[-1] and "unknown" not in lines[-1], lines
     check = c.run(["gatewayctl", "check"], check=False).stdout
     assert re.search(r"\] clock: \d{4}-\d\d-\d\d .* UTC, ", check), check
 

@@ -63,7 +63,9 @@ def _reject_constant(name: str) -> None:
 
 # raw_decode skips json.loads' wrapper (half the cost on this hot path); NaN/Infinity are
 # refused because Python accepts them and ThingsBoard does not.
-_decode = json.JSONDecoder(parse_constant=_reject_constant).raw_decode
+_decoder = json.JSONDecoder(parse_constant=_reject_constant)
+_decode = _decoder.raw_decode
+_scan = _decoder.scan_once  # raw_decode without its Python frame: (obj, end), StopIteration at a bad start
 _WS = " \t\n\r"
 _MISSING = object()
 _CHANGED: dict[str, object] = {}
@@ -122,7 +124,7 @@ def plain_prefix(rows: Sequence[tuple[int, object, object]], names: Mapping[Any,
     """
     good: list[tuple[int, Record, str]] = []
     append = good.append
-    decode = _decode
+    scan = _scan
     lo, hi = INT_MIN, INT_MAX
     longest = (max_packet - PUBLISH_OVERHEAD - len(TOPIC_TELEMETRY)) // 4  # bytes: 4 per character at most
     kind, prio, topic = KIND_TELEMETRY, PRIO_TELEMETRY, TOPIC_TELEMETRY
@@ -133,7 +135,7 @@ def plain_prefix(rows: Sequence[tuple[int, object, object]], names: Mapping[Any,
             if name is None or name == "attributes" or type(message) is not bytes or len(message) > longest:
                 break
             text = message.decode()
-            obj, end = decode(text)
+            obj, end = scan(text, 0)
             if end != len(text) or type(obj) is not dict or len(obj) != 2:
                 break
             ts = obj.get("ts")

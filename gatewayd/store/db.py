@@ -278,6 +278,16 @@ class Tracked:
         self.close()
         return self.open()
 
+    def follow(self, who: str) -> bool:
+        """Close the connection when the path names another file now (said once); True when it did.
+
+        The caller forgets what it knew about the old file and opens the new one."""
+        if not self.replaced():
+            return False
+        log.warning("%s was replaced under the %s; reopening it", self.path, who)
+        self.close()
+        return True
+
     def close(self) -> None:
         if self.conn is not None:
             with contextlib.suppress(sqlite3.Error):

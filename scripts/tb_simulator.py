@@ -33,7 +33,10 @@ A loopback HTTP JSON API (`--control-port`) drives it; `SimulatorClient` below w
     GET  /faults, /session_limits, /client_rpc?device=X
     POST /devices {name, token?}                  add a device (random token when omitted)
     POST /shared_attributes {device, values?, deleted?}
-    POST /rpc {device, method, params, timeout?}  -> {"id", "response"}; HTTP 504 on timeout
+    POST /rpc {device, method, params, timeout?, persistent?}  -> {"id", "response"}; HTTP 504 on timeout.
+                                      persistent (ThingsBoard's persistent RPC): sent again every
+                                      PERSISTENT_RESEND_S while the device is connected and has not
+                                      answered, so it survives a device that was offline or dropped it
     POST /faults {no_puback?, max_packet_bytes?, rate_limit?, refuse?, drop?, refuse_payloads?}
                                       refuse_payloads: [{"match": TEXT, "code": N}]: an MQTT 5 PUBLISH
                                       whose payload contains TEXT ("" = any) is answered with a PUBACK
@@ -75,6 +78,7 @@ from typing import Any
 log = logging.getLogger("tb_simulator")
 
 READY_LINE = "tb_simulator ready"
+PERSISTENT_RESEND_S = 2.0
 
 # --------------------------------------------------------------------------------------
 # MQTT framing helpers
@@ -1253,18 +1257,28 @@ class ThingsBoardLogic:
         self.publish(f"{self.root}/{dev.key}/down/attributes/response/{req_id}", reply)
 
     # RPC ---------------------------------------------------------------------------
-    def server_rpc(self, dev: Device, method: str, params: Any, timeout: float) -> tuple[bool, Any, int]:
+    def server_rpc(self, dev: Device, method: str, params: Any, timeout: float,
+                   persistent: bool = False) -> tuple[bool, Any, int]:
         with self.state.lock:
             dev.next_rpc_id += 1
             rpc_id = dev.next_rpc_id
             event = threading.Event()
             slot: list[Any] = []
             self.pending_rpc[(dev.name, rpc_id)] = (event, slot)
-            dev.stats["rpc_requests_sent"] += 1
+        deadline = time.monotonic() + timeout
         try:
-            self.publish(f"{self.root}/{dev.key}/down/rpc/request/{rpc_id}",
-                         {"method": method, "params": params})
-            ok = event.wait(timeout)
+            while True:
+                with self.state.lock:
+                    send = dev.connected or not persistent
+                    if send:
+                        dev.stats["rpc_requests_sent"] += 1
+                if send:
+                    self.publish(f"{self.root}/{dev.key}/down/rpc/request/{rpc_id}",
+                                 {"method": method, "params": params})
+                left = deadline - time.monotonic()
+                ok = event.wait(max(0.0, min(left, PERSISTENT_RESEND_S if persistent else left)))
+                if ok or not persistent or time.monotonic() >= deadline:
+                    break
         finally:
             with self.state.lock:
                 self.pending_rpc.pop((dev.name, rpc_id), None)
@@ -1522,7 +1536,8 @@ class Controller:
             if not isinstance(method, str):
                 raise ControlError(400, "method is required")
             timeout = float(body.get("timeout", 10.0))
-            ok, value, rpc_id = self.tb.server_rpc(dev, method, body.get("params", {}), timeout)
+            ok, value, rpc_id = self.tb.server_rpc(dev, method, body.get("params", {}), timeout,
+                                                   bool(body.get("persistent", False)))
             if not ok:
                 raise ControlError(504, f"no RPC response from {dev.name} within {timeout} s (id {rpc_id})")
             return {"id": rpc_id, "response": value}
@@ -1723,10 +1738,14 @@ class SimulatorClient:
     def delete_shared_attributes(self, device: str, keys: list[str]) -> dict[str, Any]:
         return self.set_shared_attributes(device, None, keys)
 
-    def rpc(self, device: str, method: str, params: Any = None, timeout: float = 10.0) -> Any:
-        """Server-side RPC; returns the device's reply, raises SimulatorError(504) on timeout."""
+    def rpc(self, device: str, method: str, params: Any = None, timeout: float = 10.0,
+            persistent: bool = False) -> Any:
+        """Server-side RPC; returns the device's reply, raises SimulatorError(504) on timeout.
+
+        `persistent`: sent again while the device is connected and has not answered (ThingsBoard's
+        persistent RPC), so a device that was offline or dropped the request still gets it."""
         body = {"device": device, "method": method, "params": {} if params is None else params,
-                "timeout": timeout}
+                "timeout": timeout, "persistent": persistent}
         return self._call("POST", "/rpc", body, timeout=timeout + 10)["response"]
 
     def set_faults(self, **faults: Any) -> dict[str, Any]:

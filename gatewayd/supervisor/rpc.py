@@ -15,7 +15,9 @@ ledger shows started by an earlier run "interrupted" — it is never run twice.
 
 A reply whose transaction fails (a full disk, a lock, I/O) is kept here and committed before
 anything new is taken (`flush()`), so a fault of the moment never turns a request that ran into
-an "interrupted" one; its inbound row is not taken again meanwhile.
+an "interrupted" one; its inbound row is not taken again meanwhile. Should the supervisor stop
+before it could commit them, they are kept in the runtime directory (another file system, a
+tmpfs under systemd) and committed by the next start (`save_unsent`, `load_unsent`).
 
 Finished requests are remembered for `rpc_dedup_window_s` of this supervisor's running time,
 measured on the monotonic clock against inbound row ids (`LedgerAge`), never by wall-clock age.
@@ -23,13 +25,16 @@ measured on the monotonic clock against inbound row ids (`LedgerAge`), never by 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import os
 import sqlite3
 import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from gatewayd import redact
@@ -184,6 +189,35 @@ class RpcLifecycle:
             if u.power is not None:
                 u.power.outbox_id = outbox_id
         self.waiting.clear()  # their duplicates can be answered now
+
+    def save_unsent(self, path: Path, identity: tuple[int, int] | None) -> int:
+        """Keep the replies not committed yet for the next start; how many there were."""
+        if not self.unsent:
+            return 0
+        data = {"file": identity, "replies": [[u.inbound_id, u.rpc_id, u.digest, u.method, u.payload]
+                                              for u in self.unsent]}
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(json.dumps(data))
+        os.replace(tmp, path)
+        return len(self.unsent)
+
+    def load_unsent(self, path: Path, identity: tuple[int, int] | None) -> int:
+        """The replies an earlier run could not commit (`save_unsent`); their inbound ids count only in
+        the same queues.db."""
+        try:
+            data = json.loads(path.read_text())
+            same = data["file"] is not None and tuple(data["file"]) == identity
+            replies = [Unsent(int(i) if same and i is not None else None, str(r), str(d), m, str(p))
+                       for i, r, d, m, p in data["replies"]]
+        except FileNotFoundError:
+            return 0
+        except (OSError, ValueError, TypeError, KeyError) as e:
+            log.error("cannot read the RPC replies an earlier run left in %s: %s", path, e)
+            replies = []
+        with contextlib.suppress(OSError):
+            path.unlink()
+        self.unsent.extend(replies)
+        return len(replies)
 
     def detach(self) -> None:
         """queues.db was replaced: the inbound and outbox ids known here name rows of the old file.

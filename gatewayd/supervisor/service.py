@@ -29,6 +29,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from gatewayd import __version__
@@ -223,6 +224,8 @@ class Supervisor:
         the Runner's to wait out); what start-up writes waits in the backlog if it must."""
         self.cfg.ensure_dirs()
         self.q.open()
+        if self.rpc.load_unsent(self._replies_path(), self.q.identity):
+            log.info("%d RPC replies kept by the last run are stored first", len(self.rpc.unsent))
         if self.controller is not None:
             ctl_state = self.get_state(CONTROLLER_STATE) or {}
             self.controller.restarts = int(ctl_state.get("restarts") or 0)
@@ -254,9 +257,19 @@ class Supervisor:
                 self._flush_backlog(self.q.conn)
                 self.rpc.flush()
         except sqlite3.Error as e:
-            log.error("stopping with %d writes and %d RPC replies not stored (%s); the requests will be "
-                      "answered as interrupted", len(self.backlog), len(self.rpc.unsent), describe(e))
+            log.error("stopping while queues.db fails (%s): %d messages and state updates not stored are "
+                      "dropped", describe(e), len(self.backlog))
+        try:
+            if self.rpc.save_unsent(self._replies_path(), self.q.identity):
+                log.warning("%d RPC replies not stored yet are kept in %s for the next start", len(self.rpc.unsent),
+                            self._replies_path())
+        except OSError as e:
+            log.error("cannot keep %d RPC replies in %s (%s): their requests will be answered as interrupted",
+                      len(self.rpc.unsent), self._replies_path(), e)
         self.q.close()
+
+    def _replies_path(self) -> Path:
+        return self.cfg.runtime_dir / f"{self.name}.replies.json"
 
     def status(self) -> str:
         if self.faults.faulted:

@@ -19,6 +19,7 @@ bench:
 	$(PYTHON) scripts/bench_bridge.py
 	$(PYTHON) scripts/bench_supervisor.py
 	$(PYTHON) scripts/bench_ingest.py
+	$(PYTHON) scripts/bench_http.py
 
 deb:
 	scripts/build-deb.sh

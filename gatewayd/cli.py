@@ -10,7 +10,7 @@ import sys
 from gatewayd import __version__
 from gatewayd.config import EX_CONFIG, ConfigError, load, render_toml
 
-DAEMONS = ("bridge", "forwarder", "supervisor", "ingest")
+DAEMONS = ("bridge", "forwarder", "supervisor", "ingest", "http")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -21,7 +21,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--version", action="version", version=f"gatewayd {__version__}")
     sub = p.add_subparsers(dest="daemon", metavar="{" + ",".join(DAEMONS) + "}")
     for name in DAEMONS:
-        sp = sub.add_parser(name, help=f"run the {name} in the foreground")
+        sp = sub.add_parser(name, help="serve /health and /metrics (read-only)" if name == "http"
+                            else f"run the {name} in the foreground")
         sp.add_argument("--config", dest="sub_config", help=argparse.SUPPRESS)
         if name == "ingest":
             sp.add_argument("--configured", action="store_true",
@@ -64,25 +65,30 @@ def main(argv: list[str] | None = None) -> int:
         print(f"ingest adapters: {', '.join(adapters)}" if adapters else "no ingest adapter configured")
         return 0 if adapters else 1
     from gatewayd import log as gwlog
-    from gatewayd import redact
+    from gatewayd import logforward, redact
     from gatewayd.daemon import AlreadyRunning
 
     redact.register_config(cfg)
 
-    logger = gwlog.setup(f"gatewayd.{args.daemon}", cfg["logging"]["level"])
-    for w in cfg.warnings:
-        logger.warning("config: %s", w)
-    module = importlib.import_module(f"gatewayd.{args.daemon}.main")
+    logger = gwlog.setup(f"gatewayd.{args.daemon}", cfg["logging"]["level"], cfg["logging"]["format"])
+    forwarder = logforward.install(cfg, args.daemon)
     try:
-        return int(module.run(cfg))
-    except AlreadyRunning as e:
-        logger.error("%s", e)
-        return 1
-    except KeyboardInterrupt:
-        return 0
-    except Exception:
-        logging.getLogger(f"gatewayd.{args.daemon}").critical("fatal error", exc_info=True)
-        return 1
+        for w in cfg.warnings:
+            logger.warning("config: %s", w)
+        module = importlib.import_module(f"gatewayd.{args.daemon}.main")
+        try:
+            return int(module.run(cfg))
+        except AlreadyRunning as e:
+            logger.error("%s", e)
+            return 1
+        except KeyboardInterrupt:
+            return 0
+        except Exception:
+            logging.getLogger(f"gatewayd.{args.daemon}").critical("fatal error", exc_info=True)
+            return 1
+    finally:
+        if forwarder is not None:
+            forwarder.close()
 
 
 if __name__ == "__main__":

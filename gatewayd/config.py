@@ -7,6 +7,7 @@ Every daemon and gatewayctl resolve their configuration here, so that what
 from __future__ import annotations
 
 import copy
+import ipaddress
 import json
 import os
 import re
@@ -113,6 +114,28 @@ def _listen_address(v: str) -> str | None:
     host, sep, port = v.rpartition(":")
     if not sep or not host or not port.isdigit() or not 1 <= int(port) <= 65535:
         return "must be HOST:PORT (port 1-65535), or empty"
+    return None
+
+
+def listen_address(v: str) -> tuple[str, int]:
+    """(host, port) of a checked HOST:PORT; an IPv6 host may be written in brackets."""
+    host, _, port = v.rpartition(":")
+    return host.strip("[]"), int(port)
+
+
+def _ip_listen(v: str) -> str | None:
+    """HOST:PORT with an IP address (IPv6 in brackets) or localhost: systemd's ListenStream=
+    takes no host names."""
+    problem = _listen_address(v)
+    if problem or not v:
+        return problem
+    host = listen_address(v)[0]
+    if host == "localhost":
+        return None
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return "the host must be an IP address (IPv6 in brackets) or localhost"
     return None
 
 
@@ -232,6 +255,24 @@ SCHEMA: dict[str, dict[str, Key]] = {
     },
     "logging": {
         "level": Key(str, "info", _one_of("debug", "info", "warning", "error")),
+        "format": Key(str, "text", _one_of("text", "json"),
+                      doc='"text", or "json": one JSON object per line on stderr, for log shippers'),
+        "forward_level": Key(str, "warning", _one_of("debug", "info", "warning", "error", "critical", "off"),
+                             doc='own log lines at this level and above go to ThingsBoard as telemetry; "off": none'),
+        "forward_max_per_min": Key(int, 10, _min(0), doc="at most this many per minute, all daemons together; "
+                                   "0 = none"),
+        "forward_repeat_window_s": Key((int, float), 30.0, _positive,
+                                       doc="similar lines within this window are sent once, then as "
+                                           "'(repeated N times)'"),
+    },
+    # `gatewayd http` (/health, /metrics): socket-activated under systemd, read-only.
+    "http": {
+        "listen": Key(str, "127.0.0.1:9101", _ip_listen, doc="HOST:PORT of /health and /metrics; empty: off"),
+        "idle_exit_s": Key((int, float), 120.0, _non_negative,
+                           doc="socket-activated: exit after this long without a request (systemd keeps "
+                               "listening and starts it again); 0 = never"),
+        "max_connections": Key(int, 16, _min(1), doc="connections served at once; more are answered 503"),
+        "request_timeout_s": Key((int, float), 10.0, _positive, doc="longest a request may take to arrive"),
     },
     # `gatewayd ingest` (issue 12): each adapter is off while its address is empty.
     "ingest": {

@@ -13,10 +13,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-from gatewayd import redact
+from gatewayd import dead_letters, redact
 from gatewayd.config import EX_CONFIG, Config, ConfigError, load
 from gatewayd.daemon import read_runtime_status
 from gatewayd.store import controller as controller_store
+from gatewayd.store import dead_letters as dl_store
 from gatewayd.store import queues
 from gatewayd.store.db import corrupt_copies, file_identity, now_ms, open_readonly
 from gatewayd.store.errors import describe
@@ -53,12 +54,21 @@ def unit_states(cfg: Config) -> dict[str, str]:
         try:
             pid = int(hb.read_text().split()[1])
             age = time.time() - hb.stat().st_mtime
-            os.kill(pid, 0)
+            _alive(pid)
         except (OSError, ValueError, IndexError):
             states[d] = "inactive"
             continue
         states[d] = "active" if age <= HEARTBEAT_MAX_AGE_S else "stale"
     return states
+
+
+def _alive(pid: int) -> None:
+    """Raise OSError unless the process exists (one of another user counts: the HTTP endpoint
+    runs as its own user)."""
+    try:
+        os.kill(pid, 0)
+    except PermissionError:
+        pass
 
 
 def daemon_faults(cfg: Config) -> dict[str, Any]:
@@ -100,38 +110,43 @@ def collect(cfg: Config) -> dict[str, Any]:
         state = queues.all_state(q)
         oldest = queues.oldest_created_ms(q)
         inbound = queues.depth(q, "inbound")
-        dead = queues.depth(q, "dead_letters")
+        dead = dl_store.summary(q)
     finally:
         q.close()
     controller_depth, last_health, controller_error = _controller_view(cfg)
     mqtt = {"connected": False, "since_ms": None, "last_puback_ms": None, "last_error": None}
     mqtt.update(state.get("bridge.mqtt") or {})
-    ledger = {k: c.get(k, 0) for k in ("ingested", "delivered", "queued", "dead_lettered", "dropped", "archived")}
-    ledger["balanced"] = ledger["ingested"] == (ledger["delivered"] + ledger["queued"]
-                                               + ledger["dead_lettered"] + ledger["dropped"])
+    ledger = queues.ledger(c)
     controller = dict(state.get("supervisor.controller") or {})
     controller.setdefault("enabled", cfg["controller"]["enabled"])
     controller["last_health_check_ms"] = last_health
     controller["database_error"] = controller_error
     archive_bytes = cfg.archive_db.stat().st_size if cfg.archive_db.exists() else 0
+    units = unit_states(cfg)
+    faults = daemon_faults(cfg)
     return {
-        "units": unit_states(cfg),
+        "units": units,
         "mqtt": mqtt,
         "queues": {
             "controller": controller_depth,
             "outbox": c.get("outbox_rows", 0),
             "outbox_bytes": c.get("outbox_bytes", 0),
             "inbound": inbound,
-            "dead_letters": dead,
+            "dead_letters": dead["total"],
+            "dead_letters_unacknowledged": dead["unacknowledged"],
             "oldest_queued_age_s": None if oldest is None else round((now_ms() - oldest) / 1000, 3),
         },
         "ledger": ledger,
+        "totals": {"published": c.get("published", 0), "inbound": c.get("inbound_total", 0),
+                   "requeued": c.get("requeued", 0), "purged": c.get("purged", 0)},
         "archive": {"bytes": archive_bytes},
         "controller": controller,
         "ingest": {"adapters": cfg.ingest_adapters()},
         "errors": {d: queues.last_error(state, d) for d in DAEMONS},
+        "daemons": {d: {"unit": units.get(d, "unknown"), "up": units.get(d) == "active",
+                        **queues.daemon_report(state, d), "fault": faults["faults"][d]} for d in DAEMONS},
         "corrupt_files": corrupt_copies(cfg.state_dir, cfg.controller_data_dir),
-        **daemon_faults(cfg),
+        **faults,
     }
 
 
@@ -141,8 +156,9 @@ def degraded_reasons(st: dict[str, Any]) -> list[str]:
     reasons = [f"{d} is {s}" for d, s in st["units"].items() if s != "active" and d in wanted]
     if not st["mqtt"]["connected"]:
         reasons.append("MQTT disconnected" + (f" ({st['mqtt']['last_error']})" if st["mqtt"]["last_error"] else ""))
-    if st["queues"]["dead_letters"]:
-        reasons.append(f"{st['queues']['dead_letters']} dead letters")
+    if st["queues"]["dead_letters_unacknowledged"]:
+        reasons.append(f"{st['queues']['dead_letters_unacknowledged']} unacknowledged dead letters "
+                       "(gatewayctl dead-letters list, then requeue, purge or ack)")
     if not st["ledger"]["balanced"]:
         reasons.append("ledger does not add up")
     if st["corrupt_files"]:
@@ -155,57 +171,70 @@ def degraded_reasons(st: dict[str, Any]) -> list[str]:
 
 
 def _print_status(st: dict[str, Any], reasons: list[str]) -> None:
-    units = ", ".join(f"{d} {s}" for d, s in st["units"].items())
     m = st["mqtt"]
     q = st["queues"]
     led = st["ledger"]
-    print(f"units:      {units}")
+    width = max(len(d) for d in st["daemons"])
+    for d, info in st["daemons"].items():
+        doing = info["doing"] or "-"
+        if info["doing_ms"] and not info["up"]:
+            doing = f"last seen {_clock(info['doing_ms'])}: {doing}"
+        print(f"daemon:     {d:<{width}}  {info['unit']:<8}  {doing}")
+        if info["fault"]:
+            print(f"            {'':<{width}}  fault: {info['fault']}")
+        if info["last_error"]:
+            print(f"            {'':<{width}}  last error {_clock(info['last_error_ms'])}: {info['last_error']}")
     print(f"mqtt:       {'connected' if m['connected'] else 'disconnected'}"
           + (f" since {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(m['since_ms'] / 1000))}"
              if m["connected"] and m["since_ms"] else "")
           + (f", last error: {m['last_error']}" if m["last_error"] else ""))
     age = q["oldest_queued_age_s"]
+    unacked = q["dead_letters_unacknowledged"]
     print(f"queues:     controller {q['controller']}, outbox {q['outbox']}, inbound {q['inbound']}, "
-          f"dead letters {q['dead_letters']}" + (f", oldest {age:.1f} s" if age is not None else ""))
+          f"dead letters {q['dead_letters']}" + (f" ({unacked} unacknowledged)" if unacked else "")
+          + (f", oldest {age:.1f} s" if age is not None else ""))
     print(f"ledger:     ingested {led['ingested']} = delivered {led['delivered']} + queued {led['queued']} "
           f"+ dead-lettered {led['dead_lettered']} + dropped {led['dropped']}"
           f"{'' if led['balanced'] else '  (DOES NOT ADD UP)'}")
     print(f"archive:    {st['archive']['bytes']} bytes")
     ctl = st["controller"]
     print(f"controller: {ctl.get('state', 'unknown') if ctl.get('enabled') else 'disabled'}")
-    for d, err in st["errors"].items():
-        if err:
-            print(f"last error: {d}: {err}")
-    for d, fault in st["faults"].items():
-        if fault:
-            print(f"fault:      {d}: {fault}")
     for f in st["corrupt_files"]:
         print(f"damaged:    {f}")
     print("health:     " + ("ok" if not reasons else "DEGRADED: " + "; ".join(reasons)))
 
 
-def cmd_status(cfg: Config, args: argparse.Namespace) -> int:
+def _clock(ms: int | None) -> str:
+    return "?" if not ms else time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ms / 1000))
+
+
+def status_report(cfg: Config) -> tuple[int, dict[str, Any]]:
+    """The `status --json` object and its exit code (0 healthy, 1 degraded, 2 unreadable);
+    the HTTP endpoint serves the same object. Registered secrets are masked."""
     try:
         st = collect(cfg)
     except (sqlite3.Error, OSError) as e:
-        faults = daemon_faults(cfg)
-        if args.json:
-            print(json.dumps({"error": f"cannot read gateway state: {e}", **faults}))
-        else:
-            print(f"gatewayctl: cannot read gateway state: {e}", file=sys.stderr)
-            for d, fault in faults["faults"].items():
-                if fault:
-                    print(f"gatewayctl: {d}: {fault}", file=sys.stderr)
-        return EXIT_UNREADABLE
+        return EXIT_UNREADABLE, redact.redact_obj({"error": f"cannot read gateway state: {e}", "healthy": False,
+                                                   "units": unit_states(cfg), **daemon_faults(cfg)})
     st = redact.redact_obj(st)
     reasons = degraded_reasons(st)
     st["healthy"] = not reasons
     st["degraded_reasons"] = reasons
+    return (EXIT_OK if not reasons else EXIT_DEGRADED), st
+
+
+def cmd_status(cfg: Config, args: argparse.Namespace) -> int:
+    code, st = status_report(cfg)
     if args.json:
         print(_json(st))
+    elif code == EXIT_UNREADABLE:
+        print(f"gatewayctl: {st['error']}", file=sys.stderr)
+        for d, fault in st["faults"].items():
+            if fault:
+                print(f"gatewayctl: {d}: {fault}", file=sys.stderr)
     else:
-        _print_status(st, reasons)
-    return EXIT_OK if not reasons else EXIT_DEGRADED
+        _print_status(st, st["degraded_reasons"])
+    return code
 
 
 def act_as_state_owner(cfg: Config) -> None:
@@ -293,13 +322,7 @@ def _journal(lines: int) -> str:
 
 
 def _dead_letter_sample(cfg: Config, limit: int = 200) -> list[dict[str, Any]]:
-    if not cfg.queues_db.exists():
-        return []
-    conn = open_readonly(cfg.queues_db)
-    try:
-        return queues.dead_letter_sample(conn, limit)
-    finally:
-        conn.close()
+    return list(dead_letters.listing(cfg, limit, 2000)["dead_letters"])
 
 
 def cmd_support_bundle(cfg: Config, args: argparse.Namespace) -> int:
@@ -338,6 +361,124 @@ def cmd_support_bundle(cfg: Config, args: argparse.Namespace) -> int:
     return 0
 
 
+def _preview(message: Any, width: int = 100) -> str:
+    text = json.dumps(message, ensure_ascii=False)[1:-1] if isinstance(message, str) else repr(message)
+    return text if len(text) <= width else text[:width - 1] + "…"
+
+
+def cmd_dl_list(cfg: Config, args: argparse.Namespace) -> int:
+    out = dead_letters.listing(cfg, args.limit)
+    if args.json:
+        print(_json(out))
+        return 0
+    rows = out["dead_letters"]
+    print(f"dead letters: {out['total']} ({out['unacknowledged']} unacknowledged)"
+          + (f"; the newest {len(rows)} below" if len(rows) < out["total"] else ""))
+    for r in rows:
+        mark = " " if r["acknowledged"] else "*"
+        print(redact.redact(f"{mark}{r['id']:>8}  {_clock(r['created_ms'])}  {r['stage']:<9}  {str(r['type']):<10}  "
+                            f"{r['reason']}"))
+        print(redact.redact(f"{'':>11}{_preview(r['message'])}"))
+    if out["unacknowledged"]:
+        print("(* = not acknowledged yet: gatewayctl dead-letters ack)")
+    return 0
+
+
+def cmd_dl_show(cfg: Config, args: argparse.Namespace) -> int:
+    row = dead_letters.show(cfg, args.id)
+    if row is None:
+        print(f"gatewayctl: no dead letter {args.id}", file=sys.stderr)
+        return 1
+    if args.json:
+        print(_json(row))
+        return 0
+    for key in ("id", "stage", "src_id", "type", "reason", "created_ms", "ledger_record", "topic", "priority",
+                "acknowledged", "message_length", "raw_bytes", "raw_size"):
+        value = row[key]
+        if key == "created_ms":
+            value = f"{value} ({_clock(value)})"
+        print(redact.redact(f"{key + ':':<16}{value}"))
+    print("message:")
+    print(redact.redact(row["message"] if isinstance(row["message"], str) else repr(row["message"])))
+    return 0
+
+
+def _dl_ids(args: argparse.Namespace) -> list[int] | None:
+    if args.all == bool(args.ids):
+        raise dead_letters.DeadLetterError("name dead letters by ID, or give --all (not both)")
+    return None if args.all else list(args.ids)
+
+
+def _ledger_line(led: dict[str, Any]) -> str:
+    return (f"ledger: ingested {led['ingested']} = delivered {led['delivered']} + queued {led['queued']} + "
+            f"dead-lettered {led['dead_lettered']} + dropped {led['dropped']}"
+            + ("" if led["balanced"] else "  (DOES NOT ADD UP)"))
+
+
+def _dl_report(cfg: Config, out: dict[str, Any], verb: str, count: int) -> int:
+    print(f"{verb} {count} dead letter{'s' if count != 1 else ''}" + (
+        f" ({out['to_controller_queue']} into the controller queue, {out['to_outbox']} into the outbox, "
+        f"{out['to_inbound']} into the inbound queue)"
+        if "to_outbox" in out and count else ""))
+    for r in out.get("refused", []):
+        print(redact.redact(f"gatewayctl: dead letter {r['id']} not requeued: {r['reason']}"), file=sys.stderr)
+    if out["not_found"]:
+        print(f"gatewayctl: no dead letter {', '.join(map(str, out['not_found']))}", file=sys.stderr)
+    print(_ledger_line(out["ledger"]))
+    return 1 if out["not_found"] or out.get("refused") else 0
+
+
+def cmd_dl_requeue(cfg: Config, args: argparse.Namespace) -> int:
+    out = dead_letters.requeue(cfg, _dl_ids(args))
+    return _dl_report(cfg, out, "requeued", out["requeued"])
+
+
+def cmd_dl_purge(cfg: Config, args: argparse.Namespace) -> int:
+    if args.before is not None:
+        if args.all or args.ids:
+            raise dead_letters.DeadLetterError("--before cannot be combined with IDs or --all")
+        out = dead_letters.purge(cfg, before_ms=dead_letters.parse_before(args.before))
+    else:
+        ids = _dl_ids(args)
+        out = dead_letters.purge(cfg, ids, everything=ids is None)
+    return _dl_report(cfg, out, "purged", out["purged"])
+
+
+def cmd_dl_ack(cfg: Config, args: argparse.Namespace) -> int:
+    out = dead_letters.ack(cfg)
+    print(f"acknowledged the dead letters up to id {out['acked_id']} ({out['total']} kept, "
+          f"{out['unacknowledged']} unacknowledged)")
+    return 0
+
+
+def _dead_letter_commands(sub: Any) -> None:
+    dl = sub.add_parser("dead-letters", help="list, show, requeue, purge or acknowledge refused records")
+    dsub = dl.add_subparsers(dest="dl_command", required=True, metavar="{list,show,requeue,purge,ack}")
+    s = dsub.add_parser("list", help="the newest dead letters and their reasons")
+    s.add_argument("--json", action="store_true")
+    s.add_argument("--limit", type=int, default=50, help="how many (default 50)")
+    s.set_defaults(func=cmd_dl_list)
+    s = dsub.add_parser("show", help="one dead letter in full")
+    s.add_argument("id", type=int)
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_dl_show)
+    s = dsub.add_parser("requeue", help="send back through validation (a still invalid record returns)")
+    s.add_argument("ids", type=int, nargs="*", metavar="ID")
+    s.add_argument("--all", action="store_true")
+    s.set_defaults(func=cmd_dl_requeue, writes_state=True)
+    s = dsub.add_parser("purge", help="delete for good (ledger records count as dropped)")
+    s.add_argument("ids", type=int, nargs="*", metavar="ID")
+    s.add_argument("--all", action="store_true")
+    s.add_argument("--before", metavar="DATE",
+                   help="those dead-lettered before DATE (YYYY-MM-DD[THH:MM[:SS]][+HH:MM], local time; "
+                        "or epoch ms)")
+    s.set_defaults(func=cmd_dl_purge, writes_state=True)
+    s = dsub.add_parser("ack", help="mark every dead letter present as seen (ends the degraded state)")
+    s.set_defaults(func=cmd_dl_ack, writes_state=True)
+    for sp in dsub.choices.values():
+        sp.add_argument("--config", dest="sub_config", help=argparse.SUPPRESS)
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="gatewayctl", description="Inspect and operate a gatewayd installation.")
     p.add_argument("--config", help="main config file (default: $GATEWAYD_CONFIG or /etc/gatewayd/gatewayd.toml)")
@@ -359,6 +500,7 @@ def _parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_support_bundle)
     for sp in sub.choices.values():
         sp.add_argument("--config", dest="sub_config", help=argparse.SUPPRESS)
+    _dead_letter_commands(sub)
     return p
 
 
@@ -373,7 +515,14 @@ def main(argv: list[str] | None = None) -> int:
     redact.register_config(cfg)
     if getattr(args, "writes_state", False):
         act_as_state_owner(cfg)
-    return int(args.func(cfg, args))
+    try:
+        return int(args.func(cfg, args))
+    except dead_letters.DeadLetterError as e:
+        print(f"gatewayctl: {e}", file=sys.stderr)
+        return 2
+    except (sqlite3.Error, OSError) as e:
+        print(redact.redact(f"gatewayctl: cannot use the gateway state: {e}"), file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -41,6 +41,7 @@ log = logging.getLogger("gatewayd.daemon")
 HEARTBEAT_EVERY_S = 5.0
 SHUTDOWN_TIMEOUT_S = 10.0
 ERROR_BACKOFF_MAX_S = 5.0
+STATUS_STORE_EVERY_S = 5.0
 START_BACKOFF_INITIAL_S = 0.5
 START_BACKOFF_MAX_S = 30.0
 
@@ -59,6 +60,9 @@ class Service(Protocol):
 
     def report_error(self, text: str) -> None:
         """Remember the last error where `gatewayctl status` can read it."""
+
+    # Optional: `report_status(text)` remembers the STATUS= line where `gatewayctl status`
+    # reads it (called on change, at most every STATUS_STORE_EVERY_S, and when stopping).
 
     def stop(self) -> None:
         """Release resources; bounded by SHUTDOWN_TIMEOUT_S."""
@@ -157,6 +161,8 @@ class Runner:
         self.runtime_status = RuntimeStatus(runtime_dir, service.name)
         self.stop_event = threading.Event()
         self._errors_in_row = 0
+        self._stored_status: str | None = None
+        self._stored_at = float("-inf")
         self._start_fault: str | None = None
         self._start_backoff = 0.0
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
@@ -183,7 +189,7 @@ class Runner:
 
     def run(self) -> int:
         started = self._try_start()
-        self.notifier.ready(self._status())
+        self.notifier.ready(self._report_status(self._status()))
         log.info("%s ready", self.service.name)
         interval = min(self.notifier.watchdog_interval or HEARTBEAT_EVERY_S, HEARTBEAT_EVERY_S)
         last_ping = float("-inf")
@@ -203,7 +209,7 @@ class Runner:
                     self.notifier.watchdog()
                     self.heartbeat.beat()
                     last_ping = now
-                self.notifier.status(self._status())
+                self.notifier.status(self._report_status(self._status()))
                 self._write_runtime_status(started)
                 if wait > 0:
                     if healthy:
@@ -212,6 +218,19 @@ class Runner:
         finally:
             self._shutdown()
         return 0
+
+    def _report_status(self, text: str, force: bool = False) -> str:
+        """Store the STATUS= line through the service (throttled: it is a database write)."""
+        store = getattr(self.service, "report_status", None)
+        now = time.monotonic()
+        due = force or now - self._stored_at >= STATUS_STORE_EVERY_S
+        if store is not None and text != self._stored_status and due:
+            try:
+                store(text)
+                self._stored_status, self._stored_at = text, now
+            except Exception as e:  # noqa: BLE001 - only a report; the next change tries again
+                log.debug("cannot store the status line: %s", e)
+        return text
 
     def _try_start(self) -> bool:
         """Run `start()`; on a transient fault remember why, clean up, and let the loop retry."""
@@ -277,7 +296,7 @@ class Runner:
             return False, min(ERROR_BACKOFF_MAX_S, 0.1 * 2 ** min(self._errors_in_row, 6))
 
     def _shutdown(self) -> None:
-        self.notifier.stopping(f"{self.service.name} stopping")
+        self.notifier.stopping(self._report_status(f"{self.service.name} stopping", force=True))
 
         def hard_exit() -> None:
             log.critical("shutdown took longer than %.0f s, exiting hard", SHUTDOWN_TIMEOUT_S)

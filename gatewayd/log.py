@@ -1,7 +1,15 @@
-"""Logging to stderr with syslog priority prefixes, so journald keeps each line's level."""
+"""Logging to stderr with syslog priority prefixes, so journald keeps each line's level.
+
+Two formats (`[logging] format`): `text` (`<N>name: message`, one line per traceback line) and
+`json` (one JSON object per record, the traceback inside it). A JSON line carries the `<N>`
+prefix only when stderr is journald's stream: journald strips it into PRIORITY and keeps pure
+JSON in MESSAGE, while a shipper reading the raw stream (a pipe, a file, a container runtime)
+gets lines that parse as JSON, with the level in `priority` and `level`.
+"""
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import sys
@@ -19,11 +27,30 @@ _PRIORITY = {
 }
 
 
+LEVEL_NAMES = ((logging.CRITICAL, "critical"), (logging.ERROR, "error"), (logging.WARNING, "warning"),
+               (logging.INFO, "info"))
+
+
 def priority(levelno: int) -> int:
     for level, prio in sorted(_PRIORITY.items(), reverse=True):
         if levelno >= level:
             return prio
     return 7
+
+
+def level_name(levelno: int) -> str:
+    """The configuration's word for a level: critical, error, warning, info, debug."""
+    return next((name for level, name in LEVEL_NAMES if levelno >= level), "debug")
+
+
+def journald_stderr() -> bool:
+    """Is stderr journald's stream? systemd sets JOURNAL_STREAM to its `device:inode`."""
+    dev, _, ino = os.environ.get("JOURNAL_STREAM", "").partition(":")
+    try:
+        st = os.fstat(sys.stderr.fileno())
+        return (st.st_dev, st.st_ino) == (int(dev), int(ino))
+    except (ValueError, OSError, AttributeError):
+        return False
 
 
 class SyslogPrefixFormatter(logging.Formatter):
@@ -47,6 +74,25 @@ class SyslogPrefixFormatter(logging.Formatter):
         return "\n".join(prefix + line for line in text.splitlines() or [""])
 
 
+class JsonFormatter(logging.Formatter):
+    """One JSON object per record: time (UTC, ms), level, priority, daemon, logger, message,
+    exception (the traceback, when there is one). Secrets are masked as in the text format."""
+
+    def __init__(self, daemon: str, prefix: bool):
+        super().__init__()
+        self.daemon = daemon
+        self.prefix = prefix
+
+    def format(self, record: logging.LogRecord) -> str:
+        stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + f".{int(record.msecs):03d}Z"
+        doc = {"time": stamp, "level": level_name(record.levelno), "priority": priority(record.levelno),
+               "daemon": self.daemon, "logger": record.name, "message": redact(record.getMessage())}
+        if record.exc_info:
+            doc["exception"] = redact(record.exc_text or self.formatException(record.exc_info))
+        line = json.dumps(doc, ensure_ascii=False)
+        return f"<{doc['priority']}>{line}" if self.prefix else line
+
+
 class _RedactingRecord(logging.LogRecord):
     """A record whose message and traceback have registered secrets masked, whichever handler
     formats it (formatters use a preset `exc_text` instead of formatting the exception again)."""
@@ -60,14 +106,17 @@ class _RedactingRecord(logging.LogRecord):
         return redact(super().getMessage())
 
 
-def setup(name: str, level: str = "info") -> logging.Logger:
+def setup(name: str, level: str = "info", fmt: str = "text") -> logging.Logger:
     """Configure the root logger once per process; journald adds its own timestamps."""
     logging.setLogRecordFactory(_RedactingRecord)
     root = logging.getLogger()
     for h in list(root.handlers):
         root.removeHandler(h)
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(SyslogPrefixFormatter(timestamps="JOURNAL_STREAM" not in os.environ))
+    if fmt == "json":
+        handler.setFormatter(JsonFormatter(name.rpartition(".")[2], prefix=journald_stderr()))
+    else:
+        handler.setFormatter(SyslogPrefixFormatter(timestamps="JOURNAL_STREAM" not in os.environ))
     root.addHandler(handler)
     root.setLevel(getattr(logging, level.upper(), logging.INFO))
     return logging.getLogger(name)

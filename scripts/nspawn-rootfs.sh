@@ -12,22 +12,26 @@
 #
 # The rootfs is built into a temporary directory beside the cache and renamed at the
 # very end, so an interrupted build is never taken for a finished one.  A stamp file
-# inside the rootfs records the package list; a different list triggers a rebuild.
+# inside the rootfs records the package list; each list has its own rootfs directory.
 set -euo pipefail
 
 cache=${GATEWAYD_TEST_CACHE:-/var/cache/gatewayd-test}
 mirror=${GATEWAYD_TEST_MIRROR:-http://deb.debian.org/debian}
 suite=${GATEWAYD_TEST_SUITE:-bookworm}
-root="$cache/rootfs-$suite"
 stamp_rel=etc/gatewayd-test-rootfs.stamp
 
 # Everything the gatewayd .deb depends on must be in here: the tests install it offline.
 include=(
     systemd systemd-sysv dbus libpam-systemd
     python3 python3-paho-mqtt python3-psutil python3-sdnotify python3-docker python3-pyudev
+    python3-prometheus-client
     mosquitto mosquitto-clients cron procps adduser sqlite3 polkitd
 )
 stamp_content="suite=$suite include=$(IFS=,; echo "${include[*]}") v=2"
+# Each package list has a rootfs of its own, so trees with different lists (branches,
+# concurrent test runs) never rebuild each other's.
+name="rootfs-$suite-$(printf '%s' "$stamp_content" | sha256sum | cut -c1-12)"
+root="$cache/$name"
 
 log() { printf 'nspawn-rootfs: %s\n' "$*" >&2; }
 
@@ -57,13 +61,13 @@ done
 
 mkdir -p "$cache"
 # Leftovers of interrupted builds.
-for old in "$cache"/.rootfs-"$suite".tmp.*; do
+for old in "$cache"/."$name".tmp.*; do
     [[ -e $old ]] || continue
     log "removing stale $old"
     rm -rf --one-file-system "$old"
 done
 
-tmp=$(mktemp -d "$cache/.rootfs-$suite.tmp.XXXXXX")
+tmp=$(mktemp -d "$cache/.$name.tmp.XXXXXX")
 chmod 0755 "$tmp"                                # mktemp makes it 0700: "/" of the container
 cleanup() { rm -rf --one-file-system "$tmp"; }
 trap cleanup EXIT

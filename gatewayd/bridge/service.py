@@ -182,6 +182,9 @@ class Bridge:
     def report_error(self, text: str) -> None:
         self._set_error(text)
 
+    def report_status(self, text: str) -> None:
+        self.store.store_status(text)
+
     def status(self) -> str:
         now = time.monotonic()
         if self.store.faulted:

@@ -143,7 +143,7 @@ class Forwarder:
         self.watch: DirectoryWatch | None = None
         self.woken = False
         self._type_names: dict[controller_store.Value, str] = {}
-        self.faults = FaultState(self.name, log, cfg.state_dir, lambda: self.q.conn)
+        self.faults = FaultState(self.name, log, cfg.state_dir, self._reports_db)
 
     # -- compatibility views -----------------------------------------------------------------
     @property
@@ -204,6 +204,15 @@ class Forwarder:
 
     def report_error(self, text: str) -> None:
         self.faults.record(text)
+
+    def report_status(self, text: str) -> None:
+        self.faults.store_status(text)
+
+    def _reports_db(self) -> sqlite3.Connection | None:
+        """queues.db for errors and status lines, unless it is the file failing (a write might wait
+        on its lock each time)."""
+        key = self.faults.key
+        return None if isinstance(key, tuple) and key[0] == QUEUES else self.q.conn
 
     # -- faults --------------------------------------------------------------------------
     def _on_fault(self, f: StoreFault, now: float) -> tuple[bool, float]:

@@ -30,6 +30,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import TYPE_CHECKING, Any
 
 from gatewayd.config import Config
+from gatewayd.httputil import refuse_busy, shut_late
 from gatewayd.ingest import formats
 from gatewayd.ingest.batch import Batch
 from gatewayd.records import parse
@@ -44,9 +45,6 @@ PATHS = {"/api/v1/telemetry": formats.TELEMETRY, "/api/v1/attributes": formats.A
 COMMIT_WAIT_S = 30.0
 RETRY_AFTER_S = "1"
 MAX_ACCEPTS_PER_STEP = 64
-_BUSY_BODY = b'{"error": "too many connections"}'
-BUSY = (b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\nContent-Length: "
-        + str(len(_BUSY_BODY)).encode() + b"\r\nRetry-After: 1\r\nConnection: close\r\n\r\n" + _BUSY_BODY)
 
 
 class Submission:
@@ -207,11 +205,7 @@ class IngestServer(ThreadingHTTPServer):
 
     def process_request(self, request: Any, client_address: Any) -> None:
         if not self.adapter.admit(request):
-            try:
-                request.setblocking(False)
-                request.send(BUSY)
-            except OSError:
-                pass
+            refuse_busy(request)
             self.shutdown_request(request)
             return
         super().process_request(request, client_address)
@@ -298,12 +292,7 @@ class HttpAdapter:
             late = [s for s, deadline in self._conns.items() if deadline < now]
             for s in late:
                 self._conns[s] = float("inf")
-        for s in late:
-            log.debug("http: closing a connection past its %.0f s request timeout", self.request_timeout)
-            try:
-                s.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
+        shut_late(late, self.request_timeout)
 
     def fill(self, batch: Batch, room: int) -> None:
         taken: list[Submission] = []

@@ -161,6 +161,9 @@ class Ingest:
             head = f"commit failing: {self.faults.text}"
         return f"{head}; {self.committed_rows} committed since start; " + ", ".join(parts)
 
+    def report_status(self, text: str) -> None:
+        self.faults.store_status(text)
+
     def report_error(self, text: str) -> None:
         self.faults.record(text)
 

@@ -10,13 +10,16 @@ from __future__ import annotations
 import logging
 import sqlite3
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 from gatewayd.store.db import now_ms, open_db, open_readonly, schema_version, transaction
 
 log = logging.getLogger("gatewayd.store")
+
+T = TypeVar("T")
 
 CREATE_SQL = """
 CREATE TABLE IF NOT EXISTS messages(id INTEGER PRIMARY KEY AUTOINCREMENT, type TEXT, message TEXT);
@@ -210,22 +213,33 @@ def last_health_check_ms(conn: sqlite3.Connection) -> int | None:
         return None
 
 
-def read_health_check_ms(path: Path, busy_timeout_ms: int = 1000) -> int | None:
-    """`last_health_check_ms` of a file, read-only and without waiting long; None when unreadable."""
+def _read_file(path: Path, read: Callable[[sqlite3.Connection], T], missing: T | None,
+               busy_timeout_ms: int) -> T | None:
+    """`read` on a read-only connection that waits little; `missing` without a file, None when unreadable."""
     if not path.exists():
-        return None
+        return missing
     try:
         conn = open_readonly(path, busy_timeout_ms)
         try:
-            return last_health_check_ms(conn)
+            return read(conn)
         finally:
             conn.close()
     except sqlite3.Error:
         return None
 
 
+def read_health_check_ms(path: Path, busy_timeout_ms: int = 1000) -> int | None:
+    """`last_health_check_ms` of a file, read-only and without waiting long; None when unreadable."""
+    return _read_file(path, last_health_check_ms, None, busy_timeout_ms)
+
+
 def depth(conn: sqlite3.Connection) -> int:
     return int(conn.execute("SELECT count(*) FROM messages").fetchone()[0])
+
+
+def read_depth(path: Path, busy_timeout_ms: int = 1000) -> int | None:
+    """`depth` of a file, read-only and without waiting long; 0 when there is no file, None when unreadable."""
+    return _read_file(path, depth, 0, busy_timeout_ms)
 
 
 def touch_health(conn: sqlite3.Connection) -> None:
@@ -233,3 +247,41 @@ def touch_health(conn: sqlite3.Connection) -> None:
     with transaction(conn):
         conn.execute("INSERT INTO health_check(id, timestamp_ms) VALUES (1, ?) "
                      "ON CONFLICT(id) DO UPDATE SET timestamp_ms = excluded.timestamp_ms", (now_ms(),))
+
+
+# -- dead letters sent back through the controller queue --------------------------------------
+# The copy and a marker naming the dead letter commit together here; the dead letter is
+# deleted from queues.db afterwards and the marker last. A crash in between leaves a marker,
+# and the next dead-letter operation finishes the move: never lost, never queued twice.
+REQUEUE_PREFIX = "requeue:"
+
+
+def requeue_insert(conn: sqlite3.Connection, items: list[tuple[tuple[int, int], object, object]]) -> int:
+    """Insert `(key, type, message)` rows, each unless its marker (`key` = (dead letter id,
+    created_ms)) is already there; one transaction. Returns how many were inserted."""
+    inserted = 0
+    with transaction(conn):
+        for (dl_id, created), type_, message in items:
+            key = f"{REQUEUE_PREFIX}{dl_id}:{created}"
+            if conn.execute("SELECT 1 FROM gatewayd_meta WHERE key = ?", (key,)).fetchone():
+                continue
+            cur = conn.execute("INSERT INTO messages(type, message) VALUES (?, ?)", (type_, message))
+            conn.execute("INSERT INTO gatewayd_meta(key, value) VALUES (?, ?)", (key, str(cur.lastrowid)))
+            inserted += 1
+    return inserted
+
+
+def requeue_pending(conn: sqlite3.Connection) -> list[tuple[int, int]]:
+    """Markers of requeues whose dead letter may still exist: (dead letter id, created_ms)."""
+    out = []
+    for (key,) in conn.execute("SELECT key FROM gatewayd_meta WHERE key LIKE ?", (REQUEUE_PREFIX + "%",)):
+        dl_id, _, created = key[len(REQUEUE_PREFIX):].partition(":")
+        if dl_id.isdigit() and created.isdigit():
+            out.append((int(dl_id), int(created)))
+    return out
+
+
+def requeue_forget(conn: sqlite3.Connection, keys: list[tuple[int, int]]) -> None:
+    with transaction(conn):
+        conn.executemany("DELETE FROM gatewayd_meta WHERE key = ?",
+                         [(f"{REQUEUE_PREFIX}{i}:{c}",) for i, c in keys])

@@ -49,6 +49,22 @@ def _connect(path: Path, busy_timeout_ms: int) -> sqlite3.Connection:
     return conn
 
 
+def open_readonly(path: Path, busy_timeout_ms: int = BUSY_TIMEOUT_MS) -> sqlite3.Connection:
+    """A connection that can never write nor create a file (gatewayctl, the HTTP endpoint).
+
+    `mode=ro` alone still creates the -wal and -shm files of a WAL database no process has
+    open (and fails where it may not). Without a -wal file no writer is active and the main
+    file is the whole database, so it is read `immutable` then, which touches nothing else.
+    """
+    if not path.exists():
+        raise sqlite3.OperationalError(f"unable to open database file {path}: it does not exist")
+    extra = "" if Path(str(path) + "-wal").exists() else "&immutable=1"
+    conn = sqlite3.connect(f"file:{urllib.parse.quote(str(path))}?mode=ro{extra}", uri=True,
+                           timeout=busy_timeout_ms / 1000, isolation_level=None, check_same_thread=False)
+    conn.execute(f"PRAGMA busy_timeout = {int(busy_timeout_ms)}")
+    return conn
+
+
 def _own_file(path: Path) -> None:
     """Create a missing database file with mode 0640 (SQLite alone gives 0644 minus the umask),
     or bring one of ours back to 0640. SQLite gives the -wal and -shm files it creates the mode
@@ -66,14 +82,6 @@ def _own_file(path: Path) -> None:
         os.fchmod(fd, DB_FILE_MODE)
     finally:
         os.close(fd)
-
-
-def open_readonly(path: Path, busy_timeout_ms: int = BUSY_TIMEOUT_MS) -> sqlite3.Connection:
-    """A read-only connection to a file another process owns; it never creates nor changes it."""
-    conn = sqlite3.connect(f"file:{urllib.parse.quote(str(path))}?mode=ro", uri=True, timeout=busy_timeout_ms / 1000,
-                           isolation_level=None, check_same_thread=False)
-    conn.execute(f"PRAGMA busy_timeout = {int(busy_timeout_ms)}")
-    return conn
 
 
 def move_aside(path: Path, reason: str) -> Path:

@@ -110,6 +110,13 @@ class FaultState:
     def status(self, now: float) -> str:
         return f"{self.text}; retrying in {max(0.0, self.retry_at - now):.0f} s"
 
+    def store_status(self, text: str) -> None:
+        """The daemon's STATUS= line for `gatewayctl status` (`queues.record_status`), unless queues.db
+        must not be touched now (the runtime status file says why)."""
+        conn = self.db()
+        if conn is not None:
+            queues.record_status(conn, self.daemon, text)
+
     def record(self, text: str) -> None:
         """`queues.record_error` now, or as soon as the database takes writes again."""
         self.unrecorded = text

@@ -27,6 +27,7 @@ KIND_ATTRIBUTES = "attributes"
 KIND_RPC_REPLY = "rpc_reply"
 KIND_RAW = "raw"
 
+PRIO_LOG = -10  # gatewayd's own log lines: bulk rows (sent in id order), never in the ledger
 PRIO_TELEMETRY = 0
 PRIO_ATTRIBUTES = 50
 PRIO_RPC_REPLY = 100
@@ -97,6 +98,19 @@ MIGRATIONS = [
     ALTER TABLE dead_letters ADD COLUMN raw BLOB;
     ALTER TABLE dead_letters ADD COLUMN raw_size INTEGER
     """,
+    # 5: what a dead letter needs to go back where it came from (its outbox topic and
+    # priority) and whether it is a ledger record (controller data) or one of gatewayd's
+    # own messages; counters of the dead-letter workflow. Older rows from the bridge are
+    # taken as ledger records when they were telemetry/attributes and the ledger has room.
+    """
+    ALTER TABLE dead_letters ADD COLUMN counted INTEGER NOT NULL DEFAULT 1;
+    ALTER TABLE dead_letters ADD COLUMN topic TEXT;
+    ALTER TABLE dead_letters ADD COLUMN priority INTEGER;
+    UPDATE dead_letters SET counted = 0 WHERE stage != 'forwarder' AND (type NOT IN ('telemetry', 'attributes')
+        OR (SELECT value FROM counters WHERE name = 'dead_lettered')
+           <= (SELECT count(*) FROM dead_letters WHERE stage = 'forwarder'));
+    INSERT OR IGNORE INTO counters(name, value) VALUES ('requeued', 0), ('purged', 0)
+    """,
 ]
 
 
@@ -138,6 +152,15 @@ def bump(conn: sqlite3.Connection, deltas: dict[str, int]) -> None:
 
 def counters(conn: sqlite3.Connection) -> dict[str, int]:
     return {name: int(value) for name, value in conn.execute("SELECT name, value FROM counters")}
+
+
+def ledger(c: dict[str, int]) -> dict[str, Any]:
+    """The ledger part of `counters()`, and whether it adds up
+    (ingested = delivered + queued + dead_lettered + dropped)."""
+    out: dict[str, Any] = {k: c.get(k, 0) for k in ("ingested", "delivered", "queued", "dead_lettered", "dropped",
+                                                     "archived")}
+    out["balanced"] = out["ingested"] == out["delivered"] + out["queued"] + out["dead_lettered"] + out["dropped"]
+    return out
 
 
 def append(conn: sqlite3.Connection, rows: Sequence[NewRow], created_ms: int | None = None) -> None:
@@ -213,18 +236,21 @@ def dead_letter_outbox(conn: sqlite3.Connection, row: OutboxRow, reason: str, st
         if not n:
             return
         conn.execute(
-            "INSERT INTO dead_letters(stage, src_id, type, message, reason, created_ms) VALUES (?,?,?,?,?,?)",
-            (stage, row.id, row.kind, row.payload, reason, now_ms()))
+            "INSERT INTO dead_letters(stage, src_id, type, message, reason, created_ms, counted, topic, priority) "
+            "VALUES (?,?,?,?,?,?,?,?,?)",
+            (stage, row.id, row.kind, row.payload, reason, now_ms(), counted, row.topic, row.priority))
         bump(conn, {"outbox_rows": -1, "outbox_bytes": -size, "queued": -counted, "dead_lettered": counted})
 
 
 def add_dead_letters(conn: sqlite3.Connection, stage: str,
                      items: Sequence[tuple[int | None, str | None, str | None, str]]) -> None:
-    """(src_id, type, message, reason) rows; the caller holds the transaction and the counters."""
+    """(src_id, type, message, reason) rows; the caller holds the transaction and the counters.
+    The forwarder's are controller records, in the ledger; any other stage's are gatewayd's own."""
     created = now_ms()
+    counted = 1 if stage == "forwarder" else 0
     conn.executemany(
-        "INSERT INTO dead_letters(stage, src_id, type, message, reason, created_ms) VALUES (?,?,?,?,?,?)",
-        [(stage, s, t, m, r, created) for s, t, m, r in items])
+        "INSERT INTO dead_letters(stage, src_id, type, message, reason, created_ms, counted) VALUES (?,?,?,?,?,?,?)",
+        [(stage, s, t, m, r, created, counted) for s, t, m, r in items])
 
 
 def add_controller_dead_letters(conn: sqlite3.Connection, stage: str, items: Sequence[DeadLetter]) -> None:
@@ -234,15 +260,6 @@ def add_controller_dead_letters(conn: sqlite3.Connection, stage: str, items: Seq
         "INSERT INTO dead_letters(stage, src_id, type, message, reason, created_ms, raw, raw_size) "
         "VALUES (?,?,?,?,?,?,?,?)",
         [(stage, d.src_id, d.type, d.message, d.reason, created, d.raw, d.raw_size) for d in items])
-
-
-def dead_letter_sample(conn: sqlite3.Connection, limit: int, text_chars: int = 2000) -> list[dict[str, Any]]:
-    """The newest dead letters, message cut to `text_chars`, for support bundles."""
-    rows = conn.execute(
-        "SELECT id, stage, src_id, type, substr(message, 1, ?), reason, created_ms, length(raw), raw_size "
-        "FROM dead_letters ORDER BY id DESC LIMIT ?", (text_chars, limit)).fetchall()
-    keys = ("id", "stage", "src_id", "type", "message", "reason", "created_ms", "raw_bytes", "raw_size")
-    return [dict(zip(keys, r, strict=True)) for r in rows]
 
 
 def over_caps(conn: sqlite3.Connection, max_rows: int, max_bytes: int) -> bool:
@@ -270,7 +287,7 @@ def enforce_caps(conn: sqlite3.Connection, max_rows: int, max_bytes: int, chunk:
             if size > max_bytes:
                 want = max(want, min(chunk, -(-(size - max_bytes) // max(1, size // max(rows, 1)))))
             ids = [r[0] for r in conn.execute(
-                "SELECT id FROM outbox WHERE priority = ? AND kind = ? ORDER BY id LIMIT ?",
+                "SELECT id FROM outbox WHERE priority <= ? AND kind = ? ORDER BY id LIMIT ?",
                 (PRIO_TELEMETRY, KIND_TELEMETRY, min(want, chunk)))]
             if not ids:
                 break
@@ -298,6 +315,20 @@ def record_error(conn: sqlite3.Connection, daemon: str, text: str) -> None:
 def last_error(state: dict[str, Any], daemon: str) -> str | None:
     """The message `record_error` left, from `all_state()`."""
     return (state.get(f"{daemon}.last_error") or {}).get("message")
+
+
+def record_status(conn: sqlite3.Connection, daemon: str, text: str) -> None:
+    """Remember what a daemon is doing (its STATUS= line, `<daemon>.status`) for `gatewayctl status`."""
+    with transaction(conn):
+        set_state(conn, f"{daemon}.status", {"text": redact(text), "ms": now_ms()})
+
+
+def daemon_report(state: dict[str, Any], daemon: str) -> dict[str, Any]:
+    """What `record_status` and `record_error` left for one daemon, from `all_state()`."""
+    status = state.get(f"{daemon}.status") or {}
+    error = state.get(f"{daemon}.last_error") or {}
+    return {"doing": status.get("text"), "doing_ms": status.get("ms"),
+            "last_error": error.get("message"), "last_error_ms": error.get("ms")}
 
 
 def get_state(conn: sqlite3.Connection, key: str, default: Any = None) -> Any:

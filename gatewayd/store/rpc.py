@@ -27,6 +27,10 @@ from gatewayd.store import queues
 from gatewayd.store.db import now_ms, transaction
 
 STAGE = "supervisor"
+# How much of an unusable message a dead letter keeps: text, or the first bytes base64-encoded.
+KEPT_TEXT_CHARS = 100_000
+KEPT_BINARY_BYTES = 65_536
+BASE64_PREFIX = "base64:"
 
 
 class Begun(NamedTuple):
@@ -118,10 +122,10 @@ def dead_letter_inbound(conn: sqlite3.Connection, inbound_id: int, topic: str, p
     try:
         body = payload.decode("utf-8")
     except UnicodeDecodeError:
-        body = "base64:" + base64.b64encode(payload[:65536]).decode("ascii")
+        body = BASE64_PREFIX + base64.b64encode(payload[:KEPT_BINARY_BYTES]).decode("ascii")
     with transaction(conn):
         conn.execute("DELETE FROM inbound WHERE id = ?", (inbound_id,))
-        queues.add_dead_letters(conn, STAGE, [(inbound_id, text(topic), body[:100000], text(reason))])
+        queues.add_dead_letters(conn, STAGE, [(inbound_id, text(topic), body[:KEPT_TEXT_CHARS], text(reason))])
 
 
 def outbox_has(conn: sqlite3.Connection, outbox_id: int) -> bool:

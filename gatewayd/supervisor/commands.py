@@ -3,6 +3,7 @@ background) or a `PowerAction` (reply first, act after)."""
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 import shlex
@@ -13,7 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from gatewayd import __version__
+from gatewayd import __version__, dead_letters
 from gatewayd.config import Config
 from gatewayd.records import packet_size
 from gatewayd.store import archive as archive_store
@@ -386,6 +387,74 @@ def m_devices(ctx: Context, params: Any) -> Result:
     return ctx.devices()
 
 
+# -- dead letters (the same operations as `gatewayctl dead-letters`) ----------------------
+
+DEAD_LETTER_LIST_MAX = 200
+DEAD_LETTER_IDS_MAX = 10_000
+REPORTED_IDS_MAX = 50
+
+
+def m_dead_letters_list(ctx: Context, params: Any) -> Result:
+    p = _params(params)
+    limit = _int(p, "limit", required=False, default=20, lo=1, hi=DEAD_LETTER_LIST_MAX)
+    out = dead_letters.listing(ctx.cfg, limit)
+    rows = out["dead_letters"]
+    # the newest that fit in one reply
+    while rows and len(json.dumps(out, default=str)) > ctx.reply_budget - 100:
+        rows.pop(0)
+        out["truncated"] = True
+    return out
+
+
+def _selection(p: dict[str, Any], dated: bool) -> dict[str, Any]:
+    """`ids` (or `id`), `all: true`, or (purge) `before`: exactly one of them."""
+    given = [k for k in ("ids", "id", "all", "before") if k in p and (dated or k != "before")]
+    if len(given) != 1:
+        raise BadRequest("give exactly one of params.ids, params.id, params.all"
+                         + (", params.before" if dated else ""))
+    key = given[0]
+    if key == "all":
+        if p["all"] is not True:
+            raise BadRequest("params.all must be true")
+        return {"ids": None}
+    if key == "before":
+        try:
+            return {"before_ms": dead_letters.parse_before(p["before"])}
+        except dead_letters.DeadLetterError as e:
+            raise BadRequest(f"params.before: {e}") from None
+    ids = [p["id"]] if key == "id" else p["ids"]
+    if not isinstance(ids, list) or not ids or len(ids) > DEAD_LETTER_IDS_MAX:
+        raise BadRequest(f"params.ids must be a list of 1 to {DEAD_LETTER_IDS_MAX} dead letter ids")
+    return {"ids": [_int({"id": i}, "id", lo=1) for i in ids]}
+
+
+def _dead_letter_reply(result: Any) -> dict[str, Any]:
+    out = dict(result)
+    for key in ("refused", "not_found"):
+        if len(out.get(key, ())) > REPORTED_IDS_MAX:
+            out[key + "_count"] = len(out[key])
+            out[key] = out[key][:REPORTED_IDS_MAX]
+    return out
+
+
+def m_dead_letters_requeue(ctx: Context, params: Any) -> Result:
+    sel = _selection(_params(params), dated=False)
+    job = ctx.jobs.submit("dead_letters_requeue", dead_letters.requeue, ctx.cfg, sel["ids"])
+    return Deferred(job, _dead_letter_reply, "dead_letters_requeue")
+
+
+def m_dead_letters_purge(ctx: Context, params: Any) -> Result:
+    sel = _selection(_params(params), dated=True)
+    job = ctx.jobs.submit("dead_letters_purge", dead_letters.purge, ctx.cfg, sel.get("ids"), sel.get("before_ms"),
+                          "ids" in sel and sel["ids"] is None)
+    return Deferred(job, _dead_letter_reply, "dead_letters_purge")
+
+
+def m_dead_letters_ack(ctx: Context, params: Any) -> Result:
+    job = ctx.jobs.submit("dead_letters_ack", dead_letters.ack, ctx.cfg)
+    return Deferred(job, dict, "dead_letters_ack")
+
+
 METHODS: dict[str, Method] = {
     "list": Method(m_list, "the RPC methods this gateway answers"),
     "ping": Method(m_ping, "answers at once: is the supervisor alive"),
@@ -414,6 +483,14 @@ METHODS: dict[str, Method] = {
     "sw_status": Method(m_sw_status, "software update state and current version"),
     "system_info": Method(m_system_info, "versions and system metrics"),
     "devices": Method(m_devices, "USB and serial devices"),
+    "dead_letters_list": Method(m_dead_letters_list, "the newest dead letters, their reasons and counts",
+                                {"limit": f"integer (default 20, at most {DEAD_LETTER_LIST_MAX})"}),
+    "dead_letters_requeue": Method(m_dead_letters_requeue, "send dead letters back through validation",
+                                   {"ids": "list of ids", "id": "one id", "all": "true: every dead letter"}),
+    "dead_letters_purge": Method(m_dead_letters_purge, "delete dead letters (ledger records count as dropped)",
+                                 {"ids": "list of ids", "id": "one id", "all": "true: every dead letter",
+                                  "before": "epoch ms or ISO date: those dead-lettered before"}),
+    "dead_letters_ack": Method(m_dead_letters_ack, "mark every dead letter present as seen (not degraded)"),
 }
 
 

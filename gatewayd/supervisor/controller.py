@@ -152,6 +152,10 @@ class ControllerManager:
         """Run this image (recreating the container if it runs another); result: failures_total before."""
         return self._command("target", target)
 
+    def clear_target(self) -> Future:
+        """Run nothing: stop and remove the container (a first version failed, none to go back to)."""
+        return self._command("clear")
+
     def restart(self, reason: str) -> Future:
         return self._command("restart", reason)
 
@@ -264,6 +268,19 @@ class ControllerManager:
                 self._crash_loop_reported = False
             self._reconcile()
             return {"failures_total_before": before, "changed": changed}
+        if name == "clear":
+            with self._lock:
+                self.target = None
+                self.failures = 0
+            self.next_start_at = None
+            self._crash_loop_reported = False
+            info = self.docker.inspect(self.name)
+            if info is not None:
+                if info.running:
+                    self._stop_container()
+                self.docker.remove(self.name)
+            self._reconcile()
+            return {"failures_total_before": self.failures_total, "changed": info is not None}
         if name in ("restart", "start") and self.target is None:
             raise CommandRefused("the controller image is not ready yet (see the supervisor's log)")
         if name == "restart":

@@ -7,8 +7,8 @@ controller thread or in background jobs):
 2. finish RPCs whose background work is done, or answer "running" at the RPC deadline;
 3. drive the software update (updates.py) and the remote files (files.py);
 4. poll udev for hot-plugged devices;
-5. every `telemetry_interval_s`, queue device telemetry; keep "supervisor.controller" in the
-   state table fresh for `gatewayctl status`.
+5. every `telemetry_interval_s`, queue device telemetry (with the ledger and queue figures);
+   keep "supervisor.controller" in the state table fresh for `gatewayctl status`.
 
 A failing `queues.db` (full disk, lock, read-only, I/O) is waited out like in every daemon
 (`store.faults`): the loop goes on feeding the watchdog, the fault is reported once and retried
@@ -35,7 +35,8 @@ from typing import Any
 from gatewayd import __version__
 from gatewayd.config import Config
 from gatewayd.records import PUBLISH_OVERHEAD
-from gatewayd.store import queues
+from gatewayd.store import controller as controller_store
+from gatewayd.store import figures, queues
 from gatewayd.store import rpc as ledger
 from gatewayd.store.db import Tracked, now_ms, transaction
 from gatewayd.store.errors import Fault, classify, describe
@@ -282,6 +283,9 @@ class Supervisor:
         jobs = len(self.jobs.running())
         return f"{ctl}; {self.rpc.counters.rpcs} RPCs answered" + (f"; {jobs} job(s) running" if jobs else "")
 
+    def report_status(self, text: str) -> None:
+        self.faults.store_status(text)
+
     def report_error(self, text: str) -> None:
         self.faults.record(text)
 
@@ -497,6 +501,8 @@ class Supervisor:
             values["controller_state"] = "disabled"
         values.update(system_metrics(self.cfg.state_dir))
         values["supervisor_uptime_s"] = int(self.uptime_s())
+        # The ledger and queues as `gatewayctl status` shows them, so a loss is visible from afar.
+        values.update(figures.read(self._db()).telemetry(controller_store.read_depth(self.cfg.controller_db), now))
         self.publish_telemetry(values, priority=queues.PRIO_TELEMETRY)
 
     def status_report(self) -> dict[str, Any]:

@@ -61,6 +61,33 @@ class Request:
         return "local"
 
 
+def image_reference(cfg: Config, req: Request) -> str:
+    """The image an image-reference request names.
+
+    `sw_url` names it (`docker://` optional); else the version is a tag of `[controller]
+    image`'s repository; else, on a device with no controller configured, `sw_version` is a
+    whole reference (`name:tag`, `name@sha256:...`) or `sw_title` is the repository name and
+    `sw_version` its tag.
+    """
+    c = cfg["controller"]
+    if req.url:
+        ref = req.url.split("://", 1)[1] if req.url.startswith(("docker://", "docker-image://")) else req.url
+        if "://" in ref:
+            raise DockerError(f"sw_url {req.url!r} is not an image reference (downloads over HTTP are "
+                              "not supported; attach the package to ThingsBoard instead)")
+        return ref
+    if c["image"]:
+        return f"{split_image_ref(c['image'])[0]}:{safe_tag(req.version)}"
+    if not c["repository"]:
+        if split_image_ref(req.version)[1] is not None or "@" in req.version:
+            return req.version
+        if req.title.strip():
+            return f"{req.title.strip()}:{safe_tag(req.version)}"
+        raise DockerError("no controller is configured: name the image with sw_title (repository) and "
+                          "sw_version (tag), or sw_url, or attach a package")
+    raise DockerError("no update source: set [controller] repository or image, or attach a package")
+
+
 def config_key(cfg: Config) -> str:
     c = cfg["controller"]
     return json.dumps([c["image"], c["repository"], c["dockerfile"], c["version"]])
@@ -92,8 +119,9 @@ def build_commit(cfg: Config, d: Docker, repo: Path, commit: str, version: str,
     return ref, image_id
 
 
-def bootstrap_job(cfg: Config, current: dict[str, Any] | None) -> dict[str, Any]:
-    """The image to run at start-up: the saved good version, else what the config names."""
+def bootstrap_job(cfg: Config, current: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The image to run at start-up: the saved good version, else what the config names, else
+    None (no image nor repository configured: the device waits for ThingsBoard to name one)."""
     c = cfg["controller"]
     d = _docker(cfg)
     try:
@@ -119,7 +147,7 @@ def bootstrap_job(cfg: Config, current: dict[str, Any] | None) -> dict[str, Any]
             ref, image_id = build_commit(cfg, d, repo, commit, version)
             return {"source": "git", "image": ref, "image_id": image_id, "version": version, "commit": commit,
                     "title": "", "config_key": ckey, "aliases": [version]}
-        raise DockerError("no controller image: set [controller] image or repository")
+        return None  # nothing configured: the first controller comes from ThingsBoard
     finally:
         d.close()
 
@@ -135,15 +163,7 @@ def prepare_job(cfg: Config, req: Request, current: dict[str, Any] | None,
 
     try:
         if req.source == "image" or (not c["repository"] and req.source == "local"):
-            if req.url:
-                ref = req.url.split("://", 1)[1] if req.url.startswith(("docker://", "docker-image://")) else req.url
-                if "://" in ref:
-                    raise DockerError(f"sw_url {req.url!r} is not an image reference (downloads over HTTP are "
-                                      "not supported; attach the package to ThingsBoard instead)")
-            elif c["image"]:
-                ref = f"{split_image_ref(c['image'])[0]}:{safe_tag(req.version)}"
-            else:
-                raise DockerError("no update source: set [controller] repository or image, or attach a package")
+            ref = image_reference(cfg, req)
             image_id = d.image_id(ref)
             if image_id and current and current.get("image_id") == image_id:
                 return {"same": True}

@@ -6,17 +6,21 @@ Sources, chosen per request:
    `docker load`ed (the package is a `docker save` archive);
 2. `sw_url` naming an image (`docker://` prefix optional): used if present, else pulled;
 3. `[controller] repository`: the tag or commit is resolved with git, built with docker build;
-4. `[controller] image`: the same repository with the version as tag.
+4. `[controller] image`: the same repository with the version as tag;
+5. with no image nor repository configured (the first controller comes from ThingsBoard):
+   `sw_version` as an image reference, or `sw_title` as the repository and `sw_version` as
+   the tag (see `update_jobs.image_reference`).
 
 Progress is reported as telemetry `sw_state` (DOWNLOADING, DOWNLOADED, VERIFIED, UPDATING,
 UPDATED, FAILED), with `sw_error` on failure and `current_sw_title` / `current_sw_version`.
 After the switch, the new version must become healthy within `update_grace_s` (HEALTHCHECK
 `healthy`, or running for `update_stable_s` without one, and no failure); otherwise the last
-good version is started again and the update is reported FAILED. A request that failed is
-not retried until the requested version changes; a request naming the running version
-(also by another name of the same git commit) changes nothing. After an update ends
-(UPDATED, or FAILED once the rollback is done), images earlier updates built or loaded are
-removed (see images.py), keeping the running one, the last good one and `keep_images` in all.
+good version is started again (none: the container is removed) and the update is reported
+FAILED. A request that failed is not retried until the requested version changes; a request
+naming the running version (also by another name of the same git commit) changes nothing.
+After an update ends (UPDATED, or FAILED once the rollback is done), images earlier updates
+built or loaded are removed (see images.py), keeping the running one, the last good one and
+`keep_images` in all.
 
 Builds, pulls, loads and checksums run as background jobs; this class itself runs in the
 main loop and never blocks.
@@ -211,8 +215,14 @@ class UpdateManager:
             self.phase = Phase.BOOTSTRAP_WAIT
             self.last_error = job.error
             return
-        cur = dict(job.result)
-        if self.current is None or self.current.get("image_id") != cur.get("image_id"):
+        cur = dict(job.result) if job.result else None
+        if cur is None:
+            log.info("no controller configured ([controller] image and repository are empty): waiting for "
+                     "sw_title / sw_version from ThingsBoard")
+            if self.current is not None:
+                self.current = None
+                self._save()
+        elif self.current is None or self.current.get("image_id") != cur.get("image_id"):
             self.current = cur
             self._save()
         self._report_current()
@@ -225,7 +235,8 @@ class UpdateManager:
             log.info("resuming the interrupted update to %s", req.version)
             self._switch(prepared)
             return
-        self._set_controller(self.current)
+        if self.current is not None:
+            self._set_controller(self.current)
         if req is not None:
             log.info("resuming the interrupted update to %s", req.version)
             self._begin(req, resume=True)
@@ -384,9 +395,14 @@ class UpdateManager:
             self.failed_key = req.key
         self._report("FAILED", error)
         rolled_back: Future | None = None
-        if rollback and self.current and self.controller is not None:
-            log.warning("rolling back to version %s (%s)", self.current.get("version"), self.current.get("image"))
-            rolled_back = self._set_controller(self.current)
+        if rollback and self.controller is not None:
+            if self.current:
+                log.warning("rolling back to version %s (%s)", self.current.get("version"),
+                            self.current.get("image"))
+                rolled_back = self._set_controller(self.current)
+            else:
+                log.warning("no earlier version to go back to: removing the controller container")
+                rolled_back = self.controller.clear_target()
         self.target = None
         self.phase = Phase.IDLE
         self.job = None

@@ -17,7 +17,11 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def write_config(base: Path, sections: dict[str, dict[str, Any]] | None = None) -> Path:
-    """A config whose every path lives under `base`; `sections` overrides/extends it."""
+    """A config whose every path lives under `base`; `sections` overrides/extends it.
+
+    Forwarding gatewayd's own log lines to ThingsBoard is off unless a test turns it on
+    (`"logging": {"forward_level": ...}`): tests that count outbox rows or the records the
+    server received would otherwise also count the warnings their faults provoke."""
     data: dict[str, dict[str, Any]] = {
         "paths": {
             "state_dir": str(base / "state"),
@@ -25,6 +29,7 @@ def write_config(base: Path, sections: dict[str, dict[str, Any]] | None = None) 
             "controller_data_dir": str(base / "controller"),
         },
         "controller": {"enabled": False},
+        "logging": {"forward_level": "off"},
     }
     for name, keys in (sections or {}).items():
         data.setdefault(name, {}).update(keys)

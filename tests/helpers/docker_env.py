@@ -160,6 +160,13 @@ def ensure_base_image() -> str:
     """`gatewayd-test-base:latest`: a busybox-static rootfs imported with `docker import`."""
     if docker("image", "inspect", BASE_IMAGE, check=False, timeout=30).returncode == 0:
         return BASE_IMAGE
+    import_image(BASE_IMAGE)
+    return BASE_IMAGE
+
+
+def import_image(ref: str, changes: list[str] | tuple[str, ...] = ()) -> str:
+    """`docker import` of the busybox-static rootfs as `ref` (`changes`: Dockerfile lines such as
+    CMD, applied with `--change`); returns the image id."""
     busybox = ensure_busybox()
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w") as tar:
@@ -176,11 +183,12 @@ def ensure_base_image() -> str:
             tar.addfile(info)
     cli = docker_cli()
     assert cli is not None
-    proc = subprocess.run([cli, "import", "-", BASE_IMAGE], input=buf.getvalue(), capture_output=True,
+    args = [a for c in changes for a in ("--change", c)]
+    proc = subprocess.run([cli, "import", *args, "-", ref], input=buf.getvalue(), capture_output=True,
                           timeout=120, check=False)
     if proc.returncode != 0:
         raise RuntimeError(f"docker import failed: {proc.stderr.decode(errors='replace')}")
-    return BASE_IMAGE
+    return docker("image", "inspect", "--format", "{{.Id}}", ref).stdout.strip()
 
 
 def build_image(tag: str, dockerfile: str, files: dict[str, str | bytes] | None = None,

@@ -76,7 +76,7 @@ def world(tmp_path: Path) -> Iterator[dict[str, Any]]:
         "controller": {"enabled": False, "environment": {"API_KEY": SECRETS["ctlenv"], "DB_PASSWORD": "${MY_SECRET}"},
                        "repository": f"https://deploy:{SECRETS['urlpass']}@git.example.invalid/ctl.git"},
         "supervisor": {"telemetry_interval_s": 1, "udev": False},
-        "logging": {"level": "debug"},
+        "logging": {"level": "debug", "forward_level": "debug", "forward_max_per_min": 100000},
         "ingest.http": {"listen": f"127.0.0.1:{free_port()}", "bearer_token": SECRETS["ingesttoken"]},
     })
     (base / "conf.d").mkdir()
@@ -165,6 +165,9 @@ def test_planted_secrets_appear_in_no_output(world: dict[str, Any]) -> None:
         assert f"{d.name} ready" in outputs[f"stderr of {d.name}"]
 
     outputs["server telemetry"] = json.dumps(sim.client.telemetry(DEVICE))
+    # every log line went to the server too (forwarded at debug level), checked with the rest
+    forwarded = {r["values"]["gw_log_daemon"] for r in sim.client.telemetry(DEVICE) if "gw_log_message" in r["values"]}
+    assert forwarded >= {"forwarder", "bridge", "supervisor", "ingest"}, forwarded
     outputs["server attributes"] = json.dumps(sim.client.attributes(DEVICE))
 
     found = {where: leaks(text, extra) for where, text in outputs.items()}

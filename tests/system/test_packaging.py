@@ -64,6 +64,25 @@ def test_service_contract(name: str) -> None:
         assert "AF_NETLINK" not in families
 
 
+def test_http_units_contract() -> None:
+    """The endpoint: socket-activated on the configured default, a user of its own that can
+    read the databases, nothing writable, no network of its own; not watched by cron."""
+    sock, svc = unit("gatewayd-http.socket"), unit("gatewayd-http.service")
+    assert sock["Socket"]["ListenStream"] == SCHEMA["http"]["listen"].default
+    assert sock["Socket"]["Accept"] == "no" and sock["Unit"]["PartOf"] == "gatewayd.target"
+    assert "Install" not in sock  # the generator adds it to gatewayd.target, unless [http] listen is empty
+    s = svc["Service"]
+    assert s["ExecStart"] == "/usr/bin/gatewayd http" and s["Type"] == "notify" and s["WatchdogSec"] == "30"
+    assert s["DynamicUser"] == "yes" and s["SupplementaryGroups"] == "gatewayd"
+    assert s["PrivateNetwork"] == "yes" and s["RestrictAddressFamilies"] == "AF_UNIX"
+    assert s["ProtectSystem"] == "strict" and "ReadWritePaths" not in s and "StateDirectory" not in s
+    assert svc["Unit"]["Requires"] == "gatewayd-http.socket" and svc["Unit"]["PartOf"] == "gatewayd.target"
+    assert "gatewayd-http" not in (ROOT / "watchdog" / "gatewayd-watchdog").read_text()
+    install = (ROOT / "debian" / "gatewayd.install").read_text()
+    assert "units/gatewayd-http-generator lib/systemd/system-generators/" in install
+    assert os.access(ROOT / "units" / "gatewayd-http-generator", os.X_OK)
+
+
 def test_target_enables_every_service() -> None:
     u = unit("gatewayd.target")
     assert set(u["Install"]["Also"].split()) == set(SERVICES)

@@ -28,6 +28,7 @@ UNITS = {
     "supervisor": "gatewayd-supervisor.service",
 }
 INGEST = "gatewayd-ingest.service"  # inactive until an ingest adapter is configured
+HTTP_SOCKET, HTTP_SERVICE = "gatewayd-http.socket", "gatewayd-http.service"  # /health, /metrics
 TARGET = "gatewayd.target"
 DEVICE, TOKEN = "gw-test", "TESTTOKEN-4f2a"
 SIM_PORT, SIM_CONTROL = 1884, 8088
@@ -251,18 +252,18 @@ def test_install_without_configuration_stays_idle(installed: Container) -> None:
 
 
 def test_units_verify_clean(installed: Container) -> None:
-    paths = [f"/lib/systemd/system/{u}" for u in [*UNITS.values(), INGEST, TARGET]]
+    paths = [f"/lib/systemd/system/{u}" for u in [*UNITS.values(), INGEST, HTTP_SOCKET, HTTP_SERVICE, TARGET]]
     proc = installed.run(["systemd-analyze", "verify", "--man=no", *paths], check=False, timeout=120)
     assert proc.returncode == 0 and not proc.stderr.strip(), proc.stdout + proc.stderr
 
 
 # `systemd-analyze security` exposure when the units were last hardened: never worse.
-EXPOSURE_LIMITS = {"bridge": 1.1, "forwarder": 0.2, "supervisor": 1.9, "ingest": 1.1}
+EXPOSURE_LIMITS = {"bridge": 1.1, "forwarder": 0.2, "supervisor": 1.9, "ingest": 1.1, "http": 0.2}
 
 
 @pytest.mark.parametrize("daemon", list(EXPOSURE_LIMITS))
 def test_security_exposure(installed: Container, daemon: str) -> None:
-    unit = {**UNITS, "ingest": INGEST}[daemon]
+    unit = {**UNITS, "ingest": INGEST, "http": HTTP_SERVICE}[daemon]
     out = installed.run(["systemd-analyze", "security", "--no-pager", unit], timeout=120).stdout
     m = re.search(r"Overall exposure level for \S+: (\d+\.\d+)", out)
     assert m, out
@@ -421,11 +422,92 @@ def test_forwarder_warning_lands_with_warning_priority(running: Container) -> No
 
     wait_until(warned, 30, 0.5, "a PRIORITY=4 line from the forwarder")
 
+    def forwarded() -> list[dict[str, Any]]:
+        return [v for v in delivered_values(c) if v.get("gw_log_daemon") == "forwarder"
+                and v.get("gw_log_level") == "warning" and "dead-lettered" in str(v.get("gw_log_message"))]
+
+    # the sandboxed unit also queued it for ThingsBoard, where it arrives as telemetry
+    wait_until(forwarded, 60, 0.5, "the forwarder's warning at the simulator")
+
 
 def test_records_flow_to_thingsboard(running: Container) -> None:
     c = running
     send(c, "flow", range(5))
     wait_until(lambda: delivered_seqs(c, "flow") >= set(range(5)), 60, 0.5, "5 records at the simulator")
+
+
+SCRAPE = """\
+import sys, urllib.error, urllib.request
+try:
+    with urllib.request.urlopen("http://" + sys.argv[1], timeout=30) as r:
+        code, body = r.status, r.read()
+except urllib.error.HTTPError as e:
+    code, body = e.code, e.read()
+print(code)
+sys.stdout.write(body.decode())
+"""
+
+
+def scrape(c: Container, where: str) -> tuple[int, str]:
+    out = c.run(["python3", "-c", SCRAPE, where], timeout=60).stdout
+    code, _, body = out.partition("\n")
+    return int(code), body
+
+
+def test_http_endpoint_is_socket_activated(running: Container) -> None:
+    """Nothing runs until the first scrape; it starts then, reads as its own user, exits when
+    idle, and [http] listen (through the generator) moves it."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    c = running
+    ensure_running(c)
+    c.write("/etc/gatewayd/conf.d/60-http.toml", "[http]\nidle_exit_s = 3\n", mode=0o640, owner="root:gatewayd")
+    c.run(["systemctl", "restart", HTTP_SOCKET])
+    wait_until(lambda: c.active_state(HTTP_SOCKET) == "active", 30, 0.5, "the socket listening")
+    assert c.active_state(HTTP_SERVICE) == "inactive"  # costs nothing until scraped
+    # an earlier test left a dead letter: seen, so no longer degraded (run as root, it acts as gatewayd)
+    acked = c.run(["gatewayctl", "dead-letters", "ack"])
+    assert "0 unacknowledged" in acked.stdout and "acting as user gatewayd" in acked.stderr, acked
+    wait_until(lambda: status(c)["healthy"], 60, 0.5, "a healthy gateway")
+    code, body = scrape(c, "127.0.0.1:9101/metrics")
+    assert code == 200
+    names = {f.name for f in text_string_to_metric_families(body)}
+    assert {"gatewayd_ledger_records", "gatewayd_queue_depth", "gatewayd_oldest_queued_age_seconds",
+            "gatewayd_mqtt_connected", "gatewayd_unit_up", "gatewayd_publish_records"} <= names
+    assert c.active_state(HTTP_SERVICE) == "active"  # started by the first connection
+    pid = c.main_pid(HTTP_SERVICE)
+    user = c.run(["ps", "-o", "user=", "-p", str(pid)]).stdout.strip()
+    assert user not in ("root", "gatewayd"), user  # a user of its own (DynamicUser)
+    code, body = scrape(c, "127.0.0.1:9101/health")
+    health = json.loads(body)
+    assert code == 200 and health["healthy"] and health["units"]["bridge"] == "active", body
+    assert all(health["daemons"][d]["doing"] for d in UNITS), health["daemons"]
+    # idle for 3 s: the process ends, the socket stays; the next scrape starts it again
+    wait_until(lambda: c.active_state(HTTP_SERVICE) == "inactive", 30, 0.5, "the endpoint exiting when idle")
+    assert c.show(HTTP_SERVICE, "Result")["Result"] == "success"
+    assert c.active_state(HTTP_SOCKET) == "active"
+    assert scrape(c, "127.0.0.1:9101/health")[0] == 200
+    # the bridge stopped: degraded
+    c.run(["systemctl", "stop", UNITS["bridge"]])
+    try:
+        code, body = wait_until(lambda: (lambda r: r if r[0] == 503 else None)(scrape(c, "127.0.0.1:9101/health")),
+                                30, 0.5, "/health 503")
+        assert "bridge is inactive" in json.loads(body)["degraded_reasons"]
+    finally:
+        c.run(["systemctl", "start", UNITS["bridge"]])
+    # another address from the configuration, applied by daemon-reload (the generator)
+    c.write("/etc/gatewayd/conf.d/60-http.toml", '[http]\nlisten = "127.0.0.1:9109"\n', mode=0o640,
+            owner="root:gatewayd")
+    try:
+        c.run("systemctl daemon-reload && systemctl restart gatewayd-http.socket")
+        assert scrape(c, "127.0.0.1:9109/metrics")[0] == 200
+        assert c.run(["python3", "-c", SCRAPE, "127.0.0.1:9101/metrics"], check=False).returncode != 0
+    finally:
+        c.run(["rm", "-f", "/etc/gatewayd/conf.d/60-http.toml"])
+        c.run("systemctl daemon-reload && systemctl restart gatewayd-http.socket")
+    assert scrape(c, "127.0.0.1:9101/metrics")[0] == 200
+    journal = c.journal_text("-u", HTTP_SERVICE)
+    assert "Traceback" not in journal, journal
 
 
 def test_state_files_belong_to_gatewayd_databases_0640(running: Container) -> None:

@@ -12,8 +12,10 @@ import pytest
 
 from gatewayd.config import load
 from gatewayd.supervisor import gitsrc
+from gatewayd.supervisor.docker_api import DockerError
 from gatewayd.supervisor.jobs import Future, Jobs
 from gatewayd.supervisor.ota import Download, OtaError, checksum_matches, file_checksum, normalize_algorithm
+from gatewayd.supervisor.update_jobs import config_key, image_reference
 from gatewayd.supervisor.updates import Phase, Request, UpdateManager, judge
 from tests.helpers.daemons import write_config
 
@@ -163,6 +165,9 @@ class FakeController:
         f.set({"failures_total_before": self.snap["failures_total"], "changed": True})
         return f
 
+    def clear_target(self) -> Future:
+        return self.set_target(None)
+
     def snapshot(self) -> dict[str, Any]:
         return dict(self.snap)
 
@@ -194,10 +199,10 @@ class SyncJobs(Jobs):
         return job
 
 
-def make_manager(tmp_path: Path, results: dict[str, Any]) -> tuple[UpdateManager, FakeController, list[Any],
-                                                                    SyncJobs, dict[str, Any]]:
-    cfg = load(write_config(tmp_path, {"controller": {"enabled": True, "repository": str(tmp_path),
-                                                      "update_grace_s": 10, "update_stable_s": 2}}), env={})
+def make_manager(tmp_path: Path, results: dict[str, Any], **controller: Any
+                 ) -> tuple[UpdateManager, FakeController, list[Any], SyncJobs, dict[str, Any]]:
+    keys = {"enabled": True, "repository": str(tmp_path), "update_grace_s": 10, "update_stable_s": 2, **controller}
+    cfg = load(write_config(tmp_path, {"controller": keys}), env={})
     ctl = FakeController()
     telemetry: list[Any] = []
     state: dict[str, Any] = {}
@@ -302,3 +307,68 @@ def test_ota_request_goes_to_chunks(tmp_path: Path) -> None:
     assert um.phase == Phase.OTA
     um.on_ota_error("no firmware")
     assert states(tel)[-1] == "FAILED" and "no firmware" in tel[-1]["sw_error"]
+
+
+# -- the first controller from ThingsBoard (nothing configured) ---------------------------
+
+IMAGE_V1 = {"source": "image", "image": "ctl:1", "image_id": "sha256:a1", "version": "1", "title": "ctl"}
+
+
+def test_nothing_configured_waits_then_runs_the_version_thingsboard_names(tmp_path: Path) -> None:
+    um, ctl, tel, jobs, state = make_manager(tmp_path, {"prepare": None}, repository="")
+    um.start()
+    um.on_attributes({"sw_title": "ctl", "sw_version": "1"})  # arrives while the bootstrap job runs
+    jobs.results["prepare"] = IMAGE_V1
+    um.step()
+    assert um.current is None and um.phase == Phase.PREPARE and ctl.targets == []
+    assert jobs.names == ["prepare controller image", "prepare version 1"]
+    um.step()
+    assert um.phase == Phase.SWITCH and ctl.targets[-1].image_id == "sha256:a1"
+    um.step()
+    assert um.phase == Phase.GRACE
+    ctl.snap["started_ms"] = 1  # running long enough
+    um.step()
+    assert states(tel) == ["DOWNLOADING", "DOWNLOADED", "VERIFIED", "UPDATING", "UPDATED"]
+    saved = state["supervisor.sw"]["current"]
+    assert saved["image_id"] == "sha256:a1" and saved["config_key"] == config_key(um.cfg)
+
+
+def test_nothing_configured_and_idle_until_asked(tmp_path: Path) -> None:
+    um, ctl, tel, jobs, _ = make_manager(tmp_path, {"prepare": None}, repository="")
+    um.start()
+    um.step()
+    assert um.phase == Phase.IDLE and um.current is None and ctl.targets == [] and tel == []
+
+
+def test_a_failed_first_version_leaves_no_container(tmp_path: Path) -> None:
+    um, ctl, tel, jobs, state = make_manager(tmp_path, {"prepare": None}, repository="")
+    um.start()
+    um.step()
+    jobs.results["prepare"] = IMAGE_V1
+    um.on_attributes({"sw_title": "ctl", "sw_version": "1"})
+    um.step()
+    um.step()
+    assert um.phase == Phase.GRACE
+    ctl.snap.update(failures_total=1, last_failure="exited with code 1")
+    um.step()
+    assert states(tel)[-1] == "FAILED" and ctl.targets[-1] is None  # the container is removed
+    assert state["supervisor.sw"]["current"] is None and um.phase == Phase.CLEANUP
+
+
+def test_image_reference_of_a_request(tmp_path: Path) -> None:
+    def ref(attrs: dict[str, Any], **controller: Any) -> str:
+        cfg = load(write_config(tmp_path, {"controller": {"enabled": True, **controller}}), env={})
+        req = Request.from_attributes(attrs)
+        assert req is not None
+        return image_reference(cfg, req)
+
+    assert ref({"sw_title": "ctl", "sw_version": "1.2"}) == "ctl:1.2"
+    assert ref({"sw_title": "reg.local:5000/ctl", "sw_version": "1 beta"}) == "reg.local:5000/ctl:1_beta"
+    assert ref({"sw_title": "x", "sw_version": "reg.local:5000/ctl:7"}) == "reg.local:5000/ctl:7"
+    assert ref({"sw_version": "ctl@sha256:" + "a" * 64}) == "ctl@sha256:" + "a" * 64
+    assert ref({"sw_title": "x", "sw_version": "2", "sw_url": "docker://other:3"}) == "other:3"
+    assert ref({"sw_title": "x", "sw_version": "2"}, image="mine:1") == "mine:2"
+    with pytest.raises(DockerError, match="no controller is configured"):
+        ref({"sw_version": "2"})
+    with pytest.raises(DockerError, match="not an image reference"):
+        ref({"sw_version": "2", "sw_url": "https://example.com/x.tar"})

@@ -1,0 +1,1 @@
+"""`gatewayd http`: the read-only /health and /metrics endpoint."""

@@ -109,6 +109,7 @@ class Bridge:
         self.state_dirty = True
         self.state_written = 0.0
         self.store = StoreFault(cfg.queues_db, cfg.state_dir)
+        self.sender_file: tuple[int, int] | None = None  # the queues.db the sender works on
         self.inbound_failed = False
 
     # -- lifecycle -----------------------------------------------------------------------
@@ -134,10 +135,15 @@ class Bridge:
         try:
             self.db = None
             self.db = self.store.open(check)
+            if self.sender_file != self.store.tracked.identity:
+                # Another file (replaced, or a damaged one moved aside): the sender's cursors, caps and
+                # refusal counts name rows of the old one.
+                self.sender = None
             if self.sender is None:
                 self.limits.restore(self.db)
                 self.sender = Sender(self.db, self.limits, self.mqtt5, self._set_error)
                 self.sender.resize()
+                self.sender_file = self.store.tracked.identity
             self.sender.db = self.db
             self._write_state(force=True)
         except (sqlite3.Error, OSError) as e:
@@ -148,11 +154,10 @@ class Bridge:
         return True
 
     def _replaced(self, now: float) -> None:
-        """queues.db is another file now (moved aside, restored): the rows in flight and the sender's
-        cursors name ids of the old file, so the session and the sender are forgotten, not flushed."""
+        """queues.db is another file now (moved aside, restored): the rows in flight name ids of the old
+        file, so the session ends without deleting anything, and the new file is used from its head."""
         self.db = None
         self._teardown(None, 0.0)
-        self.sender = None
         self.store.retry_at = 0.0
         self._use_store(now)
 

@@ -5,8 +5,8 @@ Such faults are of the moment (`store.errors`, `store.faults`): the bridge stays
 session (an inbound message it could not store is never acknowledged; an outbox row stays until its
 deletion commits), says why once in the journal, in STATUS= and — as soon as a write succeeds — in
 `gatewayctl status`, releases the disk reserve on a full disk, and tries again with a backoff from
-0.5 s to `RETRY_MAX_S`, each time on a freshly opened connection. Only corruption is not handled
-here: it propagates, and the start-up check of the restarted daemon moves the file aside.
+0.5 s to `RETRY_MAX_S`, each time on a freshly opened connection. A damaged file (SQLITE_CORRUPT,
+NOTADB) is moved aside like every daemon does, and the next try starts a new one.
 """
 
 from __future__ import annotations
@@ -17,7 +17,6 @@ from pathlib import Path
 
 from gatewayd.store import queues
 from gatewayd.store.db import Tracked
-from gatewayd.store.errors import Fault, classify
 from gatewayd.store.faults import FaultState
 
 log = logging.getLogger("gatewayd.bridge")
@@ -45,11 +44,10 @@ class StoreFault(FaultState):
         self._check = check
         return self.tracked.reopen()
 
-    def failed(self, exc: BaseException, now: float, what: str) -> float:
-        """Re-raises corruption, which no retry cures."""
-        if classify(exc) is Fault.CORRUPT:
-            raise exc
-        return super().failed(exc, now, what)
+    def failed(self, exc: BaseException, now: float, what: str, owned: Tracked | None = None) -> float:
+        """A damaged queues.db is moved aside (unless another daemon did already); the next try opens
+        a new one."""
+        return super().failed(exc, now, what, owned or self.tracked)
 
     def status(self, now: float) -> str:
         return f"{self.text}; MQTT session closed, retrying in {max(0.0, self.retry_at - now):.0f} s"

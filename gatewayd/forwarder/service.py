@@ -29,7 +29,7 @@ from gatewayd.store import controller as controller_store
 from gatewayd.store import queues
 from gatewayd.store.check import BackgroundCheck, UncleanMarker
 from gatewayd.store.controller import Oversized
-from gatewayd.store.db import Tracked, data_version, get_mark, move_aside, schema_version, set_mark, transaction
+from gatewayd.store.db import Tracked, data_version, get_mark, schema_version, set_mark, transaction
 from gatewayd.store.errors import Fault, classify, describe
 from gatewayd.store.faults import FaultState, code_name, keep_connection
 from gatewayd.store.queues import DeadLetter, NewRow
@@ -240,10 +240,8 @@ class Forwarder:
     def _move_aside(self, tracked: Tracked, reason: str) -> None:
         """A damaged file of ours: keep it for forensics, start a new one (the other daemons follow
         the file identity)."""
-        tracked.close()
         with on(QUEUES if tracked is self.q else ARCHIVE):
-            if tracked.path.exists():
-                move_aside(tracked.path, reason)
+            tracked.move_aside(reason)
         self.reconcile = True
 
     # -- the loop ------------------------------------------------------------------------

@@ -17,6 +17,7 @@ from collections.abc import Callable, Hashable
 from pathlib import Path
 
 from gatewayd.store import queues
+from gatewayd.store.db import Tracked
 from gatewayd.store.errors import SQLITE_BUSY, SQLITE_FULL, SQLITE_LOCKED, Fault, classify, describe, primary_code
 from gatewayd.store.space import release_reserve
 
@@ -81,12 +82,20 @@ class FaultState:
             self.log.log(level, "%s; will retry", text, exc_info=exc)
             self.record(text)
 
-    def failed(self, exc: BaseException, now: float, what: str) -> float:
+    def failed(self, exc: BaseException, now: float, what: str, owned: Tracked | None = None) -> float:
         """`what` failed with `exc`: free the reserve if the disk is full, report once, and return the
-        seconds until the next try. A bug (not a fault of the moment) is logged with its traceback."""
+        seconds until the next try. A bug (not a fault of the moment) is logged with its traceback.
+
+        `owned`: the file is gatewayd's, so if it is damaged it is moved aside (the next try opens a new
+        one); if it cannot even be renamed, that is the fault waited out."""
         if is_full(exc):
             release_reserve(self.state_dir)
         kind = classify(exc)
+        if kind is Fault.CORRUPT and owned is not None:
+            try:
+                owned.move_aside(describe(exc))
+            except OSError as e:
+                exc, kind = e, classify(e)
         level = {Fault.BUG: logging.ERROR, Fault.CORRUPT: logging.CRITICAL}.get(kind, logging.WARNING)
         self.report((what, code_name(exc)), f"{what}: {describe(exc)}", now, level, exc if kind is Fault.BUG else None)
         return self.retry_later(now)

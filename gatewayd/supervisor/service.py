@@ -89,6 +89,7 @@ class Supervisor:
         self.cfg = cfg
         self.q = Tracked(cfg.queues_db, queues.open_queues)
         self.faults = FaultState(self.name, log, cfg.state_dir, lambda: None if self.faults.faulted else self.q.conn)
+        self.q_file: tuple[int, int] | None = None  # the queues.db the RPC ids known here belong to
         self.backlog: deque[Write] = deque()
         self.backlog_dropped = 0
         self._write_error: sqlite3.Error | None = None
@@ -225,6 +226,7 @@ class Supervisor:
         the Runner's to wait out); what start-up writes waits in the backlog if it must."""
         self.cfg.ensure_dirs()
         self.q.open()
+        self.q_file = self.q.identity
         if self.rpc.load_unsent(self._replies_path(), self.q.identity):
             log.info("%d RPC replies kept by the last run are stored first", len(self.rpc.unsent))
         if self.controller is not None:
@@ -296,14 +298,13 @@ class Supervisor:
     # -- the loop ------------------------------------------------------------------------
     def step(self) -> tuple[bool, float]:
         now = time.monotonic()
-        if self.q.follow(self.name):
-            self.rpc.detach()
+        self.q.follow(self.name)
         if self.faults.waiting(now):
             return True, self.faults.retry_at - now
         self._write_error = None
         try:
             try:
-                conn = self.q.conn or self.q.open()
+                conn = self.q.conn or self._reopen()
             except OSError as e:  # creating the file (full disk, read-only directory)
                 return self._on_fault(e, now)
             self._flush_backlog(conn)
@@ -316,13 +317,22 @@ class Supervisor:
         self.faults.clear(now)
         return result
 
+    def _reopen(self) -> sqlite3.Connection:
+        conn = self.q.open()
+        if self.q.identity != self.q_file:
+            # another file (replaced, or a damaged one moved aside): the ids known here are the old one's
+            self.rpc.detach()
+            self.q_file = self.q.identity
+        return conn
+
     def _on_fault(self, exc: BaseException, now: float) -> tuple[bool, float]:
         """queues.db failed: nothing is lost (see the module docstring); report once, retry later. The
         loop stays healthy: a restart cures none of this."""
         self._write_error = None
+        delay = self.faults.failed(exc, now, QUEUES, owned=self.q)
         if not keep_connection(exc):
             self.q.close()
-        return True, self.faults.failed(exc, now, QUEUES)
+        return True, delay
 
     def _work(self, now: float) -> tuple[bool, float]:
         busy = self._process_inbound()

@@ -43,3 +43,28 @@ def test_a_state_database_that_takes_no_writes_at_start_is_waited_out(tmp_path: 
     finally:
         locker.close()
         bridge.stop()
+
+
+def test_a_damaged_state_database_is_moved_aside_and_a_new_one_used(tmp_path: Path) -> None:
+    cfg = load(write_config(tmp_path, {"thingsboard": {"host": "127.0.0.1", "port": free_port(),
+                                                       "access_token": "t"}}), env={})
+    conn = queues.open_queues(cfg.queues_db)
+    for i in range(2000):
+        queues.save_state(conn, f"filler.{i}", "x" * 500)    # the pages the bridge reads at start
+    conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    conn.close()
+    data = bytearray(cfg.queues_db.read_bytes())
+    data[4096 * 2:] = b"\x5a" * (len(data) - 4096 * 2)    # all but the schema
+    cfg.queues_db.write_bytes(bytes(data))
+    bridge = Bridge(cfg)
+    bridge.start()                                            # page 1 is intact: it opens, then reads
+    try:
+        assert bridge.store.faulted and "SQLITE_CORRUPT" in (bridge.health()["fault"] or "")
+        assert [p.name for p in tmp_path.glob("state/queues.db.corrupt-*") if p.name[-4:] not in ("-wal", "-shm")]
+        bridge.store.retry_at = 0.0
+        bridge.step()
+        assert not bridge.store.faulted
+        assert bridge.health()["files"]["queues.db"] == file_identity(cfg.queues_db)  # the new file
+        assert queues.get_state(bridge.db, "bridge.mqtt")["connected"] is False
+    finally:
+        bridge.stop()

@@ -21,7 +21,7 @@ import pytest
 
 from gatewayd.config import load
 from gatewayd.store import queues
-from gatewayd.store.db import file_identity
+from gatewayd.store.db import file_identity, transaction
 from gatewayd.store.space import reserve_path
 from gatewayd.supervisor.service import Supervisor
 from tests.helpers.daemons import wait_for, write_config
@@ -197,3 +197,30 @@ def test_replies_not_stored_survive_a_restart_of_the_supervisor(
         assert len(replies(bridge, 5)) == 1 and inbound_ids(bridge) == []
     finally:
         again.stop()
+
+
+def test_a_queues_db_found_damaged_while_running_is_moved_aside_and_a_new_one_started(
+        sup: Supervisor, bridge: sqlite3.Connection, caplog: pytest.LogCaptureFixture) -> None:
+    """Real damage (pages overwritten on disk), found by the supervisor: only this moves a file aside."""
+    with transaction(bridge):
+        bridge.executemany("INSERT INTO inbound(topic, payload, received_ms) VALUES (?, ?, 0)",
+                           [("some/other/topic", b"x" * 500) for _ in range(3000)])
+    bridge.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    path = sup.cfg.queues_db
+    sup.q.close()
+    data = bytearray(path.read_bytes())
+    data[4096 * 3:4096 * 6] = b"\x5a" * (4096 * 3)
+    path.write_bytes(bytes(data))
+    sup.step()                                      # opens (page 1 is intact), reads the inbound rows
+    moved = [p for p in path.parent.glob("queues.db.corrupt-*") if not p.name.endswith(("-wal", "-shm"))]
+    assert len(moved) == 1                          # kept for forensics
+    assert "SQLITE_CORRUPT" in caplog.text
+    new = queues.open_queues(path)
+    try:
+        queues.put_inbound(new, RPC + "3", json.dumps({"method": "ping"}).encode())
+        retry_now(sup)
+        sup.step()
+        assert sup.health()["fault"] is None and sup.health()["files"]["queues.db"] == file_identity(path)
+        assert replies(new, 3)[0]["pong"] is True
+    finally:
+        new.close()

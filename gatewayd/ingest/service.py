@@ -30,7 +30,7 @@ from gatewayd.store import controller as controller_store
 from gatewayd.store import ingest as ingest_store
 from gatewayd.store import queues
 from gatewayd.store.db import Tracked, file_identity, transaction
-from gatewayd.store.errors import describe
+from gatewayd.store.errors import Fault, describe
 from gatewayd.store.faults import FaultState
 from gatewayd.store.ingest import Row
 
@@ -182,7 +182,9 @@ class Ingest:
         self.q.follow(self.name)
         self._round(now)
         now = time.monotonic()
-        healthy = not self.faults.faulted or now - self.faults.since < self.stall_s
+        # A fault of the moment (full disk, lock, I/O) keeps the watchdog fed: a restart cures none of them.
+        healthy = (not self.faults.faulted or self.faults.kind is Fault.TRANSIENT
+                   or now - self.faults.since < self.stall_s)
         if any(a.has_work() for a in self.adapters):
             if self.faults.faulted:
                 return healthy, max(0.0, self.faults.retry_at - now)

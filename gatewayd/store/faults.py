@@ -58,6 +58,7 @@ class FaultState:
         self.initial = initial
         self.maximum = maximum
         self.text: str | None = None     # None: no fault
+        self.kind: Fault | None = None    # of the last exception reported through `failed`
         self.key: Hashable | None = None
         self.since = 0.0
         self.backoff = 0.0
@@ -96,6 +97,7 @@ class FaultState:
                 owned.move_aside(describe(exc))
             except OSError as e:
                 exc, kind = e, classify(e)
+        self.kind = kind
         level = {Fault.BUG: logging.ERROR, Fault.CORRUPT: logging.CRITICAL}.get(kind, logging.WARNING)
         self.report((what, code_name(exc)), f"{what}: {describe(exc)}", now, level, exc if kind is Fault.BUG else None)
         return self.retry_later(now)
@@ -112,6 +114,7 @@ class FaultState:
             self.record(f"recovered: {self.text}")
         self.text = None
         self.key = None
+        self.kind = None
         self.backoff = 0.0
         self.retry_at = 0.0
         self.flush()

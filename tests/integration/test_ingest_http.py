@@ -23,6 +23,7 @@ from tests.helpers.brokers import free_port
 from tests.helpers.daemons import Daemon
 from tests.helpers.datapath import can_mount, fill, status_json, tmpfs
 from tests.helpers.ingest import controller_rows, ingest_config, queued_seqs, wait_for
+from tests.integration.test_bridge_support import NotifySocket
 
 pytestmark = pytest.mark.integration
 
@@ -32,12 +33,12 @@ JSON = {"Content-Type": "application/json"}
 
 class Gateway:
     def __init__(self, base: Path, ingest: dict[str, Any] | None = None, paths: dict[str, str] | None = None,
-                 **http: Any):
+                 env: dict[str, str] | None = None, **http: Any):
         self.base = base
         self.port = free_port()
         self.cfg = ingest_config(base, http_port=self.port, ingest__http={"request_timeout_s": 2.0, **http},
                                  ingest=ingest or {}, paths=paths or {})
-        self.daemon = Daemon("ingest", self.cfg).start()
+        self.daemon = Daemon("ingest", self.cfg, env=env).start()
 
     def post(self, body: bytes | str, path: str = "/api/v1/telemetry", headers: dict[str, str] | None = None,
              method: str = "POST", timeout: float = 10) -> tuple[int, dict[str, Any]]:
@@ -241,12 +242,14 @@ def test_any_body_gets_an_answer_and_200_means_queued(shared_gw: Gateway, body: 
 @pytest.mark.skipif(not can_mount(), reason="needs root to mount a tmpfs")
 def test_a_full_disk_and_a_replaced_queues_db(tmp_path: Path) -> None:
     """The controller queue on a full disk: 503 (nothing queued, nothing lost), the reserve released so
-    that commits go on, the fault once in the journal and in `gatewayctl status`; a queues.db replaced
-    under ingest is followed, and its errors land in the new file."""
+    that commits go on, the fault once in the journal and in `gatewayctl status`, the watchdog fed while
+    it lasts; a queues.db replaced under ingest is followed, and its errors land in the new file."""
     base = tmp_path / "gw"
     state = base / "state"
+    notify = NotifySocket(tmp_path / "notify.sock")
     with tmpfs(state, 8 << 20):
-        gw = Gateway(base, paths={"controller_data_dir": str(state / "controller")})
+        gw = Gateway(base, ingest={"stall_timeout_s": 1}, paths={"controller_data_dir": str(state / "controller")},
+                     env=notify.env(1_000_000))
         g, cfg, post = gw.daemon, gw.cfg, gw.post
         try:
             assert post('{"n": 0}')[0] == 200
@@ -265,12 +268,19 @@ def test_a_full_disk_and_a_replaced_queues_db(tmp_path: Path) -> None:
             assert code == 503 and "full" in answer.get("error", ""), answer
             assert not reserve.exists()                        # released for the commits that matter
             assert "full" in (status_json(cfg)[1]["faults"]["ingest"] or "")
-            assert post(body)[0] == 200                        # the released room takes it
+            fill(state, "filler2")                             # and full again: the fault lasts
+            assert post(body)[0] == 503
+            pings = [t for t, m in notify.drain(4.0) if m == "WATCHDOG=1"]
+            assert len(pings) >= 4 and pings[-1] - pings[0] > 2.0, pings  # past stall_timeout_s, still fed
+            (state / "filler2").unlink()
+            assert post(body)[0] == 200                        # the room is back
             wait_for(lambda: "recovered: cannot commit" in g.log(), 10, what="the recovery logged")
-            assert g.log().count("; will retry") == 1
+            faults = [line.split(" ", 3)[-1] for line in g.log().splitlines() if line.endswith("; will retry")]
+            assert faults and len(faults) == len(set(faults)), faults   # each said once (a new reason again)
             with contextlib.closing(queues.open_queues(queues_db, check=False)) as q:
                 assert "full" in (queues.last_error(queues.all_state(q), "ingest") or "")
             n = sum(len(json.loads(m)) if m.startswith("[") else 1 for _, m in controller_rows(state))
             assert n == 201
         finally:
             g.stop()
+            notify.close()

@@ -142,7 +142,7 @@ def test_a_full_disk_and_a_restart_of_every_daemon_lose_nothing(tmp_path: Path, 
             fill(state, "filler2")
             assert os.statvfs(state).f_bavail == 0
             caller = threading.Thread(target=lambda: rpc.append(
-                sim.client.rpc(DEVICE, "ping", {"during": "full"}, timeout=120, persistent=True)))
+                sim.client.rpc(DEVICE, "ping", {"during": "full"}, timeout=120, persistent=True)), daemon=True)
             caller.start()
 
             # every daemon restarted while not one byte is free: each stops cleanly (what their

@@ -187,12 +187,16 @@ async def read_packet(reader: asyncio.StreamReader, max_len: int) -> bytes:
 
 
 def parse_connect(pkt: bytes) -> dict[str, Any]:
+    """The fields of a whole CONNECT packet; ProtocolError when it is not one."""
     dec = decode_varint(pkt, 1)
-    assert dec is not None
+    if dec is None:
+        raise ProtocolError("truncated CONNECT")
     p = dec[1]
     proto, p = read_str(pkt, p)
     if proto not in ("MQTT", "MQIsdp"):
         raise ProtocolError(f"unknown protocol name {proto!r}")
+    if p + 4 > len(pkt):
+        raise ProtocolError("truncated CONNECT")
     level = pkt[p]
     flags = pkt[p + 1]
     keepalive = read_u16(pkt, p + 2)
@@ -229,7 +233,8 @@ def rewrite_connack(pkt: bytes, level: int) -> bytes:
     if level < MQTT5:
         return pkt
     dec = decode_varint(pkt, 1)
-    assert dec is not None
+    if dec is None:
+        raise ProtocolError("truncated CONNACK")
     p = dec[1]
     head = pkt[p:p + 2]
     raw, _ = read_props(pkt, p + 2)

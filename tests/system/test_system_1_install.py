@@ -12,13 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.system.box import (
-    HTTP_SERVICE,
-    HTTP_SOCKET,
-    INGEST,
-    TARGET,
-    UNITS,
-)
+from tests.system.box import HTTP_SERVICE, HTTP_SOCKET, INGEST, TARGET, UNITS
 from tests.system.nspawn import Container
 
 pytestmark = pytest.mark.system

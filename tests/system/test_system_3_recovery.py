@@ -109,12 +109,17 @@ def test_restart_gateway_rpc_restarts_all_units(running: Container) -> None:
 
 # -- the cron fallback watchdog ----------------------------------------------------------
 
-def test_fallback_watchdog_recovers_a_unit_past_its_start_limit(running: Container) -> None:
-    c = running
+def forwarder_given_up(c: Container) -> tuple[str, str]:
+    """The forwarder's unit, failed for good (systemd gave up on it), and a journal cursor."""
     unit = UNITS["forwarder"]
     ensure_running(c, unit)
     drive_past_start_limit(c, unit)
-    cur = cursor(c)
+    return unit, cursor(c)
+
+
+def test_fallback_watchdog_recovers_a_unit_past_its_start_limit(running: Container) -> None:
+    c = running
+    unit, cur = forwarder_given_up(c)
     c.run(["gatewayd-watchdog"], timeout=180)
     wait_active(c, unit, 30)
     log = journal_after(c, cur, ident="gatewayd-watchdog")
@@ -123,10 +128,7 @@ def test_fallback_watchdog_recovers_a_unit_past_its_start_limit(running: Contain
 
 def test_cron_runs_the_fallback_watchdog(running: Container) -> None:
     c = running
-    unit = UNITS["forwarder"]
-    ensure_running(c, unit)
-    drive_past_start_limit(c, unit)
-    cur = cursor(c)
+    unit, cur = forwarder_given_up(c)
     c.run(["systemctl", "start", "cron.service"])
     # cron runs it at the top of the next minute.
     wait_active(c, unit, 90)

@@ -4,14 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.system.box import (
-    DEB_DIR,
-    TARGET,
-    UNITS,
-    ensure_running,
-    wait_active,
-    wait_all_inactive,
-)
+from tests.system.box import DEB_DIR, TARGET, UNITS, ensure_running, wait_active, wait_all_inactive
 from tests.system.nspawn import Container, ContainerError
 
 pytestmark = pytest.mark.system

@@ -49,7 +49,8 @@ from .topics import map_down_filter, map_up_topic, unmap_down_topic
 
 log = logging.getLogger(__name__)
 
-
+# device packets the proxy rewrites; the others pass through as they are
+_DEVICE_REWRITTEN = frozenset((PUBLISH, SUBSCRIBE, UNSUBSCRIBE, CONNECT))
 READ_SIZE = 256 * 1024
 CONNECT_TIMEOUT_S = 10.0
 HARD_MAX_PACKET = 16 * 1024 * 1024
@@ -233,13 +234,17 @@ class Session:
         except (ConnectionError, OSError) as exc:
             return f"{name} connection error: {exc}"
 
-    # device -> broker -------------------------------------------------------------------
-    def _from_device(self, buf: bytearray) -> tuple[list[bytes], int, str | None]:
+    # both directions ------------------------------------------------------------------
+    def _rewrite(self, buf: bytearray, wanted: Callable[[int], bool],
+                 rewrite: Callable[[int, bytes, int], tuple[bytes | None, str | None]],
+                 publish_limit: int | None = None) -> tuple[list[bytes], int, str | None]:
+        """Walk the whole packets in `buf`: runs of packets not `wanted` pass through as they are,
+        the others go through `rewrite` (a replacement or nothing, and a reason to close).
+        Returns (bytes to send, bytes consumed, reason to close or None)."""
         out: list[bytes] = []
         pos = 0
         passed = 0  # start of the pending pass-through run
         n = len(buf)
-        faults = self.state.faults
         while pos < n:
             dec = decode_varint(buf, pos + 1)
             if dec is None:
@@ -247,24 +252,16 @@ class Session:
             rl, body = dec
             end = body + rl
             ptype = buf[pos] >> 4
-            if ptype == PUBLISH and rl > faults.max_packet_bytes + 131072:
+            if publish_limit is not None and ptype == PUBLISH and rl > publish_limit:
                 # certainly larger than the limit: do not wait for the rest
                 self._flush(out, buf, passed, pos)
                 self.state.count(self.device, "oversize_closes")
                 return out, pos, f"oversized PUBLISH ({rl} bytes)"
             if end > n:
                 break
-            if ptype in (PUBLISH, SUBSCRIBE, UNSUBSCRIBE, CONNECT):
+            if wanted(ptype):
                 self._flush(out, buf, passed, pos)
-                pkt = bytes(buf[pos:end])
-                if ptype == PUBLISH:
-                    repl, reason = self._device_publish(pkt, body - pos)
-                elif ptype == SUBSCRIBE:
-                    repl, reason = self._device_subscribe(pkt, body - pos), None
-                elif ptype == UNSUBSCRIBE:
-                    repl, reason = self._device_unsubscribe(pkt, body - pos), None
-                else:
-                    repl, reason = None, "second CONNECT"
+                repl, reason = rewrite(ptype, bytes(buf[pos:end]), body - pos)
                 if reason:
                     return out, end, reason
                 if repl is not None:
@@ -273,6 +270,20 @@ class Session:
             pos = end
         self._flush(out, buf, passed, pos)
         return out, pos, None
+
+    # device -> broker -------------------------------------------------------------------
+    def _from_device(self, buf: bytearray) -> tuple[list[bytes], int, str | None]:
+        return self._rewrite(buf, _DEVICE_REWRITTEN.__contains__, self._device_packet,
+                             self.state.faults.max_packet_bytes + 131072)
+
+    def _device_packet(self, ptype: int, pkt: bytes, body: int) -> tuple[bytes | None, str | None]:
+        if ptype == PUBLISH:
+            return self._device_publish(pkt, body)
+        if ptype == SUBSCRIBE:
+            return self._device_subscribe(pkt, body), None
+        if ptype == UNSUBSCRIBE:
+            return self._device_unsubscribe(pkt, body), None
+        return None, "second CONNECT"
 
     @staticmethod
     def _flush(out: list[bytes], buf: bytearray, start: int, end: int) -> None:
@@ -386,34 +397,19 @@ class Session:
 
     # broker -> device -------------------------------------------------------------------
     def _from_broker(self, buf: bytearray) -> tuple[list[bytes], int, str | None]:
-        out: list[bytes] = []
-        pos = 0
-        passed = 0
-        n = len(buf)
-        faults = self.state.faults
-        while pos < n:
-            dec = decode_varint(buf, pos + 1)
-            if dec is None:
-                break
-            rl, body = dec
-            end = body + rl
-            if end > n:
-                break
-            ptype = buf[pos] >> 4
-            if ptype == PUBLISH or (ptype == SUBACK and self.invalid_subs) or (
-                    ptype == PUBACK and faults.no_puback):
-                self._flush(out, buf, passed, pos)
-                pkt = bytes(buf[pos:end])
-                if ptype == PUBLISH:
-                    out.append(self._broker_publish(pkt, body - pos))
-                elif ptype == SUBACK:
-                    out.append(self._broker_suback(pkt, body - pos))
-                else:
-                    self.state.count(self.device, "pubacks_swallowed")
-                passed = end
-            pos = end
-        self._flush(out, buf, passed, pos)
-        return out, pos, None
+        return self._rewrite(buf, self._broker_wanted, self._broker_packet)
+
+    def _broker_wanted(self, ptype: int) -> bool:
+        return ptype == PUBLISH or (ptype == SUBACK and bool(self.invalid_subs)) or (
+            ptype == PUBACK and self.state.faults.no_puback)
+
+    def _broker_packet(self, ptype: int, pkt: bytes, body: int) -> tuple[bytes | None, str | None]:
+        if ptype == PUBLISH:
+            return self._broker_publish(pkt, body), None
+        if ptype == SUBACK:
+            return self._broker_suback(pkt, body), None
+        self.state.count(self.device, "pubacks_swallowed")
+        return None, None
 
     def _broker_publish(self, pkt: bytes, body: int) -> bytes:
         topic, _ = read_str(pkt, body)

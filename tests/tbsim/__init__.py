@@ -32,7 +32,10 @@ A loopback HTTP JSON API (`--control-port`) drives it; `SimulatorClient` wraps i
     GET  /faults, /session_limits, /client_rpc?device=X
     POST /devices {name, token?}                  add a device (random token when omitted)
     POST /shared_attributes {device, values?, deleted?}
-    POST /rpc {device, method, params, timeout?}  -> {"id", "response"}; HTTP 504 on timeout
+    POST /rpc {device, method, params, timeout?, persistent?}  -> {"id", "response"}; HTTP 504 on timeout.
+                                      persistent (ThingsBoard's persistent RPC): sent again every
+                                      PERSISTENT_RESEND_S while the device is connected and has not
+                                      answered, so it survives a device that was offline or dropped it
     POST /faults {no_puback?, max_packet_bytes?, rate_limit?, refuse?, drop?, refuse_payloads?}
                                       refuse_payloads: [{"match": TEXT, "code": N}]: an MQTT 5 PUBLISH
                                       whose payload contains TEXT ("" = any) is answered with a PUBACK

@@ -91,10 +91,14 @@ class SimulatorClient:
     def delete_shared_attributes(self, device: str, keys: list[str]) -> dict[str, Any]:
         return self.set_shared_attributes(device, None, keys)
 
-    def rpc(self, device: str, method: str, params: Any = None, timeout: float = 10.0) -> Any:
-        """Server-side RPC; returns the device's reply, raises SimulatorError(504) on timeout."""
+    def rpc(self, device: str, method: str, params: Any = None, timeout: float = 10.0,
+            persistent: bool = False) -> Any:
+        """Server-side RPC; returns the device's reply, raises SimulatorError(504) on timeout.
+
+        `persistent`: sent again while the device is connected and has not answered (ThingsBoard's
+        persistent RPC), so a device that was offline or dropped the request still gets it."""
         body = {"device": device, "method": method, "params": {} if params is None else params,
-                "timeout": timeout}
+                "timeout": timeout, "persistent": persistent}
         return self._call("POST", "/rpc", body, timeout=timeout + 10)["response"]
 
     def set_faults(self, **faults: Any) -> dict[str, Any]:

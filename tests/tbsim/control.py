@@ -116,7 +116,8 @@ class Controller:
             if not isinstance(method, str):
                 raise ControlError(400, "method is required")
             timeout = float(body.get("timeout", 10.0))
-            ok, value, rpc_id = self.tb.server_rpc(dev, method, body.get("params", {}), timeout)
+            ok, value, rpc_id = self.tb.server_rpc(dev, method, body.get("params", {}), timeout,
+                                                   bool(body.get("persistent", False)))
             if not ok:
                 raise ControlError(504, f"no RPC response from {dev.name} within {timeout} s (id {rpc_id})")
             return {"id": rpc_id, "response": value}

@@ -13,12 +13,15 @@ import logging
 import os
 import secrets
 import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
 from .state import Device, Package, State, new_token, now_ms
 
 log = logging.getLogger(__name__)
+
+PERSISTENT_RESEND_S = 2.0
 
 
 def make_paho_client(client_id: str, protocol: int | None = None) -> Any:
@@ -228,18 +231,28 @@ class ThingsBoardLogic:
         self.publish(f"{self.root}/{dev.key}/down/attributes/response/{req_id}", reply)
 
     # RPC ---------------------------------------------------------------------------
-    def server_rpc(self, dev: Device, method: str, params: Any, timeout: float) -> tuple[bool, Any, int]:
+    def server_rpc(self, dev: Device, method: str, params: Any, timeout: float,
+                   persistent: bool = False) -> tuple[bool, Any, int]:
         with self.state.lock:
             dev.next_rpc_id += 1
             rpc_id = dev.next_rpc_id
             event = threading.Event()
             slot: list[Any] = []
             self.pending_rpc[(dev.name, rpc_id)] = (event, slot)
-            dev.stats["rpc_requests_sent"] += 1
+        deadline = time.monotonic() + timeout
         try:
-            self.publish(f"{self.root}/{dev.key}/down/rpc/request/{rpc_id}",
-                         {"method": method, "params": params})
-            ok = event.wait(timeout)
+            while True:
+                with self.state.lock:
+                    send = dev.connected or not persistent
+                    if send:
+                        dev.stats["rpc_requests_sent"] += 1
+                if send:
+                    self.publish(f"{self.root}/{dev.key}/down/rpc/request/{rpc_id}",
+                                 {"method": method, "params": params})
+                left = deadline - time.monotonic()
+                ok = event.wait(max(0.0, min(left, PERSISTENT_RESEND_S if persistent else left)))
+                if ok or not persistent or time.monotonic() >= deadline:
+                    break
         finally:
             with self.state.lock:
                 self.pending_rpc.pop((dev.name, rpc_id), None)

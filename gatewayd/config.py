@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from gatewayd import privacy
 from gatewayd.redact import MASK, redact
 
 DEFAULT_CONFIG_PATH = "/etc/gatewayd/gatewayd.toml"
@@ -214,6 +215,12 @@ SCHEMA: dict[str, dict[str, Key]] = {
                               "controller records wait in the controller queue (room for the ledger and replies)"),
         "reserve_bytes": Key(int, 8 * MIB, _min(0), doc="pre-allocated file in state_dir, released when the "
                              "disk is found full so that the daemons can still commit and restart"),
+        "wait_for_clock": Key(str, "set", _one_of("set", "sync", "no"),
+                              doc='"set": controller records wait while the system clock reads a time before 2025 '
+                                  '(never set since boot); "sync": while the kernel says it is not synchronised; '
+                                  '"no": never'),
+        "wait_for_clock_max_s": Key((int, float), 600.0, _non_negative,
+                                    doc="the longest such a wait lasts per boot; then records flow, flagged"),
     },
     "outbox": {
         "max_rows": Key(int, 5_000_000, _min(1)),
@@ -223,6 +230,13 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "enabled": Key(bool, True),
         "max_bytes": Key(int, 2048 * MIB, _min(4096)),
         "retention_days": Key((int, float), 90.0, _positive),
+    },
+    # Applied by the forwarder before archive and outbox (gatewayd/privacy.py).
+    "privacy": {
+        "rules": Key(list, [], doc="[[privacy.rules]] match = key or glob, action = drop | redact | hash | round "
+                                   "(digits = N); the first matching rule decides a key"),
+        "drop_record_if": Key(list, [], doc="keys (or globs) whose presence drops the whole record"),
+        "hash_key": Key(str, "", secret=True, doc="HMAC-SHA256 key of the hash action (at least 16 characters)"),
     },
     "supervisor": {
         "telemetry_interval_s": Key((int, float), 20.0, _positive),
@@ -585,6 +599,8 @@ def load(path: str | Path | None = None, env: Mapping[str, str] | None = None) -
     spool = data["ingest.spool"].get("directory")
     if isinstance(spool, str) and spool and not os.path.isabs(spool):
         problems.append(f"[ingest.spool] directory = {spool!r}: must be an absolute path")
+
+    problems.extend(privacy.problems(data["privacy"]))
 
     if problems:
         raise ConfigError(problems)

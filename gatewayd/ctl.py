@@ -117,6 +117,7 @@ def collect(cfg: Config) -> dict[str, Any]:
     mqtt = {"connected": False, "since_ms": None, "last_puback_ms": None, "last_error": None}
     mqtt.update(state.get("bridge.mqtt") or {})
     ledger = queues.ledger(c)
+    ledger["dropped_by_reason"] = queues.dropped_by_reason(c)
     controller = dict(state.get("supervisor.controller") or {})
     controller.setdefault("enabled", cfg["controller"]["enabled"])
     controller["last_health_check_ms"] = last_health
@@ -142,12 +143,26 @@ def collect(cfg: Config) -> dict[str, Any]:
         "archive": {"bytes": archive_bytes},
         "controller": controller,
         "ingest": {"adapters": cfg.ingest_adapters()},
+        "clock": clock_view(state.get("forwarder.clock") or {}, c),
         "errors": {d: queues.last_error(state, d) for d in DAEMONS},
         "daemons": {d: {"unit": units.get(d, "unknown"), "up": units.get(d) == "active",
                         **queues.daemon_report(state, d), "fault": faults["faults"][d]} for d in DAEMONS},
         "corrupt_files": corrupt_copies(cfg.state_dir, cfg.controller_data_dir),
         **faults,
     }
+
+
+def clock_view(saved: dict[str, Any], c: dict[str, int]) -> dict[str, Any]:
+    """The system clock now, and what the forwarder did about it (its saved clock history)."""
+    from gatewayd.clock import system_clock
+
+    r = system_clock().read()
+    boots = saved.get("boots") or [{}]
+    current = boots[-1] if boots[-1].get("boot_id") == r.boot_id else {}
+    return {"synchronized": r.sync.synced if r.sync.known else None, "state": r.sync.describe(),
+            "forwarder_waiting": bool(saved.get("waiting")),
+            "steps_this_boot": max(0, len(current.get("segments") or [None]) - 1),
+            "corrected": c.get("clock.corrected", 0), "forwarded_unsynchronized": c.get("clock.unsynced", 0)}
 
 
 def degraded_reasons(st: dict[str, Any]) -> list[str]:
@@ -165,6 +180,8 @@ def degraded_reasons(st: dict[str, Any]) -> list[str]:
         reasons.append(f"{len(st['corrupt_files'])} damaged database file(s) moved aside")
     reasons.extend(f"{d}: {fault}" for d, fault in st["faults"].items() if fault)
     reasons.extend(f"{d} still uses a queues.db that was replaced" for d in st["stale_queues_db"])
+    if st.get("clock", {}).get("forwarder_waiting"):
+        reasons.append("controller records wait for the system clock to be set")
     if st["controller"].get("database_error"):
         reasons.append(f"controller database unreadable: {st['controller']['database_error']}")
     return reasons
@@ -193,9 +210,16 @@ def _print_status(st: dict[str, Any], reasons: list[str]) -> None:
     print(f"queues:     controller {q['controller']}, outbox {q['outbox']}, inbound {q['inbound']}, "
           f"dead letters {q['dead_letters']}" + (f" ({unacked} unacknowledged)" if unacked else "")
           + (f", oldest {age:.1f} s" if age is not None else ""))
+    reasons_text = ", ".join(f"{k.replace('_', ' ')} {n}" for k, n in led.get("dropped_by_reason", {}).items() if n)
     print(f"ledger:     ingested {led['ingested']} = delivered {led['delivered']} + queued {led['queued']} "
           f"+ dead-lettered {led['dead_lettered']} + dropped {led['dropped']}"
-          f"{'' if led['balanced'] else '  (DOES NOT ADD UP)'}")
+          f"{f' ({reasons_text})' if reasons_text else ''}{'' if led['balanced'] else '  (DOES NOT ADD UP)'}")
+    clk = st.get("clock") or {}
+    if clk:
+        print(f"clock:      {clk['state']}" + ("; controller records WAIT for it" if clk["forwarder_waiting"] else "")
+              + (f"; {clk['corrected']} timestamps corrected" if clk["corrected"] else "")
+              + (f"; {clk['forwarded_unsynchronized']} records forwarded unsynchronised"
+                 if clk["forwarded_unsynchronized"] else ""))
     print(f"archive:    {st['archive']['bytes']} bytes")
     ctl = st["controller"]
     print(f"controller: {ctl.get('state', 'unknown') if ctl.get('enabled') else 'disabled'}")

@@ -16,13 +16,13 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from gatewayd.clock import system_clock
 from gatewayd.config import Config
 
 OK, WARN, FAIL = "ok", "warning", "failed"
 CERT_WARN_DAYS = 30
 MIN_FREE_BYTES = 200 * 1024 * 1024
 MIN_FREE_FRACTION = 0.05
-EARLIEST_SANE_TIME = 1735689600  # 2025-01-01: a clock before this has not been set since boot
 
 
 @dataclass
@@ -253,11 +253,17 @@ def check_disk(cfg: Config) -> Result:
 
 
 def check_clock() -> Result:
-    now = time.time()
-    if now < EARLIEST_SANE_TIME:
-        return Result("clock", FAIL, f"system time {time.ctime(now)} is before 2025: not set since boot?")
-    synced = Path("/run/systemd/timesync/synchronized").exists()
-    return Result("clock", OK, time.strftime("%Y-%m-%d %H:%M:%S %Z") + (" (NTP synchronized)" if synced else ""))
+    """Set (not before 2025) and synchronised (the kernel's NTP state, as `timedatectl` reads it)."""
+    r = system_clock().read()
+    when = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(r.wall_ms / 1000))
+    if not r.plausible:
+        return Result("clock", FAIL, f"system time {when} is before 2025: not set since boot; "
+                      "controller records wait for it (see [forwarder] wait_for_clock)")
+    if r.sync.known and r.sync.synced:
+        return Result("clock", OK, f"{when}, {r.sync.describe()} ({r.sync.source})")
+    return Result("clock", WARN, f"{when}, {r.sync.describe()}: timestamps are not verified and archive "
+                  "retention by age is paused until the clock is synchronised (is an NTP client such as "
+                  "systemd-timesyncd running?)")
 
 
 def check_journal() -> Result:

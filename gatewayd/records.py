@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from gatewayd.store.queues import (
     KIND_ATTRIBUTES,
@@ -14,6 +15,9 @@ from gatewayd.store.queues import (
     TOPIC_ATTRIBUTES,
     TOPIC_TELEMETRY,
 )
+
+if TYPE_CHECKING:
+    from gatewayd.privacy import Policy
 
 # MQTT PUBLISH framing around topic and payload: fixed header (<= 5), topic length (2),
 # packet id (2), and 2 for the brackets when a telemetry record travels in a JSON array.
@@ -30,12 +34,26 @@ class Record:
     archive: bool
 
 
+class Dropped:
+    """A record the privacy policy drops whole (counted in the ledger's `dropped`, reason `privacy`)."""
+
+    __slots__ = ()
+
+
+DROPPED = Dropped()
+
+
 def packet_size(topic: str, payload: str) -> int:
     return PUBLISH_OVERHEAD + len(topic.encode()) + len(payload.encode())
 
 
+# Built once: json.dumps with arguments builds an encoder per call.
+_ENCODE = (json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode,
+           json.JSONEncoder(separators=(",", ":"), ensure_ascii=True).encode)
+
+
 def _dumps(obj: object, ascii_only: bool = False) -> str:
-    return json.dumps(obj, separators=(",", ":"), ensure_ascii=ascii_only)
+    return _ENCODE[ascii_only](obj)
 
 
 def _reject_constant(name: str) -> None:
@@ -47,6 +65,7 @@ def _reject_constant(name: str) -> None:
 _decode = json.JSONDecoder(parse_constant=_reject_constant).raw_decode
 _WS = " \t\n\r"
 _MISSING = object()
+_CHANGED: dict[str, object] = {}
 
 # Explicit bounds, so that no record can reach a limit of Python, SQLite or ThingsBoard:
 # nesting (the JSON parser and encoder recurse), integers (SQLite and ThingsBoard store 64-bit
@@ -89,12 +108,13 @@ def type_name(type_: object) -> str:
     return "" if type_ is None else str(type_)
 
 
-def parse(type_: object, message: object, max_packet: int) -> Record | str:
-    """A publishable Record, or the reason the row must go to the dead letters.
+def parse(type_: object, message: object, max_packet: int, policy: Policy | None = None) -> Record | str | Dropped:
+    """A publishable Record, or the reason the row must go to the dead letters, or DROPPED.
 
     `type_` and `message` may be anything SQLite can hold (str or bytes for TEXT and BLOB, int,
     float, None); bytes are decoded here, strictly, never by the database driver. This is the
     forwarder's hot path: the common case runs no Python function besides the JSON decoder.
+    `policy` (privacy) is applied to a valid record's values; the packet limit is checked after it.
     """
     if type(message) is bytes:
         try:
@@ -132,6 +152,10 @@ def parse(type_: object, message: object, max_packet: int) -> Record | str:
             if problem:
                 return f"'values' {problem}"
             break
+    if policy is not None and (kept := policy.apply(values)) is not values:
+        if kept is None:
+            return DROPPED
+        values, obj = kept, _CHANGED  # the controller's text no longer says it: serialise again
     name = type_ if type(type_) is str else type_name(type_)
     if name == "attributes":
         rec = Record(KIND_ATTRIBUTES, PRIO_ATTRIBUTES, TOPIC_ATTRIBUTES, _dumps(values, "\\u" in message), ts, True)

@@ -3,6 +3,9 @@
 
 forwarder_records_per_s: 1,000,000 controller rows moved to the outbox and the archive by the
 real Forwarder (fsync'd per batch, default batch size) — timed from the first batch to the last.
+forwarder_records_per_s_privacy: the same with a typical privacy policy of 3 rules (round the
+GPS position, hash a serial number, drop an operator's name) that touches every record, whose
+values carry those keys; `without_rules` is the same records with no policy.
 idle_cpu_percent_forwarder, rss_mb_forwarder: an idle `gatewayd forwarder` process over 60 s.
 """
 
@@ -20,30 +23,39 @@ sys.path.insert(0, str(ROOT))
 
 from benchlib import emit, idle_cpu_percent, rss_mb  # noqa: E402
 
-from gatewayd.config import load  # noqa: E402
+from gatewayd.config import SCHEMA, load  # noqa: E402
 from gatewayd.forwarder.service import Forwarder  # noqa: E402
 from gatewayd.store import queues  # noqa: E402
 from tests.helpers.daemons import Daemon, write_config  # noqa: E402
 
+PLAIN = '{{"ts":{ts},"values":{{"temperature":{t}.5,"seq":{i}}}}}'
+PERSONAL = ('{{"ts":{ts},"values":{{"temperature":{t}.5,"seq":{i},"gps_lat":48.13729{i},"gps_lon":11.57558{i},'
+            '"serial":"SN-{i:08d}","operator":"Erika Mustermann"}}}}')
+POLICY = {"rules": [{"match": "gps_*", "action": "round", "digits": 3},
+                    {"match": "serial", "action": "hash"},
+                    {"match": "operator", "action": "drop"}],
+          "hash_key": "bench-hash-key-0123456789"}
 
-def fill_controller(path: Path, n: int) -> None:
+
+def fill_controller(path: Path, n: int, template: str = PLAIN) -> None:
     conn = sqlite3.connect(path)
     conn.execute("PRAGMA journal_mode=WAL")
     now = int(time.time() * 1000)
     chunk = 100_000
     for start in range(0, n, chunk):
         conn.executemany("INSERT INTO messages(type, message) VALUES ('telemetry', ?)",
-                         ((f'{{"ts":{now + i},"values":{{"temperature":{20 + i % 10}.5,"seq":{i}}}}}',)
+                         ((template.format(ts=now + i, t=20 + i % 10, i=i),)
                           for i in range(start, min(n, start + chunk))))
         conn.commit()
     conn.close()
 
 
-def bench_throughput(base: Path, n: int) -> None:
-    cfg = load(write_config(base), env={})
+def move_all(base: Path, n: int, template: str = PLAIN, privacy: dict[str, object] | None = None) -> float:
+    """Seconds the real Forwarder takes to move n controller rows (outbox and archive)."""
+    cfg = load(write_config(base, {"privacy": privacy} if privacy else None), env={})
     fwd = Forwarder(cfg)
     fwd.start()  # creates the controller tables
-    fill_controller(cfg.controller_db, n)
+    fill_controller(cfg.controller_db, n, template)
     t0 = time.perf_counter()
     moved = 0
     while True:
@@ -55,8 +67,20 @@ def bench_throughput(base: Path, n: int) -> None:
     c = queues.counters(fwd.queues)  # type: ignore[arg-type]
     fwd.stop()
     assert moved == n and c["queued"] == n and c["archived"] == n, (moved, c)
+    return elapsed
+
+
+def bench_throughput(base: Path, n: int) -> None:
+    elapsed = move_all(base, n)
     emit("forwarder_records_per_s", n / elapsed, "records/s", records=n, seconds=round(elapsed, 2),
-         batch_size=cfg["forwarder"]["batch_size"])
+         batch_size=SCHEMA["forwarder"]["batch_size"].default)
+
+
+def bench_privacy(base: Path, n: int) -> None:
+    plain = move_all(base / "none", n, PERSONAL)
+    ruled = move_all(base / "rules", n, PERSONAL, POLICY)
+    emit("forwarder_records_per_s_privacy", n / ruled, "records/s", records=n, seconds=round(ruled, 2),
+         rules=len(POLICY["rules"]), without_rules=round(n / plain))  # type: ignore[arg-type]
 
 
 def bench_idle(base: Path, seconds: float) -> None:
@@ -79,6 +103,7 @@ def main() -> int:
     args = ap.parse_args()
     with tempfile.TemporaryDirectory(prefix="gatewayd-bench-") as tmp:
         bench_throughput(Path(tmp) / "throughput", args.records)
+        bench_privacy(Path(tmp) / "privacy", args.records)
         bench_idle(Path(tmp) / "idle", args.idle_seconds)
     return 0
 

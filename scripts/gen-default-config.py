@@ -46,6 +46,14 @@ SECTION_NOTES = {
         "  [Service]\n"
         "  ReadWritePaths=/srv/controller"
     ),
+    "privacy": (
+        "Applied to every record's values before the archive and ThingsBoard see them.\n"
+        "Each rule is a table of its own, the first whose match fits a key decides it:\n"
+        "  [[privacy.rules]]\n"
+        "  match = \"gps_*\"        # a key name or a glob (*, ?, [...])\n"
+        "  action = \"round\"       # drop | redact | hash | round\n"
+        "  digits = 3"
+    ),
     "outbox": (
         "Disk caps: past them the oldest telemetry is dropped first and counted\n"
         "(ledger.dropped in gatewayctl status); attributes and RPC replies are never dropped."

@@ -14,6 +14,7 @@ and retried with a bounded backoff while the daemon stays up and nothing is lost
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import operator
 import sqlite3
@@ -21,9 +22,12 @@ import time
 from collections.abc import Iterator, Sequence
 from typing import Any
 
+from gatewayd import privacy
+from gatewayd.clock import PLAUSIBLE_SINCE_MS, Reading, system_clock
 from gatewayd.config import Config
+from gatewayd.forwarder.clocktrack import CLOCK_CORRECTED, CLOCK_OK, CLOCK_UNSYNCED, ClockTrack, Fixer
 from gatewayd.inotify import DirectoryWatch
-from gatewayd.records import MAX_TYPE_BYTES, Record, parse, type_name
+from gatewayd.records import DROPPED, MAX_TYPE_BYTES, Record, parse, type_name
 from gatewayd.store import archive as archive_store
 from gatewayd.store import controller as controller_store
 from gatewayd.store import queues
@@ -38,6 +42,8 @@ log = logging.getLogger("gatewayd.forwarder")
 
 MARK = "controller"
 BATCH_STATE = "forwarder.batch"  # {"epoch", "schema", "delete": [[first, last], ...]} of the last batch
+CLOCK_STATE = "forwarder.clock"  # ClockTrack.state(): boots, clock segments, what is left to correct
+CLOCK_WAIT_RECHECK_S = 1.0
 HOUSEKEEPING_EVERY_S = 60.0
 WORK_BUDGET_S = 0.5              # longest cap / retention pass per loop iteration
 IDLE_WAIT_S = 5.0                # with inotify: the longest sleep between looks when nothing is written
@@ -51,6 +57,7 @@ MESSAGE_MIN_LIMIT = 1 << 20
 QUEUES, ARCHIVE, CONTROLLER = "queues.db", "archive.db", "controller database"
 _RECORD = operator.itemgetter(1)
 _ARCHIVE = operator.attrgetter("archive")
+_TS = operator.attrgetter("ts")
 
 
 class StoreFault(Exception):
@@ -107,6 +114,17 @@ def _display(value: object) -> tuple[str | None, bytes | None]:
     return repr(value), None
 
 
+def _shifted(rec: Record, delta: int) -> Record:
+    """A copy of a record with its timestamp moved by `delta` ms (the payload's `ts` too)."""
+    ts = rec.ts + delta
+    payload = rec.payload
+    if rec.kind == queues.KIND_TELEMETRY:
+        obj = json.loads(payload)
+        obj["ts"] = ts
+        payload = json.dumps(obj, separators=(",", ":"))
+    return Record(rec.kind, rec.priority, rec.topic, payload, ts, rec.archive)
+
+
 class Forwarder:
     name = "forwarder"
 
@@ -118,6 +136,14 @@ class Forwarder:
         self.max_packet: int = cfg["thingsboard"]["max_packet_bytes"]
         self.max_message = max(MESSAGE_MIN_LIMIT, 8 * self.max_packet)
         self.archive_enabled: bool = cfg["archive"]["enabled"]
+        self.policy = privacy.compile_policy(cfg["privacy"])
+        self.clock = system_clock()
+        self.clock_mode: str = fwd["wait_for_clock"]
+        self.clock_wait_ms = int(fwd["wait_for_clock_max_s"] * 1000)
+        self.track: ClockTrack | None = None
+        self.reading: Reading | None = None
+        self.clock_waiting = False
+        self._clock_codes: dict[int, int] = {}  # controller id -> archive.clock, for this batch's flagged rows
         self.q = Tracked(cfg.queues_db, queues.open_queues)
         self.a = Tracked(cfg.archive_db, archive_store.open_archive)
         self.c = Tracked(cfg.controller_db, controller_store.open_controller)
@@ -136,6 +162,8 @@ class Forwarder:
         self.seen_version = -1
         self.moved_total = 0
         self.dead_total = 0
+        self.privacy_total = 0
+        self.corrected_total = 0
         self.last_housekeeping = float("-inf")
         self.more_housekeeping = False
         self.caps_pending = False
@@ -199,9 +227,13 @@ class Forwarder:
         if self.fault:
             wait = max(0.0, self.retry_at - time.monotonic())
             return f"{self.fault}; retrying in {wait:.0f} s"
+        if self.clock_waiting:
+            return self._clock_wait_text()
         busy = time.monotonic() - self._last_move < 2.0
+        privacy_note = f", {self.privacy_total} dropped by the privacy policy" if self.privacy_total else ""
+        clock_note = f", {self.corrected_total} timestamps corrected" if self.corrected_total else ""
         return (f"{'forwarding at ' + format(self._rate, '.0f') + ' records/s' if busy else 'idle'}; "
-                f"{self.moved_total} moved, {self.dead_total} dead-lettered since start")
+                f"{self.moved_total} moved, {self.dead_total} dead-lettered{privacy_note}{clock_note} since start")
 
     def health(self) -> dict[str, Any]:
         """For the runtime status file `gatewayctl status` reads even when no database can be written."""
@@ -300,6 +332,7 @@ class Forwarder:
     def _work(self, now: float) -> tuple[bool, float]:
         self._ensure_open()
         self._integrity()
+        waiting = self._clock_wait()
         if self.pending and not self.draining:
             self._delete_moved(self.pending)
         if now - self.last_housekeeping >= HOUSEKEEPING_EVERY_S or self.more_housekeeping:
@@ -307,6 +340,8 @@ class Forwarder:
             self._housekeeping()
         if self.caps_pending:
             self._enforce_outbox_caps()
+        if waiting:
+            return True, CLOCK_WAIT_RECHECK_S
         idle_wait = IDLE_WAIT_S if self.watch is not None else self.poll_s
         ctrl = self.c.conn
         assert ctrl is not None
@@ -370,6 +405,112 @@ class Forwarder:
         if self.check.done():
             self.check = None
             self.check_done = True
+
+    # -- the clock -----------------------------------------------------------------------
+    def _track(self) -> ClockTrack:
+        if self.track is None:
+            assert self.q.conn is not None
+            with on(QUEUES):
+                self.track = ClockTrack(queues.get_state(self.q.conn, CLOCK_STATE))
+        return self.track
+
+    def _save_track(self) -> None:
+        assert self.q.conn is not None and self.track is not None
+        with on(QUEUES):
+            queues.save_state(self.q.conn, CLOCK_STATE, self.track.state(self.clock_waiting))
+
+    def _archive_seq(self) -> int:
+        if self.archive is None:
+            return 0
+        with on(ARCHIVE):
+            return archive_store.sequence(self.archive)
+
+    def _clock_wait(self) -> bool:
+        """Read the clock, note a step, a new boot or synchronisation; True while controller records
+        must wait for it (`[forwarder] wait_for_clock`)."""
+        track = self._track()
+        seq: int | None = None
+        if self.c.conn is not None and not self.draining:
+            with on(CONTROLLER):
+                seq = controller_store.sequence(self.c.conn) or 0
+        reading = self.reading = self.clock.read()
+        events = track.observe(reading, self.epoch, self.mark, self._archive_seq, seq)
+        for event in events:
+            log.log(logging.WARNING if "stepped" in event else logging.INFO, "clock: %s", event)
+        changed = bool(events)
+        if changed:
+            self.more_housekeeping = True  # the archive's copies are corrected before anything else
+        wait, started = track.waiting(self.clock_mode, self.clock_wait_ms)
+        if wait and seq is not None:  # rows held back now may be read in a later boot: they are this boot's
+            changed = track.note_seen(seq) or changed
+        flipped = wait != self.clock_waiting
+        self.clock_waiting = wait
+        if changed or started or flipped:
+            self._save_track()
+        if started and wait:
+            log.warning("%s; controller records wait in the controller queue for up to %.0f s",
+                        self._clock_wait_text(), self.clock_wait_ms / 1000)
+        if flipped and not wait:
+            if track.wait_left_ms(self.clock_wait_ms) > 0:
+                log.info("the clock is set (%s): controller records flow again", reading.sync.describe())
+            else:
+                log.warning("waited %.0f s for the clock, which is still %s: controller records flow with "
+                            "the timestamps they have (counted as clock.unsynced)", self.clock_wait_ms / 1000,
+                            reading.sync.describe())
+        return wait
+
+    def _clock_wait_text(self) -> str:
+        r = self.reading
+        if r is None or self.track is None:
+            return "waiting for the system clock"
+        when = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(r.wall_ms / 1000))
+        return (f"waiting for the system clock (reads {when}, {r.sync.describe()}; "
+                f"{self.track.wait_left_ms(self.clock_wait_ms) / 1000:.0f} s left)")
+
+    def _fix_clock(self, good: list[Good], fixer: Fixer) -> None:
+        """Correct the records stamped by a clock since found wrong (by the measured step), flag
+        those that cannot be (`_clock_codes`, for the archive)."""
+        for i, (rid, rec, name) in enumerate(good):
+            ts = rec.ts
+            if ts >= PLAUSIBLE_SINCE_MS and not fixer.lo <= ts <= fixer.hi:
+                continue
+            delta, code = fixer.classify(rid, ts)
+            if code == CLOCK_OK:
+                if ts < PLAUSIBLE_SINCE_MS:
+                    self._clock_codes[rid] = CLOCK_OK  # pending: corrected once the clock is vouched for
+                continue
+            self._clock_codes[rid] = code
+            if delta:
+                good[i] = (rid, _shifted(rec, delta), name)
+                self.corrected_total += 1
+
+    def _archive_clock_work(self, deadline: float) -> bool:
+        """Correct (or flag) the archive's copies of records stamped by a clock found wrong; True once
+        nothing is left to do."""
+        track = self.track
+        archive = self.archive
+        if track is None or archive is None:
+            return True
+        for job in track.archive_jobs(self._archive_seq()):
+            done, total = job.a_lo, 0
+            while done < job.a_hi:
+                if time.monotonic() >= deadline:
+                    track.archive_progress(job, done, False)
+                    self._save_track()
+                    return False
+                with on(ARCHIVE):
+                    n, done = archive_store.fix_clock(archive, done, job.a_hi, job.lo, job.hi, job.delta)
+                total += n
+            track.archive_progress(job, done, True)
+            self._save_track()
+            if total and job.delta is not None:
+                log.info("archive: corrected the timestamps of %d records by %+.3f s (measured clock step)",
+                         total, job.delta / 1000)
+            elif total:
+                log.warning("archive: %d records were stamped by a clock that was never set or synchronised "
+                            "before its boot ended; kept and flagged (clock = 2), never removed for their age",
+                            total)
+        return True
 
     # -- controller database -------------------------------------------------------------
     def _open_controller(self) -> None:
@@ -476,8 +617,10 @@ class Forwarder:
         last = rows[-1][0]
         good: list[Good] = []
         bad: list[DeadLetter] = []
+        dropped: list[int] = []
         names = self._type_names
         max_packet = self.max_packet
+        policy = self.policy
         for row in rows:
             rid, type_, message = row
             name = names.get(type_)  # type: ignore[arg-type]
@@ -486,18 +629,28 @@ class Forwarder:
                 if isinstance(item, DeadLetter):
                     bad.append(item)
                     log.warning("controller row %d dead-lettered: %s", rid, item.reason)
+                elif item is None:
+                    dropped.append(rid)
                 else:
                     good.append(item)
                 continue
             try:
-                rec = parse(name, message, max_packet)
+                rec = parse(name, message, max_packet, policy)
             except Exception as e:  # noqa: BLE001 - one row's problem, never the queue's
                 rec = f"cannot be processed ({type(e).__name__}: {e})"
-            if type(rec) is str:
-                bad.append(self._dead(row, rec))
-                log.warning("controller row %d dead-lettered: %s", rid, rec)
-            else:
+            if type(rec) is Record:
                 good.append((rid, rec, name))  # type: ignore[arg-type]
+            elif rec is DROPPED:
+                dropped.append(rid)
+            else:
+                bad.append(self._dead(row, rec))  # type: ignore[arg-type]
+                log.warning("controller row %d dead-lettered: %s", rid, rec)
+        untrusted = self.reading is not None and not self.reading.trusted
+        fixer = self.track.fixer if self.track is not None else None
+        self._clock_codes = {}
+        # Without a fixer (every clock segment vouched for) the archive flags a stamp before 2025 itself.
+        if good and fixer is not None and (fixer.active or min(map(_TS, map(_RECORD, good))) < PLAUSIBLE_SINCE_MS):
+            self._fix_clock(good, fixer)
 
         # 1. archive (idempotent through its own mark)
         if self.archive is not None:
@@ -509,7 +662,7 @@ class Forwarder:
         first = rows[0][0]
         ranges = [[first, last]] if last - first + 1 == len(rows) else id_ranges([r[0] for r in rows])
         with on(QUEUES):
-            self._commit_queues(good, bad, last, schema, [] if self.draining else ranges)
+            self._commit_queues(good, bad, dropped, untrusted, last, schema, [] if self.draining else ranges)
         self.mark = last
         self.schema = schema
 
@@ -521,8 +674,9 @@ class Forwarder:
         self._enforce_outbox_caps()
         return len(rows)
 
-    def _examine(self, ctrl: sqlite3.Connection, row: controller_store.Row) -> Good | DeadLetter:
-        """The careful path for one row: a value that is not text, too long, or a type not seen before."""
+    def _examine(self, ctrl: sqlite3.Connection, row: controller_store.Row) -> Good | DeadLetter | None:
+        """The careful path for one row: a value that is not text, too long, or a type not seen before.
+        None: the privacy policy drops it."""
         rid, type_, message = row
         type_len = type_.length if isinstance(type_, Oversized) else len(type_) if isinstance(type_, bytes) else 0
         if type_len > MAX_TYPE_BYTES:
@@ -543,11 +697,13 @@ class Forwarder:
             self._type_names.clear()
         self._type_names[type_] = name  # type: ignore[index]
         try:
-            rec = parse(name, message, self.max_packet)
+            rec = parse(name, message, self.max_packet, self.policy)
         except Exception as e:  # noqa: BLE001 - one row's problem, never the queue's
             rec = f"cannot be processed ({type(e).__name__}: {e})"
         if isinstance(rec, str):
             return self._dead(row, rec)
+        if not isinstance(rec, Record):
+            return None
         return rid, rec, name
 
     @staticmethod
@@ -574,7 +730,14 @@ class Forwarder:
                 if rec.archive and src_id > mark]
         try:
             with transaction(archive):
-                archive_store.insert(archive, rows)
+                codes = self._clock_codes
+                if codes:
+                    archive_store.insert_flagged(archive, [(rec.ts, name or rec.kind, rec.payload,
+                                                            codes.get(src_id, CLOCK_OK))
+                                                           for src_id, rec, name in good
+                                                           if rec.archive and src_id > mark])
+                else:
+                    archive_store.insert(archive, rows)
                 set_mark(archive, MARK, self.epoch, last)
             return
         except Exception as e:
@@ -587,7 +750,10 @@ class Forwarder:
         with transaction(archive):
             for (src_id, rec, name), row in zip(todo, rows, strict=True):
                 try:
-                    archive_store.insert(archive, [row])
+                    if src_id in self._clock_codes:
+                        archive_store.insert_flagged(archive, [(*row, self._clock_codes[src_id])])
+                    else:
+                        archive_store.insert(archive, [row])
                 except Exception as e:
                     if classify(e) is not Fault.DATA:
                         raise
@@ -597,19 +763,21 @@ class Forwarder:
             set_mark(archive, MARK, self.epoch, last)
         good[:] = [g for g in good if g[0] not in refused]
 
-    def _commit_queues(self, good: list[Good], bad: list[DeadLetter], last: int, schema: int,
-                       ranges: list[list[int]]) -> None:
+    def _commit_queues(self, good: list[Good], bad: list[DeadLetter], dropped: list[int], untrusted: bool,
+                       last: int, schema: int, ranges: list[list[int]]) -> None:
         try:
-            self._store(good, bad, last, schema, ranges, careful=False)
+            self._store(good, bad, dropped, untrusted, last, schema, ranges, careful=False)
         except Exception as e:
             if classify(e) is not Fault.DATA:
                 raise
             log.warning("storing the rows up to %d failed on their data (%s); storing them one by one",
                         last, describe(e))
-            self._store(good, bad, last, schema, ranges, careful=True)
+            self._store(good, bad, dropped, untrusted, last, schema, ranges, careful=True)
 
-    def _store(self, good: list[Good], bad: list[DeadLetter], last: int, schema: int,
-               ranges: list[list[int]], careful: bool) -> None:
+    def _store(self, good: list[Good], bad: list[DeadLetter], dropped: list[int], untrusted: bool, last: int,
+               schema: int, ranges: list[list[int]], careful: bool) -> None:
+        """Step 2 in one transaction. `dropped`: ids the privacy policy dropped; `untrusted`: the
+        batch was read while the clock was not trusted (counted as `clock.unsynced`)."""
         q = self.q.conn
         assert q is not None
         with transaction(q):
@@ -620,6 +788,7 @@ class Forwarder:
             skip = mark if epoch == self.epoch else 0
             new_good = [g for g in good if g[0] > skip] if skip else good
             new_bad = [b for b in bad if (b.src_id or 0) > skip]
+            new_dropped = sum(1 for i in dropped if i > skip)
             if careful:
                 stored = []
                 for g in new_good:
@@ -638,14 +807,23 @@ class Forwarder:
                 queues.append(q, self._new_rows(new_good))
                 if new_bad:
                     queues.add_controller_dead_letters(q, "forwarder", new_bad)
-            queues.bump(q, {
-                "ingested": len(new_good) + len(new_bad),
+            counts = {
+                "ingested": len(new_good) + len(new_bad) + new_dropped,
                 "dead_lettered": len(new_bad),
+                "dropped": new_dropped,
+                queues.DROPPED_PREFIX + "privacy": new_dropped,
                 "archived": sum(map(_ARCHIVE, map(_RECORD, new_good))) if self.archive is not None else 0,
-            })
+            }
+            if untrusted or self._clock_codes:
+                flags = [self._clock_codes.get(g[0], CLOCK_OK) for g in new_good]
+                counts["clock.corrected"] = flags.count(CLOCK_CORRECTED)
+                counts["clock.unsynced"] = (len(new_good) - counts["clock.corrected"] if untrusted
+                                            else flags.count(CLOCK_UNSYNCED))
+            queues.bump(q, counts)
             set_mark(q, MARK, self.epoch, last)
             queues.set_state(q, BATCH_STATE, {"epoch": self.epoch, "schema": schema, "delete": ranges})
         self.dead_total += len(new_bad)
+        self.privacy_total += new_dropped
 
     @staticmethod
     def _new_rows(good: list[Good]) -> list[NewRow]:
@@ -683,10 +861,18 @@ class Forwarder:
         if self.archive is None:
             return
         t0 = time.monotonic()
+        fixed = self._archive_clock_work(t0 + WORK_BUDGET_S)
+        # Age is judged only by a clock that is trusted now (a clock stepped ahead, or never set,
+        # must not make records look old) and once the archive's timestamps are corrected. The
+        # size cap does not depend on the clock.
+        reading = self.reading
+        by_age = fixed and reading is not None and reading.trusted
         with on(ARCHIVE):
             removed = archive_store.enforce_limits(self.archive, self.cfg["archive"]["max_bytes"],
-                                                   self.cfg["archive"]["retention_days"], budget_s=WORK_BUDGET_S)
-        self.more_housekeeping = bool(removed) and time.monotonic() - t0 >= WORK_BUDGET_S
+                                                   self.cfg["archive"]["retention_days"], budget_s=WORK_BUDGET_S,
+                                                   now_ms=reading.wall_ms if reading is not None else None,
+                                                   by_age=by_age)
+        self.more_housekeeping = not fixed or (bool(removed) and time.monotonic() - t0 >= WORK_BUDGET_S)
         if removed:
             log.info("archive: removed %d records past retention or over the size cap", removed)
 

@@ -50,6 +50,14 @@ class StatusCollector:
         yield _labelled("gatewayd_ledger_records", "records by where they are: ingested = delivered + queued + "
                         "dead_lettered + dropped", "kind", {k: ledger.get(k, 0) for k in LEDGER_KINDS})
         yield _gauge("gatewayd_ledger_balanced", "1 while the ledger adds up", ledger.get("balanced"))
+        yield _labelled("gatewayd_dropped_records", "the part of the dropped records each reason accounts for",
+                        "reason", ledger.get("dropped_by_reason") or {})
+        clock = st.get("clock") or {}
+        if clock.get("synchronized") is not None:
+            yield _gauge("gatewayd_clock_synchronized", "1 while the kernel says the system clock is synchronised",
+                         clock["synchronized"])
+        yield _gauge("gatewayd_clock_waiting", "1 while controller records wait for the system clock to be set",
+                     clock.get("forwarder_waiting"))
         q = st["queues"]
         yield _labelled("gatewayd_queue_depth", "rows waiting in each queue", "queue", {k: q.get(k, 0) for k in QUEUES})
         yield _gauge("gatewayd_dead_letters_unacknowledged", "dead letters no operator has acknowledged yet",

@@ -7,6 +7,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+from gatewayd.clock import PLAUSIBLE_SINCE_MS
 from gatewayd.store.db import open_db, transaction
 
 MIGRATIONS = [
@@ -19,7 +20,14 @@ MIGRATIONS = [
     );
     CREATE TABLE marks(name TEXT PRIMARY KEY, epoch TEXT NOT NULL, value INTEGER NOT NULL) WITHOUT ROWID
     """,
+    # 2: how far `ts` can be trusted: 0 stamped by a clock not known to be wrong, 1 corrected by a
+    # measured clock step, 2 stamped by a clock known to be wrong and not correctable (age
+    # retention keeps these; only the size cap removes them).
+    """
+    ALTER TABLE archive ADD COLUMN clock INTEGER NOT NULL DEFAULT 0
+    """,
 ]
+CLOCK_UNCORRECTABLE = 2
 
 
 def open_archive(path: Path, check: bool = True) -> sqlite3.Connection:
@@ -36,28 +44,74 @@ def used_bytes(conn: sqlite3.Connection) -> int:
 
 
 def insert(conn: sqlite3.Connection, rows: Sequence[tuple[int, str, str]]) -> None:
-    """Archive `(ts, type, message)` rows; the caller holds the transaction."""
-    conn.executemany("INSERT INTO archive(ts, type, message) VALUES (?,?,?)", rows)
+    """Archive `(ts, type, message)` rows; the caller holds the transaction. A ts before 2025 was
+    not stamped by a set clock: such a row is flagged (clock = 2), so age never removes it."""
+    conn.executemany(f"INSERT INTO archive(ts, type, message, clock) VALUES (?1, ?2, ?3, CASE WHEN ?1 < "
+                     f"{PLAUSIBLE_SINCE_MS} THEN {CLOCK_UNCORRECTABLE} ELSE 0 END)", rows)
+
+
+def insert_flagged(conn: sqlite3.Connection, rows: Sequence[tuple[int, str, str, int]]) -> None:
+    """Archive `(ts, type, message, clock)` rows; the caller holds the transaction."""
+    conn.executemany("INSERT INTO archive(ts, type, message, clock) VALUES (?,?,?,?)", rows)
+
+
+def sequence(conn: sqlite3.Connection) -> int:
+    """The highest archive id ever given (ids are never reused)."""
+    row = conn.execute("SELECT seq FROM sqlite_sequence WHERE name = 'archive'").fetchone()
+    return int(row[0]) if row and row[0] is not None else 0
+
+
+def fix_clock(conn: sqlite3.Connection, after_id: int, upto_id: int, lo: int, hi: int, delta: int | None,
+              chunk: int = 20000) -> tuple[int, int]:
+    """Correct by `delta` (or, None, flag as uncorrectable) the rows after_id < id <= upto_id not yet
+    touched whose ts lies in [lo, hi]; one chunk of ids per call, its own transaction.
+    Returns (rows changed, the id up to which it is done)."""
+    end = min(upto_id, after_id + chunk)
+    with transaction(conn):
+        if delta is None:
+            n = conn.execute("UPDATE archive SET clock = ? WHERE id > ? AND id <= ? AND clock = 0 AND ts BETWEEN ? "
+                             "AND ?", (CLOCK_UNCORRECTABLE, after_id, end, lo, hi)).rowcount
+        else:
+            n = conn.execute("UPDATE archive SET ts = ts + ?, clock = 1 WHERE id > ? AND id <= ? AND clock = 0 "
+                             "AND ts BETWEEN ? AND ?", (delta, after_id, end, lo, hi)).rowcount
+    return n, end
+
+
+def clock_counts(conn: sqlite3.Connection) -> dict[int, int]:
+    """Rows per `clock` value other than 0 (a full scan: for diagnostics, not the loop)."""
+    return {int(c): int(n) for c, n in conn.execute("SELECT clock, count(*) FROM archive WHERE clock != 0 "
+                                                   "GROUP BY clock")}
 
 
 def enforce_limits(conn: sqlite3.Connection, max_bytes: int, retention_days: float, chunk: int = 10000,
-                   budget_s: float | None = None) -> int:
+                   budget_s: float | None = None, now_ms: int | None = None, by_age: bool = True) -> int:
     """Delete records older than the retention, then the oldest until under the size cap.
 
     Records arrive roughly in time order, so age is judged from the oldest rows by id: no
-    index on `ts` slows the forwarder's inserts, and a pass costs one short range scan. Each
-    chunk is its own transaction, so the write lock is never held for long; with `budget_s`
-    the call returns once that much time is spent (the caller comes back for the rest).
+    index on `ts` slows the forwarder's inserts, and a pass costs one short range scan. It
+    goes on past rows kept because their ts is untrustworthy (`clock = 2`) and stops at the
+    first chunk holding a record younger than the cutoff. `by_age=False` (the clock cannot be
+    trusted now) leaves the age limit alone; the size cap always applies. Each chunk is its
+    own transaction, so the write lock is never held for long; with `budget_s` the call
+    returns once that much time is spent (the caller comes back for the rest).
     """
     removed = 0
     deadline = time.monotonic() + budget_s if budget_s is not None else float("inf")
-    cutoff = int((time.time() - retention_days * 86400) * 1000)
-    for _ in range(10_000):
+    now = time.time_ns() // 1_000_000 if now_ms is None else now_ms
+    cutoff = now - int(retention_days * 86_400_000)
+    after = 0
+    for _ in range(10_000 if by_age else 0):
         with transaction(conn):
-            n = conn.execute("DELETE FROM archive WHERE id IN (SELECT id FROM (SELECT id, ts FROM archive "
-                             "ORDER BY id LIMIT ?) WHERE ts < ?)", (chunk, cutoff)).rowcount
+            head = "SELECT id, ts, clock FROM archive WHERE id > ? ORDER BY id LIMIT ?"
+            last, young = conn.execute(f"SELECT max(id), count(*) FILTER (WHERE ts >= ? AND clock != 2) "
+                                       f"FROM ({head})", (cutoff, after, chunk)).fetchone()
+            if last is None:
+                break
+            n = conn.execute(f"DELETE FROM archive WHERE id IN (SELECT id FROM ({head}) WHERE ts < ? AND "
+                             "clock != 2)", (after, chunk, cutoff)).rowcount
         removed += n
-        if n < chunk or time.monotonic() >= deadline:
+        after = last
+        if young or time.monotonic() >= deadline:
             break
     for _ in range(1000):
         if time.monotonic() >= deadline or used_bytes(conn) <= max_bytes:

@@ -138,7 +138,7 @@ def purge(conn: sqlite3.Connection, rows: Sequence[DeadLetter]) -> int:
     """Delete dead letters for good; ledger records count as dropped."""
     with transaction(conn):
         n, counted = _delete(conn, [(r.id, r.created_ms) for r in rows])
-        bump(conn, {"dead_lettered": -counted, "dropped": counted, "purged": n})
+        bump(conn, {"dead_lettered": -counted, "dropped": counted, "dropped.purged": counted, "purged": n})
     return n
 
 

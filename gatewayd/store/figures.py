@@ -24,6 +24,7 @@ class Reading:
     def telemetry(self, controller: int | None, now_ms: int) -> dict[str, Any]:
         """The `gw_` telemetry keys (docs/CONTRACT.md); the controller depth only when it could be read."""
         values: dict[str, Any] = {f"gw_{k}": v for k, v in queues.ledger(self.counters).items() if k != "balanced"}
+        values.update({f"gw_dropped_{reason}": n for reason, n in queues.dropped_by_reason(self.counters).items()})
         values.update(gw_queue_outbox=self.counters.get("outbox_rows", 0), gw_queue_inbound=self.inbound,
                       gw_queue_dead_letters=self.dead_letters)
         if controller is not None:

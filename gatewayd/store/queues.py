@@ -145,9 +145,19 @@ def open_queues(path: Path, check: bool = True) -> sqlite3.Connection:
 
 
 def bump(conn: sqlite3.Connection, deltas: dict[str, int]) -> None:
-    """Add to counters; call inside the transaction that made the change being counted."""
-    conn.executemany("UPDATE counters SET value = value + ? WHERE name = ?",
-                     [(v, k) for k, v in deltas.items() if v])
+    """Add to counters (a name not seen before starts at 0); call inside the transaction that made
+    the change being counted."""
+    conn.executemany("INSERT INTO counters(name, value) VALUES (?, ?) "
+                     "ON CONFLICT(name) DO UPDATE SET value = value + excluded.value",
+                     [(k, v) for k, v in deltas.items() if v])
+
+
+DROPPED_PREFIX = "dropped."  # `dropped.<reason>`: the part of `dropped` each reason accounts for
+
+
+def dropped_by_reason(c: dict[str, int]) -> dict[str, int]:
+    """`{reason: count}` from `counters()` (records dropped before reasons were counted have none)."""
+    return {k[len(DROPPED_PREFIX):]: v for k, v in sorted(c.items()) if k.startswith(DROPPED_PREFIX)}
 
 
 def counters(conn: sqlite3.Connection) -> dict[str, int]:
@@ -292,7 +302,8 @@ def enforce_caps(conn: sqlite3.Connection, max_rows: int, max_bytes: int, chunk:
             if not ids:
                 break
             n, nbytes, counted = _delete(conn, ids)
-            bump(conn, {"outbox_rows": -n, "outbox_bytes": -nbytes, "queued": -counted, "dropped": counted})
+            bump(conn, {"outbox_rows": -n, "outbox_bytes": -nbytes, "queued": -counted, "dropped": counted,
+                        DROPPED_PREFIX + "outbox_cap": counted})
         dropped += n
         if time.monotonic() >= deadline:
             break

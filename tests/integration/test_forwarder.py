@@ -270,7 +270,7 @@ def test_sigterm_stops_cleanly_and_status(tmp_path: Path, daemons: list[Daemon])
     assert status["units"]["bridge"] == "inactive"
     assert status["queues"]["outbox"] == 1 and status["queues"]["controller"] == 0
     assert status["ledger"] == {"ingested": 1, "delivered": 0, "queued": 1, "dead_lettered": 0, "dropped": 0,
-                                "archived": 1, "balanced": True}
+                                "archived": 1, "balanced": True, "dropped_by_reason": {}}
     assert status["mqtt"]["connected"] is False
     assert st.returncode == 1  # degraded: bridge and supervisor not running, MQTT disconnected
     assert fwd.stop() == 0

@@ -29,7 +29,7 @@ def test_telemetry_figures_add_up_and_match_the_ledger(tmp_path: Path) -> None:
     t = r.telemetry(controller=7, now_ms=31_000)
     assert t == {"gw_ingested": 11, "gw_delivered": 4, "gw_queued": 5, "gw_dead_lettered": 1, "gw_dropped": 1,
                  "gw_archived": 0, "gw_queue_outbox": 6, "gw_queue_inbound": 1, "gw_queue_dead_letters": 1,
-                 "gw_queue_controller": 7, "gw_oldest_queued_age_s": 30.0}
+                 "gw_queue_controller": 7, "gw_oldest_queued_age_s": 30.0, "gw_dropped_outbox_cap": 1}
     assert t["gw_ingested"] == t["gw_delivered"] + t["gw_queued"] + t["gw_dead_lettered"] + t["gw_dropped"]
     assert ledger["balanced"] and all(t[f"gw_{k}"] == v for k, v in ledger.items() if k != "balanced")
     assert "gw_queue_controller" not in r.telemetry(controller=None, now_ms=31_000)

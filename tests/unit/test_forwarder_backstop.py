@@ -54,7 +54,7 @@ def test_a_row_sqlite_refuses_is_dead_lettered_and_the_batch_stored_row_by_row(
     insert(f, range(10))
     real = records.parse
 
-    def parse_with_a_poisoned_row(type_: Any, message: Any, max_packet: int) -> Any:
+    def parse_with_a_poisoned_row(type_: Any, message: Any, max_packet: int, policy: Any = None) -> Any:
         rec = real(type_, message, max_packet)
         if isinstance(rec, records.Record) and '"seq": 4}' in rec.payload:
             rec.ts = 2**70          # passed validation, yet SQLite cannot store it

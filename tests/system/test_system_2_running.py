@@ -144,6 +144,22 @@ def test_journal_has_daemon_logs_with_priorities(running: Container, daemon: str
     assert not any(re.match(r"<\d>", str(e.get("MESSAGE", ""))) for e in entries)
 
 
+def test_the_sandboxed_forwarder_knows_whether_the_clock_is_synchronised(running: Container) -> None:
+    """ProtectClock= refuses adjtimex even for reading, so the forwarder asks timedated
+    (timedatectl over D-Bus) and reports a known state at start. (Inside systemd-nspawn the
+    container's own filter also refuses timedated's adjtimex, so the answer here is "not
+    synchronised"; nspawn must not be given @clock: the container could set the host's clock.)"""
+    c = running
+    out = c.run(["systemd-analyze", "security", "--no-pager", UNITS["forwarder"]], timeout=120).stdout
+    assert re.search(r"✓ ProtectClock=", out), out
+    wait_active(c, UNITS["forwarder"])
+    lines = wait_until(lambda: [str(e.get("MESSAGE")) for e in c.journal("-u", UNITS["forwarder"])
+                                if "clock: boot" in str(e.get("MESSAGE"))], 30, 0.5, "the forwarder's clock line")
+    assert "the clock reads" in lines[-1] and "unknown" not in lines[-1], lines
+    check = c.run(["gatewayctl", "check"], check=False).stdout
+    assert re.search(r"\] clock: \d{4}-\d\d-\d\d .* UTC, ", check), check
+
+
 def test_forwarder_warning_lands_with_warning_priority(running: Container) -> None:
     """A bad controller row is dead-lettered with a warning: PRIORITY=4 in the journal."""
     c = running

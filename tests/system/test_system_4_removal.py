@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from tests.system.box import DEB_DIR, TARGET, UNITS, ensure_running, wait_active, wait_all_inactive
-from tests.system.nspawn import Container, ContainerError
+from tests.system.nspawn import Container, ContainerError, wait_until
 
 pytestmark = pytest.mark.system
 
@@ -44,8 +44,12 @@ def test_purge_leaves_no_units_data_or_user(running: Container) -> None:
     wait_all_inactive(c, 60)
     listed = c.run(["systemctl", "list-unit-files", "--no-legend", "gatewayd*"], check=False).stdout
     assert listed.strip() == "", listed
-    loaded = c.run(["systemctl", "list-units", "--all", "--no-legend", "gatewayd*"], check=False).stdout
-    assert "gatewayd" not in loaded, loaded
+    # Asking about a unit (as wait_all_inactive just did) loads it as "not-found" until systemd's
+    # garbage collection runs: wait for that rather than racing it.
+    def loaded() -> str:
+        return c.run(["systemctl", "list-units", "--all", "--no-legend", "gatewayd*"], check=False).stdout
+
+    wait_until(lambda: "gatewayd" not in loaded(), 30, 0.5, "no gatewayd unit loaded after the purge")
     leftovers = c.run("find /etc/systemd /lib/systemd /run/systemd/system -name 'gatewayd*' 2>/dev/null || true").stdout
     assert leftovers.strip() == "", leftovers
     for path in ("/etc/gatewayd", "/var/lib/gatewayd", "/var/lib/gatewayd-root", "/etc/default/gatewayd",

@@ -28,7 +28,7 @@ deb:
 
 lint:
 	.venv-pypi/bin/ruff check gatewayd tests scripts
-	.venv-pypi/bin/mypy gatewayd
+	.venv-pypi/bin/mypy gatewayd tests/tbsim
 	shellcheck watchdog/gatewayd-watchdog scripts/*.sh
 
 unit:

@@ -293,7 +293,8 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "max_queue_rows": Key(int, 1_000_000, _min(1),
                               doc="controller queue depth above which ingest stops accepting (HTTP 503)"),
         "stall_timeout_s": Key((int, float), 60.0, _positive,
-                               doc="commits failing this long stop the watchdog pings"),
+                               doc="commits failing this long stop the watchdog pings (not on a full disk, a "
+                                   "lock, read-only or I/O errors: a restart cures none of those)"),
     },
     "ingest.mqtt": {
         "host": Key(str, "", doc="the local broker; empty: MQTT ingest off"),

@@ -24,11 +24,17 @@ import signal
 import threading
 import time
 import traceback
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from gatewayd.notify import Notifier
 from gatewayd.store.errors import Fault, classify, describe
+from gatewayd.store.faults import is_full
+from gatewayd.store.space import release_reserve
+
+if TYPE_CHECKING:
+    from gatewayd.config import Config
 
 log = logging.getLogger("gatewayd.daemon")
 
@@ -145,8 +151,11 @@ class Heartbeat:
 
 
 class Runner:
-    def __init__(self, service: Service, runtime_dir: Path, notifier: Notifier | None = None):
+    def __init__(self, service: Service, runtime_dir: Path, notifier: Notifier | None = None,
+                 state_dir: Path | None = None):
+        """`state_dir`: where the disk reserve is, released when `start()` finds the disk full."""
         self.service = service
+        self.state_dir = state_dir
         self.notifier = notifier or Notifier()
         self.heartbeat = Heartbeat(runtime_dir, service.name)
         self.runtime_status = RuntimeStatus(runtime_dir, service.name)
@@ -230,6 +239,8 @@ class Runner:
         except Exception as e:
             if not start_fault(e):
                 raise
+            if self.state_dir is not None and is_full(e):
+                release_reserve(self.state_dir)
             text = f"cannot start yet: {describe(e)}"
             if text != self._start_fault:
                 log.warning("%s %s; retrying", self.service.name, text)
@@ -305,6 +316,14 @@ class Runner:
 
 class AlreadyRunning(Exception):
     pass
+
+
+def serve(cfg: Config, name: str, make: Callable[[Config], Service]) -> int:
+    """Run daemon `name` in the foreground: one instance at a time, its service made once the lock is held."""
+    single_instance(cfg.runtime_dir, name)
+    runner = Runner(make(cfg), cfg.runtime_dir, state_dir=cfg.state_dir)
+    runner.install_signals()
+    return runner.run()
 
 
 def single_instance(runtime_dir: Path, name: str) -> int:

@@ -4,7 +4,7 @@
 - ingest_mqtt_records_per_s: a local publisher sends 100,000 telemetry records with QoS 1 (100
   records per message, ThingsBoard device format) to a real local mosquitto; gatewayd ingest
   (persistent session, PUBACK after commit) -> controller queue -> forwarder -> outbox -> bridge
-  -> the ThingsBoard simulator (`scripts/tb_simulator.py`, on its own mosquitto). The clock runs
+  -> the ThingsBoard simulator (`tests/tbsim`, on its own mosquitto). The clock runs
   from the first publish to the last distinct record counted at the simulator.
 - ingest_http_records_per_s: the same 100,000 records POSTed to /api/v1/telemetry by 4 clients
   (keep-alive, 100 records per request), through the same chain to the simulator.

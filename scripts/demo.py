@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """`make demo`: gatewayd end to end on loopback, in a temporary directory, in under two minutes.
 
-mosquitto (the broker behind the ThingsBoard stand-in) + scripts/tb_simulator.py (ThingsBoard's
+mosquitto (the broker behind the ThingsBoard stand-in) + the simulator (tests/tbsim, ThingsBoard's
 device API) + the gatewayd daemons (forwarder, bridge, and the supervisor with
 `controller.enabled = false` when it starts) + a demo controller writing telemetry into the
 controller database the way a seed-gateway controller does. It shows:

@@ -4,11 +4,8 @@ from __future__ import annotations
 
 from gatewayd.bridge.service import Bridge
 from gatewayd.config import Config
-from gatewayd.daemon import Runner, single_instance
+from gatewayd.daemon import serve
 
 
 def run(cfg: Config) -> int:
-    single_instance(cfg.runtime_dir, "bridge")
-    runner = Runner(Bridge(cfg), cfg.runtime_dir)
-    runner.install_signals()
-    return runner.run()
+    return serve(cfg, "bridge", Bridge)

@@ -24,6 +24,7 @@ import logging
 import select
 import sqlite3
 import time
+from typing import Any
 
 from gatewayd import redact
 from gatewayd.bridge import provisioning
@@ -108,7 +109,8 @@ class Bridge:
         self.stall_logged = False
         self.state_dirty = True
         self.state_written = 0.0
-        self.store = StoreFault(cfg.queues_db)
+        self.store = StoreFault(cfg.queues_db, cfg.state_dir)
+        self.sender_file: tuple[int, int] | None = None  # the queues.db the sender works on
         self.inbound_failed = False
 
     # -- lifecycle -----------------------------------------------------------------------
@@ -129,55 +131,65 @@ class Bridge:
         """(Re)open queues.db and write the connection state, the proof that it takes writes.
 
         True when it did; otherwise the fault is reported and the next try scheduled."""
-        if now < self.store.retry_at:
+        if self.store.waiting(now):
             return False
-        was_faulted = self.store.faulted
         try:
-            old, self.db = self.db, None
-            self.db = self.store.open(old, check)
+            self.db = None
+            self.db = self.store.open(check)
+            if self.sender_file != self.store.tracked.identity:
+                # Another file (replaced, or a damaged one moved aside): the sender's cursors, caps and
+                # refusal counts name rows of the old one.
+                self.sender = None
             if self.sender is None:
                 self.limits.restore(self.db)
                 self.sender = Sender(self.db, self.limits, self.mqtt5, self._set_error)
                 self.sender.resize()
+                self.sender_file = self.store.tracked.identity
             self.sender.db = self.db
             self._write_state(force=True)
-            self.store.flush(self.db)
         except (sqlite3.Error, OSError) as e:
-            self.store.failed(e, now, f"cannot use the state database {self.cfg.queues_db}")
-            self._set_error(f"cannot use the state database: {self.store.reason}")
+            self.store.failed(e, now, "state database unavailable")
+            self._set_error(str(self.store.text))
             return False
-        if was_faulted:
-            self.store.recovered(now)
+        self.store.clear(now)
         return True
+
+    def _replaced(self, now: float) -> None:
+        """queues.db is another file now (moved aside, restored): the rows in flight name ids of the old
+        file, so the session ends without deleting anything, and the new file is used from its head."""
+        self.db = None
+        self._teardown(None, 0.0)
+        self.store.retry_at = 0.0
+        self._use_store(now)
 
     def _store_failed(self, e: sqlite3.Error, now: float) -> None:
         """A database call failed mid-session: close the session and retry the store (storefault.py)."""
         what = ("cannot store an inbound message (not acknowledged)" if self.inbound_failed
-                else "the state database failed")
+                else "state database unavailable")
         self.inbound_failed = False
         self.store.failed(e, now, what)
         self._teardown(None, 0.0)
-        self._set_error(f"{what}: {self.store.reason}")
+        self._set_error(str(self.store.text))
 
     def stop(self) -> None:
         self._teardown(None, 0.0, graceful=True)
-        if self.db is not None:
-            self.db.close()
-            self.db = None
+        self.store.tracked.close()
+        self.db = None
         if self.watch is not None:
             self.watch.close()
             self.watch = None
 
-    def health(self) -> dict[str, str | None]:
-        """The fault the bridge waits out, for a status file outside the database (it may take no writes)."""
-        return {"fault": self.store.status(time.monotonic()) if self.store.faulted else None}
+    def health(self) -> dict[str, Any]:
+        """The fault the bridge waits out and the queues.db it has open, for the runtime status file
+        (outside the database, which may take no writes)."""
+        return {"fault": self.store.text,
+                "files": {"queues.db": self.store.tracked.identity}}
 
     def report_error(self, text: str) -> None:
         self._set_error(text)
 
     def report_status(self, text: str) -> None:
-        if self.db is not None:
-            queues.record_status(self.db, "bridge", text)
+        self.store.store_status(text)
 
     def status(self) -> str:
         now = time.monotonic()
@@ -200,6 +212,8 @@ class Bridge:
     # -- the loop --------------------------------------------------------------------------
     def step(self) -> tuple[bool, float]:
         now = time.monotonic()
+        if self.store.tracked.follow(self.name):
+            self._replaced(now)
         if self.store.faulted and not self._use_store(now):
             return True, min(max(0.0, self.store.retry_at - now), IDLE_STEP_S)
         try:
@@ -521,7 +535,8 @@ class Bridge:
             if graceful and was in (ONLINE, PROV_WAIT):
                 conn.disconnect()
             conn.close()
-        usable = not self.store.faulted  # a failed database is not asked again (each try may wait on a lock)
+        # a failed database is not asked again (each try may wait on a lock); a replaced one is another file
+        usable = not self.store.faulted and self.db is not None
         if self.sender is not None:
             lost = self.sender.end(flush=usable)
             if judge and was == ONLINE and lost and usable:
@@ -560,7 +575,7 @@ class Bridge:
         if text != self.last_error:
             self.last_error = text
             self.state_dirty = True
-            self.store.record(None if self.store.faulted else self.db, text)
+            self.store.record(text)
 
     def _write_state(self, force: bool = False) -> None:
         now = time.monotonic()

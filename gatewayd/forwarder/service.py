@@ -34,8 +34,9 @@ from gatewayd.store import controller as controller_store
 from gatewayd.store import queues
 from gatewayd.store.check import BackgroundCheck, UncleanMarker
 from gatewayd.store.controller import Oversized
-from gatewayd.store.db import Tracked, data_version, get_mark, move_aside, schema_version, set_mark, transaction
-from gatewayd.store.errors import SQLITE_BUSY, SQLITE_FULL, SQLITE_LOCKED, Fault, classify, describe, primary_code
+from gatewayd.store.db import Tracked, data_version, get_mark, schema_version, set_mark, transaction
+from gatewayd.store.errors import Fault, classify, describe
+from gatewayd.store.faults import FaultState, code_name, keep_connection
 from gatewayd.store.queues import DeadLetter, NewRow
 from gatewayd.store.space import Headroom
 
@@ -48,8 +49,6 @@ CLOCK_WAIT_RECHECK_S = 1.0
 HOUSEKEEPING_EVERY_S = 60.0
 WORK_BUDGET_S = 0.5              # longest cap / retention pass per loop iteration
 IDLE_WAIT_S = 5.0                # with inotify: the longest sleep between looks when nothing is written
-BACKOFF_INITIAL_S = 0.25
-BACKOFF_MAX_S = 10.0
 LOW_SPACE_RETRY_S = 2.0
 BATCH_MAX_BYTES = 16 << 20       # a batch stops after about this many message bytes
 RAW_KEEP_BYTES = 1 << 20         # what a dead letter keeps of an oversized value
@@ -174,10 +173,7 @@ class Forwarder:
         self.watch: DirectoryWatch | None = None
         self.woken = False
         self._type_names: dict[controller_store.Value, str] = {}
-        self.fault: str | None = None
-        self.fault_key: tuple[str, str] | None = None
-        self.backoff = 0.0
-        self.retry_at = 0.0
+        self.faults = FaultState(self.name, log, cfg.state_dir, self._reports_db)
 
     # -- compatibility views -----------------------------------------------------------------
     @property
@@ -229,9 +225,8 @@ class Forwarder:
             self.marker.disarm()
 
     def status(self) -> str:
-        if self.fault:
-            wait = max(0.0, self.retry_at - time.monotonic())
-            return f"{self.fault}; retrying in {wait:.0f} s"
+        if self.faults.faulted:
+            return self.faults.status(time.monotonic())
         if self.clock_waiting:
             return self._clock_wait_text()
         busy = time.monotonic() - self._last_move < 2.0
@@ -242,96 +237,65 @@ class Forwarder:
 
     def health(self) -> dict[str, Any]:
         """For the runtime status file `gatewayctl status` reads even when no database can be written."""
-        return {"fault": self.fault, "files": {QUEUES: self.q.identity}}
+        return {"fault": self.faults.text, "files": {QUEUES: self.q.identity}}
 
     def report_error(self, text: str) -> None:
-        if self.q.conn is not None:
-            with contextlib.suppress(sqlite3.Error):
-                queues.record_error(self.q.conn, self.name, text)
+        self.faults.record(text)
 
     def report_status(self, text: str) -> None:
-        if self.q.conn is not None:
-            queues.record_status(self.q.conn, self.name, text)
+        self.faults.store_status(text)
+
+    def _reports_db(self) -> sqlite3.Connection | None:
+        """queues.db for errors and status lines, unless it is the file failing (a write might wait
+        on its lock each time)."""
+        key = self.faults.key
+        return None if isinstance(key, tuple) and key[0] == QUEUES else self.q.conn
 
     # -- faults --------------------------------------------------------------------------
-    def _set_fault(self, key: tuple[str, str], text: str, level: int = logging.WARNING,
-                   exc: BaseException | None = None) -> None:
-        """Log and record a fault once; the same fault again only updates STATUS=."""
-        self.fault = text
-        if key != self.fault_key:
-            self.fault_key = key
-            log.log(level, "%s; will retry", text, exc_info=exc)
-            self.report_error(text)
-
-    def _clear_fault(self) -> None:
-        if self.fault_key is not None:
-            log.info("recovered: %s", self.fault)
-            self.report_error(f"recovered: {self.fault}")
-        self.fault = None
-        self.fault_key = None
-        self.backoff = 0.0
-
-    def _retry_later(self, now: float) -> float:
-        self.backoff = min(BACKOFF_MAX_S, self.backoff * 2 or BACKOFF_INITIAL_S)
-        self.retry_at = now + self.backoff
-        return self.backoff
-
     def _on_fault(self, f: StoreFault, now: float) -> tuple[bool, float]:
         kind = classify(f.exc)
-        code = primary_code(f.exc)
-        name = getattr(f.exc, "sqlite_errorname", None) or type(f.exc).__name__
         if kind is Fault.CORRUPT and f.where in (QUEUES, ARCHIVE):
             try:
                 self._move_aside(self.q if f.where == QUEUES else self.a, describe(f.exc))
                 return True, 0.0
             except StoreFault as g:  # cannot even rename it (read-only, I/O): wait like any fault
                 f = g
-                kind, code = classify(f.exc), primary_code(f.exc)
-                name = getattr(f.exc, "sqlite_errorname", None) or type(f.exc).__name__
+                kind = classify(f.exc)
         if kind is Fault.CORRUPT:
             self.c.close()
-            self._set_fault((f.where, name), (
+            self.faults.report((f.where, code_name(f.exc)), (
                 f"controller database {self.cfg.controller_db} is damaged ({describe(f.exc)}); it belongs to the "
-                "controller, so gatewayd leaves it where it is: repair or replace it"), logging.CRITICAL)
-            return True, self._retry_later(now)
-        if code == SQLITE_FULL or (isinstance(f.exc, OSError) and f.exc.errno == 28):
-            self.headroom.on_full()
-        # Reopen on the next attempt, except while merely waiting for a lock or for space: a file
-        # opened read-only stays read-only, and one that came back may be another file.
-        if code not in (SQLITE_BUSY, SQLITE_LOCKED, SQLITE_FULL):
+                "controller, so gatewayd leaves it where it is: repair or replace it"), now, logging.CRITICAL)
+            return True, self.faults.retry_later(now)
+        if not keep_connection(f.exc):
             if f.where == CONTROLLER and not self.draining:
                 self.c.close()
             elif f.where in (QUEUES, ARCHIVE):
                 (self.q if f.where == QUEUES else self.a).close()
-        bug = kind is Fault.BUG
-        self._set_fault((f.where, name), f"{f.where}: {describe(f.exc)}", logging.ERROR if bug else logging.WARNING,
-                        f.exc if bug else None)
-        return True, self._retry_later(now)
+        return True, self.faults.failed(f.exc, now, f.where)
 
     def _move_aside(self, tracked: Tracked, reason: str) -> None:
         """A damaged file of ours: keep it for forensics, start a new one (the other daemons follow
         the file identity)."""
-        tracked.close()
         with on(QUEUES if tracked is self.q else ARCHIVE):
-            if tracked.path.exists():
-                move_aside(tracked.path, reason)
+            tracked.move_aside(reason)
         self.reconcile = True
 
     # -- the loop ------------------------------------------------------------------------
     def step(self) -> tuple[bool, float]:
         self.woken = self.watch.drain() if self.watch is not None else False
         now = time.monotonic()
-        if now < self.retry_at:
-            return True, self.retry_at - now
+        if self.faults.waiting(now):
+            return True, self.faults.retry_at - now
         try:
             result = self._work(now)
         except StoreFault as f:
             return self._on_fault(f, now)
         except Paused as p:
-            self._set_fault(("space", "low"), str(p))
-            self.retry_at = now + LOW_SPACE_RETRY_S
+            self.faults.report(("space", "low"), str(p), now)
+            self.faults.retry_at = now + LOW_SPACE_RETRY_S
             return True, LOW_SPACE_RETRY_S
-        self._clear_fault()
+        self.faults.clear(now)
         return result
 
     def _work(self, now: float) -> tuple[bool, float]:
@@ -377,9 +341,7 @@ class Forwarder:
         for tracked, where in ((self.q, QUEUES), (self.a, ARCHIVE)):
             if tracked is self.a and not self.archive_enabled:
                 continue
-            if tracked.replaced():
-                log.warning("%s was replaced under the forwarder; reopening it", tracked.path)
-                tracked.close()
+            tracked.follow(self.name)
             if tracked.conn is None:
                 with on(where):
                     tracked.open()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 
 from gatewayd.config import Config
-from gatewayd.daemon import Runner, single_instance
+from gatewayd.daemon import serve
 from gatewayd.ingest.service import Ingest
 
 log = logging.getLogger("gatewayd.ingest")
@@ -16,7 +16,4 @@ def run(cfg: Config) -> int:
         log.info("no ingest adapter configured ([ingest.mqtt] host, [ingest.http] listen, "
                  "[ingest.spool] directory); nothing to do")
         return 0
-    single_instance(cfg.runtime_dir, "ingest")
-    runner = Runner(Ingest(cfg), cfg.runtime_dir)
-    runner.install_signals()
-    return runner.run()
+    return serve(cfg, "ingest", Ingest)

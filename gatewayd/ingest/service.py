@@ -10,6 +10,10 @@ with a bounded backoff.
 Over `ingest.max_queue_rows` rows waiting in the controller queue (the forwarder is behind
 or down) ingest stops taking what it can hold back: MQTT messages stay unacknowledged (the
 broker stops sending at its in-flight limit), HTTP answers 503, spool files wait.
+
+A failing commit is a fault of the moment like in every daemon (`store.faults`: reported once,
+the disk reserve released on a full disk, bounded backoff). `queues.db` serves only to record
+errors for `gatewayctl status`; ingest follows it by file identity like the other daemons.
 """
 
 from __future__ import annotations
@@ -18,15 +22,16 @@ import logging
 import os
 import sqlite3
 import time
-from typing import Protocol
+from typing import Any, Protocol
 
 from gatewayd.config import Config
 from gatewayd.ingest.batch import Batch
 from gatewayd.store import controller as controller_store
 from gatewayd.store import ingest as ingest_store
 from gatewayd.store import queues
-from gatewayd.store.db import file_identity, transaction
-from gatewayd.store.errors import describe
+from gatewayd.store.db import Tracked, file_identity, transaction
+from gatewayd.store.errors import Fault, describe
+from gatewayd.store.faults import FaultState
 from gatewayd.store.ingest import Row
 
 log = logging.getLogger("gatewayd.ingest")
@@ -67,14 +72,11 @@ class Ingest:
         self.stall_s: float = cfg["ingest"]["stall_timeout_s"]
         self.ctrl: sqlite3.Connection | None = None
         self.ctrl_identity: tuple[int, int] | None = None
-        self.queues: sqlite3.Connection | None = None
+        self.q = Tracked(cfg.queues_db, lambda path: queues.open_queues(path, check=False))
+        self.faults = FaultState(self.name, log, cfg.state_dir, self._queues, RETRY_MIN_S, RETRY_MAX_S)
         self.adapters: list[Adapter] = []
         self.over_cap = False
         self.committed_rows = 0
-        self.failing_since: float | None = None
-        self.retry_at = 0.0
-        self.retry_delay = RETRY_MIN_S
-        self.last_error: str | None = None
         self._rate = 0.0
         self._last_commit = float("-inf")
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
@@ -82,10 +84,7 @@ class Ingest:
     # -- lifecycle -------------------------------------------------------------------------
     def start(self) -> None:
         self.cfg.ensure_dirs()
-        try:
-            self.queues = queues.open_queues(self.cfg.queues_db, check=False)
-        except sqlite3.Error as e:
-            log.warning("cannot open %s (%s); errors are reported in the journal only", self.cfg.queues_db, e)
+        self._queues()
         self._open_controller()
         adapters = self.cfg.ingest_adapters()
         if "mqtt" in adapters:
@@ -120,6 +119,15 @@ class Ingest:
         self.ctrl = conn
         self.ctrl_identity = file_identity(self.cfg.controller_db)
 
+    def _queues(self) -> sqlite3.Connection | None:
+        """queues.db, where errors are recorded for `gatewayctl status`: (re)opened when needed."""
+        if self.q.conn is None:
+            try:
+                self.q.open()
+            except (sqlite3.Error, OSError) as e:
+                log.debug("cannot open %s yet: %s", self.cfg.queues_db, e)
+        return self.q.conn
+
     def fds(self) -> list[int]:
         return [self._wake_r, *(fd for a in self.adapters for fd in a.fds())]
 
@@ -137,9 +145,9 @@ class Ingest:
             log.warning("last commit before stopping failed: %s", e)
         for a in self.adapters:
             a.stop()
-        for conn in (self.ctrl, self.queues):
-            if conn is not None:
-                conn.close()
+        if self.ctrl is not None:
+            self.ctrl.close()
+        self.q.close()
         for fd in (self._wake_r, self._wake_w):
             os.close(fd)
 
@@ -149,20 +157,19 @@ class Ingest:
         head = f"ingesting at {self._rate:.0f} records/s" if busy else "idle"
         if self.over_cap:
             head = f"paused: controller queue over {self.max_rows} rows"
-        if self.failing_since is not None and self.last_error:
-            head = f"commit failing: {self.last_error}"
+        if self.faults.faulted:
+            head = f"commit failing: {self.faults.text}"
         return f"{head}; {self.committed_rows} committed since start; " + ", ".join(parts)
 
     def report_status(self, text: str) -> None:
-        if self.queues is not None:
-            queues.record_status(self.queues, self.name, text)
+        self.faults.store_status(text)
 
     def report_error(self, text: str) -> None:
-        if self.queues is not None:
-            try:
-                queues.record_error(self.queues, self.name, text)
-            except sqlite3.Error as e:
-                log.warning("cannot record the error in %s: %s", self.cfg.queues_db, e)
+        self.faults.record(text)
+
+    def health(self) -> dict[str, Any]:
+        """For the runtime status file `gatewayctl status` reads even when no database can be written."""
+        return {"fault": self.faults.text, "files": {"queues.db": self.q.identity}}
 
     # -- the loop --------------------------------------------------------------------------
     def step(self) -> tuple[bool, float]:
@@ -172,19 +179,22 @@ class Ingest:
                 pass
         except BlockingIOError:
             pass
+        self.q.follow(self.name)
         self._round(now)
         now = time.monotonic()
-        healthy = self.failing_since is None or now - self.failing_since < self.stall_s
+        # A fault of the moment (full disk, lock, I/O) keeps the watchdog fed: a restart cures none of them.
+        healthy = (not self.faults.faulted or self.faults.kind is Fault.TRANSIENT
+                   or now - self.faults.since < self.stall_s)
         if any(a.has_work() for a in self.adapters):
-            if self.failing_since is not None:
-                return healthy, max(0.0, self.retry_at - now)
+            if self.faults.faulted:
+                return healthy, max(0.0, self.faults.retry_at - now)
             return healthy, OVER_CAP_RECHECK_S if self.over_cap else 0.0
         return healthy, min([IDLE_WAIT_S, *(a.wait(now) for a in self.adapters)])
 
     def _round(self, now: float) -> None:
         for a in self.adapters:
             a.poll(now)
-        if now < self.retry_at:
+        if self.faults.waiting(now):
             return
         batch = Batch()
         try:
@@ -229,11 +239,7 @@ class Ingest:
             self.committed_rows += len(batch.rows)
             self._rate = len(batch.rows) / max(time.perf_counter() - t0, 1e-6)
             self._last_commit = time.monotonic()
-        if self.failing_since is not None:
-            log.info("commits to the controller queue work again")
-        self.failing_since = None
-        self.retry_delay = RETRY_MIN_S
-        self.last_error = None
+        self.faults.clear(time.monotonic())
 
     def commit_rows(self, rows: list[Row]) -> None:
         """A commit of its own, for a sender that must be acknowledged from inside a callback."""
@@ -248,14 +254,8 @@ class Ingest:
 
     def _failed(self, batch: Batch, exc: BaseException) -> None:
         text = describe(exc)
-        now = time.monotonic()
-        if self.failing_since is None:
-            self.failing_since = now
-        if text != self.last_error:
-            log.error("cannot commit %d records to %s: %s; nothing acknowledged, retrying",
-                      len(batch.rows), self.cfg.controller_db, text)
-            self.report_error(f"controller queue: {text}")
-        self.last_error = text
+        self.faults.failed(exc, time.monotonic(),
+                           f"cannot commit to the controller queue {self.cfg.controller_db} (nothing acknowledged)")
         for fail in batch.on_fail:
             fail(text)
         # A fresh connection next time: the file may have been replaced, repaired or remounted.
@@ -265,5 +265,3 @@ class Ingest:
             except sqlite3.Error:
                 pass
             self.ctrl = None
-        self.retry_at = now + self.retry_delay
-        self.retry_delay = min(self.retry_delay * 2, RETRY_MAX_S)

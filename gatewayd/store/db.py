@@ -322,6 +322,28 @@ class Tracked:
         self.close()
         return self.open()
 
+    def follow(self, who: str) -> bool:
+        """Close the connection when the path names another file now (said once); True when it did.
+
+        The caller forgets what it knew about the old file and opens the new one."""
+        if not self.replaced():
+            return False
+        log.warning("%s was replaced under the %s; reopening it", self.path, who)
+        self.close()
+        return True
+
+    def move_aside(self, reason: str) -> bool:
+        """The file is damaged: close the connection and move the file aside (kept, `move_aside`), unless
+        the path already names another file than the one this connection had open (another daemon moved
+        it first: nothing to do but follow). True when moved here."""
+        current = file_identity(self.path)
+        ours = self.identity is None or current == self.identity
+        self.close()
+        if current is None or not ours:
+            return False
+        move_aside(self.path, reason)
+        return True
+
     def close(self) -> None:
         if self.conn is not None:
             with contextlib.suppress(sqlite3.Error):

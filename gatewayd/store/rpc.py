@@ -81,9 +81,11 @@ def _queue_reply(conn: sqlite3.Connection, rpc_id: str, payload: str) -> int:
     return int(conn.execute("SELECT last_insert_rowid()").fetchone()[0])
 
 
-def finish(conn: sqlite3.Connection, rpc_id: str, dig: str, method: str | None, inbound_id: int,
+def finish(conn: sqlite3.Connection, rpc_id: str, dig: str, method: str | None, inbound_id: int | None,
            payload: str) -> int:
     """Queue the reply (JSON text), mark the request done and delete its inbound row, in one transaction.
+
+    `inbound_id` None: the row was in a queues.db replaced since; nothing is deleted.
 
     Returns the outbox id of the reply (0 if the request had been finished already: a replay).
     """

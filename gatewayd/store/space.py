@@ -68,10 +68,6 @@ class Headroom:
             self._allocate()
         return free < self.min_free
 
-    def on_full(self) -> None:
-        """A write failed for lack of space."""
-        release_reserve(self.state_dir)
-
     def _allocate(self) -> None:
         path = reserve_path(self.state_dir)
         if self.reserve <= 0 or path.exists():

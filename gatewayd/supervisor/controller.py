@@ -131,6 +131,7 @@ class ControllerManager:
 
     # -- main-thread API ---------------------------------------------------------------
     def start_thread(self) -> None:
+        self._stop.clear()  # a start retried after a failed one (the Runner stops the service in between)
         self._thread = threading.Thread(target=self._run, name="controller", daemon=True)
         self._thread.start()
 

@@ -191,6 +191,7 @@ class Serial:
     def stop(self) -> None:
         if self._thread is not None:
             self._tasks.put(None)
+            self._thread = None  # a later submit (a start retried by the Runner) starts a new one
 
 
 class Inline:

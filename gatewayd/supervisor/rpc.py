@@ -13,19 +13,28 @@ malformed one (not UTF-8, not JSON, nested too deeply, a method that is not text
 `{"error": ...}`; a duplicate of a finished request the stored reply again; a request the
 ledger shows started by an earlier run "interrupted" — it is never run twice.
 
+A reply whose transaction fails (a full disk, a lock, I/O) is kept here and committed before
+anything new is taken (`flush()`), so a fault of the moment never turns a request that ran into
+an "interrupted" one; its inbound row is not taken again meanwhile. Should the supervisor stop
+before it could commit them, they are kept in the runtime directory (another file system, a
+tmpfs under systemd) and committed by the next start (`save_unsent`, `load_unsent`).
+
 Finished requests are remembered for `rpc_dedup_window_s` of this supervisor's running time,
 measured on the monotonic clock against inbound row ids (`LedgerAge`), never by wall-clock age.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import os
 import sqlite3
 import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from gatewayd import redact
@@ -39,7 +48,7 @@ log = logging.getLogger("gatewayd.supervisor")
 
 @dataclass
 class PendingRpc:
-    inbound_id: int
+    inbound_id: int | None  # None: the row was in a queues.db that has been replaced since
     rpc_id: str
     digest: str
     method: str
@@ -52,9 +61,21 @@ class PendingRpc:
 class PendingPower:
     argv: list[str]
     action: str
-    outbox_id: int
+    outbox_id: int | None  # the reply's outbox row; None until it is committed
     deadline: float
     job: Job | None = None
+
+
+@dataclass
+class Unsent:
+    """A reply whose transaction has not committed yet."""
+
+    inbound_id: int | None
+    rpc_id: str
+    digest: str
+    method: str | None
+    payload: str
+    power: PendingPower | None = None
 
 
 def json_text(reply: dict[str, Any]) -> str:
@@ -138,15 +159,78 @@ class RpcLifecycle:
         self.max_packet: int = cfg["thingsboard"]["max_packet_bytes"]
         self.deadline_s: float = cfg["supervisor"]["rpc_reply_deadline_s"]
         self.power_delay_s: float = cfg["supervisor"]["power_action_delay_s"]
-        self.pending: dict[int, PendingRpc] = {}
+        self.pending: list[PendingRpc] = []
+        self.unsent: list[Unsent] = []
         self.waiting: set[int] = set()  # duplicates of a request running here, answered once it is done
         self.power: list[PendingPower] = []
         self.counters = RpcCounters()
         self.age = LedgerAge(cfg["supervisor"]["rpc_dedup_window_s"], clock)
 
-    def busy_inbound_ids(self) -> set[int]:
-        """Inbound rows not to be taken now: requests running here and their duplicates."""
-        return {p.inbound_id for p in self.pending.values() if not p.replied} | self.waiting
+    def busy_inbound_ids(self) -> set[int | None]:
+        """Inbound rows not to be taken now: requests running here, replies not committed yet, and
+        their duplicates."""
+        return ({p.inbound_id for p in self.pending if not p.replied} | {u.inbound_id for u in self.unsent}
+                | self.waiting)
+
+    def _owes(self, inbound_id: int | None) -> bool:
+        """Is the request of this inbound row running here, or its reply not committed yet?"""
+        return inbound_id is not None and (any(p.inbound_id == inbound_id for p in self.pending)
+                                           or any(u.inbound_id == inbound_id for u in self.unsent))
+
+    def flush(self) -> None:
+        """Commit the replies that could not be committed before, oldest first; raises (keeping the
+        rest) while the database still fails."""
+        if not self.unsent:
+            return
+        while self.unsent:
+            u = self.unsent[0]
+            outbox_id = ledger.finish(self.db(), u.rpc_id, u.digest, u.method, u.inbound_id, u.payload)
+            self.unsent.pop(0)
+            if u.power is not None:
+                u.power.outbox_id = outbox_id
+        self.waiting.clear()  # their duplicates can be answered now
+
+    def save_unsent(self, path: Path, identity: tuple[int, int] | None) -> int:
+        """Keep the replies not committed yet for the next start; how many there were."""
+        if not self.unsent:
+            return 0
+        data = {"file": identity, "replies": [[u.inbound_id, u.rpc_id, u.digest, u.method, u.payload]
+                                              for u in self.unsent]}
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(json.dumps(data))
+        os.replace(tmp, path)
+        return len(self.unsent)
+
+    def load_unsent(self, path: Path, identity: tuple[int, int] | None) -> int:
+        """The replies an earlier run could not commit (`save_unsent`); their inbound ids count only in
+        the same queues.db."""
+        try:
+            data = json.loads(path.read_text())
+            same = data["file"] is not None and tuple(data["file"]) == identity
+            replies = [Unsent(int(i) if same and i is not None else None, str(r), str(d), m, str(p))
+                       for i, r, d, m, p in data["replies"]]
+        except FileNotFoundError:
+            return 0
+        except (OSError, ValueError, TypeError, KeyError) as e:
+            log.error("cannot read the RPC replies an earlier run left in %s: %s", path, e)
+            replies = []
+        with contextlib.suppress(OSError):
+            path.unlink()
+        self.unsent.extend(replies)
+        return len(replies)
+
+    def detach(self) -> None:
+        """queues.db was replaced: the inbound and outbox ids known here name rows of the old file.
+        Replies still owed are sent all the same, but touch no row of the new file."""
+        for p in self.pending:
+            p.inbound_id = None
+        for u in self.unsent:
+            u.inbound_id = None
+        for power in self.power:
+            if power.job is None:
+                power.outbox_id = None  # acts at its deadline
+        self.waiting.clear()
+        self.age.marks.clear()
 
     def purge(self) -> None:
         if self.age.due():
@@ -166,7 +250,7 @@ class RpcLifecycle:
             ledger.answer_again(conn, rpc_id, rid, begun.reply or json_text({"error": "answered before"}))
             return
         if begun.state == "started":
-            if begun.inbound_id != rid and begun.inbound_id in self.pending:
+            if begun.inbound_id != rid and self._owes(begun.inbound_id):
                 self.waiting.add(rid)  # the same request is running here: it gets the same reply
                 return
             self.reply(rid, rpc_id, dig, method, {
@@ -188,14 +272,14 @@ class RpcLifecycle:
             self.reply(rid, rpc_id, dig, method, {"error": f"internal error: {type(e).__name__}: {e}"})
             return
         if isinstance(outcome, commands.Deferred):
-            self.pending[rid] = PendingRpc(rid, rpc_id, dig, method, outcome, self.clock())
+            self.pending.append(PendingRpc(rid, rpc_id, dig, method, outcome, self.clock()))
             self._tick_pending(self.clock())
         elif isinstance(outcome, commands.PowerAction):
-            outbox_id = self.reply(rid, rpc_id, dig, method, outcome.reply)
             log.warning("%s requested by RPC %s; acting once the reply is delivered (at most %.0f s)",
                         outcome.action, rpc_id, self.power_delay_s)
-            self.power.append(PendingPower(outcome.argv, outcome.action, outbox_id,
-                                           self.clock() + self.power_delay_s))
+            power = PendingPower(outcome.argv, outcome.action, None, self.clock() + self.power_delay_s)
+            self.power.append(power)
+            self.reply(rid, rpc_id, dig, method, outcome.reply, power)
         elif isinstance(outcome, dict):
             self.reply(rid, rpc_id, dig, method, outcome)
         else:
@@ -206,7 +290,10 @@ class RpcLifecycle:
         method = parse_request(payload)[0]
         self.reply(rid, ledger.text(rpc_id), ledger.digest(payload), method, {"error": f"internal error: {error}"})
 
-    def reply(self, rid: int, rpc_id: str, dig: str, method: str | None, reply: dict[str, Any]) -> int:
+    def reply(self, rid: int | None, rpc_id: str, dig: str, method: str | None, reply: dict[str, Any],
+              power: PendingPower | None = None) -> None:
+        """Queue the reply with the request's done mark (raises while the database fails: the reply is
+        kept and committed by `flush()`)."""
         reply = redact.redact_obj(reply)
         payload = json_text(reply)
         failed = "error" in reply or payload.startswith('{"error"')
@@ -216,7 +303,8 @@ class RpcLifecycle:
         if failed:
             self.counters.rpc_errors += 1
         self.counters.rpcs += 1
-        return ledger.finish(self.db(), rpc_id, dig, method, rid, payload)
+        self.unsent.append(Unsent(rid, rpc_id, dig, method, payload, power))
+        self.flush()
 
     # -- requests in progress ------------------------------------------------------------
     def tick(self) -> None:
@@ -225,7 +313,7 @@ class RpcLifecycle:
         self._tick_power(now)
 
     def _tick_pending(self, now: float) -> None:
-        for rid, p in list(self.pending.items()):
+        for p in list(self.pending):
             w = p.deferred.waitable
             if w.done():
                 if w.error is not None:
@@ -235,15 +323,15 @@ class RpcLifecycle:
                         reply = p.deferred.to_reply(w.result)
                     except Exception as e:  # noqa: BLE001
                         reply = {"error": f"internal error: {type(e).__name__}: {e}"}
+                self.pending.remove(p)
+                self.waiting.clear()  # their request may be done now: look at them again
                 if p.replied:
                     log.info("RPC %s (%s) finished after its reply", p.rpc_id, p.method)
                     result = redact.redact_obj(reply)
                     result.update({"rpc_id": p.rpc_id, "method": p.method})
                     self.publish_telemetry({"rpc_result": result})
                 else:
-                    self.reply(rid, p.rpc_id, p.digest, p.method, reply)
-                del self.pending[rid]
-                self.waiting.clear()  # their request may be done now: look at them again
+                    self.reply(p.inbound_id, p.rpc_id, p.digest, p.method, reply)
             elif not p.replied and now - p.started >= self.deadline_s:
                 job_id = w.id if isinstance(w, Job) else None
                 body: dict[str, Any] = {
@@ -253,13 +341,14 @@ class RpcLifecycle:
                 }
                 if job_id is not None:
                     body["job"] = job_id
-                self.reply(rid, p.rpc_id, p.digest, p.method, body)
                 p.replied = True
+                self.reply(p.inbound_id, p.rpc_id, p.digest, p.method, body)
 
     def _tick_power(self, now: float) -> None:
         for p in list(self.power):
             if p.job is None:
-                delivered = not p.outbox_id or not ledger.outbox_has(self.db(), p.outbox_id)
+                delivered = p.outbox_id is not None and (not p.outbox_id or not ledger.outbox_has(self.db(),
+                                                                                                   p.outbox_id))
                 if delivered or now >= p.deadline:
                     log.warning("%s: running %s", p.action, " ".join(p.argv))
                     p.job = self.jobs.submit(p.action, runcmd.run, p.argv, 60.0, 4096, "/", runcmd.clean_env())

@@ -9,6 +9,13 @@ controller thread or in background jobs):
 4. poll udev for hot-plugged devices;
 5. every `telemetry_interval_s`, queue device telemetry (with the ledger and queue figures);
    keep "supervisor.controller" in the state table fresh for `gatewayctl status`.
+
+A failing `queues.db` (full disk, lock, read-only, I/O) is waited out like in every daemon
+(`store.faults`): the loop goes on feeding the watchdog, the fault is reported once and retried
+with a bounded backoff, and nothing is lost meanwhile — an RPC reply waits in `rpc.py`, what the
+components queue for ThingsBoard or the state table waits here in order (`_write`), and inbound
+rows stay where they are until they can be answered. A `queues.db` replaced under the supervisor
+is followed by its file identity.
 """
 
 from __future__ import annotations
@@ -19,7 +26,10 @@ import queue
 import re
 import sqlite3
 import time
+from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from gatewayd import __version__
@@ -28,7 +38,9 @@ from gatewayd.records import PUBLISH_OVERHEAD
 from gatewayd.store import controller as controller_store
 from gatewayd.store import figures, queues
 from gatewayd.store import rpc as ledger
-from gatewayd.store.db import now_ms, transaction
+from gatewayd.store.db import Tracked, now_ms, transaction
+from gatewayd.store.errors import Fault, classify, describe
+from gatewayd.store.faults import FaultState, keep_connection
 from gatewayd.supervisor import commands
 from gatewayd.supervisor.controller import ControllerManager
 from gatewayd.supervisor.files import CONTENT_PREFIX, FILES_KEY, HASHES_KEY, FileManager
@@ -50,6 +62,10 @@ STATE_EVERY_S = 0.5
 STATE_REFRESH_S = 30.0
 FILES_STATE = "supervisor.files"
 CONTROLLER_STATE = "supervisor.controller"
+QUEUES = "queues.db"
+BACKLOG_MAX = 10_000     # writes kept while queues.db fails; beyond it the oldest are dropped (logged)
+
+Write = Callable[[sqlite3.Connection], object]
 
 
 @dataclass
@@ -71,7 +87,12 @@ class Supervisor:
     def __init__(self, cfg: Config, *, controller: ControllerManager | None = None,
                  devices: Devices | None = None):
         self.cfg = cfg
-        self.conn: sqlite3.Connection | None = None
+        self.q = Tracked(cfg.queues_db, queues.open_queues)
+        self.faults = FaultState(self.name, log, cfg.state_dir, lambda: None if self.faults.faulted else self.q.conn)
+        self.q_file: tuple[int, int] | None = None  # the queues.db the RPC ids known here belong to
+        self.backlog: deque[Write] = deque()
+        self.backlog_dropped = 0
+        self._write_error: sqlite3.Error | None = None
         self.jobs = Jobs()
         self.counters = Counters()
         self.started_mono = time.monotonic()
@@ -116,28 +137,73 @@ class Supervisor:
     def reply_budget(self) -> int:
         return self.max_packet - PUBLISH_OVERHEAD - len(queues.TOPIC_RPC_RESPONSE) - 24
 
+    @property
+    def conn(self) -> sqlite3.Connection | None:
+        return self.q.conn
+
     def _db(self) -> sqlite3.Connection:
-        assert self.conn is not None
-        return self.conn
+        if self.q.conn is None:
+            raise sqlite3.OperationalError(f"{self.cfg.queues_db} is not open")
+        return self.q.conn
 
     def get_state(self, key: str) -> Any:
         return queues.get_state(self._db(), key)
 
     def set_state(self, key: str, value: Any) -> None:
-        with transaction(self._db()):
-            queues.set_state(self._db(), key, value)
+        def write(conn: sqlite3.Connection) -> None:
+            with transaction(conn):
+                queues.set_state(conn, key, value)
+        self._write(write)
 
     def publish_telemetry(self, values: dict[str, Any], priority: int = queues.PRIO_ATTRIBUTES) -> None:
         ts = now_ms()
         payload = json_text({"ts": ts, "values": values})
-        queues.enqueue(self._db(), queues.KIND_TELEMETRY, queues.TOPIC_TELEMETRY, payload, priority, ts=ts)
+        self._write(lambda c: queues.enqueue(c, queues.KIND_TELEMETRY, queues.TOPIC_TELEMETRY, payload, priority,
+                                             ts=ts))
 
     def publish_attributes(self, values: dict[str, Any]) -> None:
         payload = json_text(values)
-        queues.enqueue(self._db(), queues.KIND_ATTRIBUTES, queues.TOPIC_ATTRIBUTES, payload, queues.PRIO_ATTRIBUTES)
+        self._write(lambda c: queues.enqueue(c, queues.KIND_ATTRIBUTES, queues.TOPIC_ATTRIBUTES, payload,
+                                             queues.PRIO_ATTRIBUTES))
 
     def enqueue_raw(self, topic: str, payload: str) -> None:
-        queues.enqueue(self._db(), queues.KIND_RAW, topic, payload, queues.PRIO_ATTRIBUTES)
+        self._write(lambda c: queues.enqueue(c, queues.KIND_RAW, topic, payload, queues.PRIO_ATTRIBUTES))
+
+    # -- writes that wait out a failing queues.db -------------------------------------------
+    def _write(self, op: Write) -> None:
+        """A write the components must not lose (outbox, state table): done now, or — while queues.db
+        fails — kept, in order, and done once it takes writes again (`_flush_backlog`)."""
+        if not self.backlog and self._write_error is None and self.q.conn is not None:
+            try:
+                self._apply(op, self.q.conn)
+                return
+            except sqlite3.Error as e:
+                self._write_error = e  # the step ends in the fault handling
+        if len(self.backlog) >= BACKLOG_MAX:
+            self.backlog.popleft()
+            self.backlog_dropped += 1
+            if self.backlog_dropped == 1:
+                log.error("queues.db has been failing for a while: more than %d messages and state updates wait "
+                          "for it; dropping the oldest", BACKLOG_MAX)
+        self.backlog.append(op)
+
+    @staticmethod
+    def _apply(op: Write, conn: sqlite3.Connection) -> None:
+        try:
+            op(conn)
+        except sqlite3.Error as e:
+            if classify(e) is not Fault.DATA:
+                raise
+            log.error("a write to queues.db failed on its data and is dropped: %s", describe(e))
+
+    def _flush_backlog(self, conn: sqlite3.Connection) -> None:
+        while self.backlog:
+            self._apply(self.backlog[0], conn)
+            self.backlog.popleft()
+        if self.backlog_dropped:
+            log.warning("queues.db takes writes again; %d older messages and state updates were dropped",
+                        self.backlog_dropped)
+            self.backlog_dropped = 0
 
     def request_attributes(self, shared: list[str], client: list[str] | None = None) -> None:
         """Ask ThingsBoard for attribute values; the answer comes back through the inbound table."""
@@ -156,8 +222,13 @@ class Supervisor:
 
     # -- lifecycle -----------------------------------------------------------------------
     def start(self) -> None:
+        """Open queues.db and read the saved state before anything starts (a transient failure here is
+        the Runner's to wait out); what start-up writes waits in the backlog if it must."""
         self.cfg.ensure_dirs()
-        self.conn = queues.open_queues(self.cfg.queues_db)
+        self.q.open()
+        self.q_file = self.q.identity
+        if self.rpc.load_unsent(self._replies_path(), self.q.identity):
+            log.info("%d RPC replies kept by the last run are stored first", len(self.rpc.unsent))
         if self.controller is not None:
             ctl_state = self.get_state(CONTROLLER_STATE) or {}
             self.controller.restarts = int(ctl_state.get("restarts") or 0)
@@ -173,7 +244,6 @@ class Supervisor:
         self.publish_attributes({"gatewayd_version": __version__})
         # What the bridge asks for after a reconnect may have been consumed by an earlier run.
         self.request_attributes(list(SW_KEYS) + [FILES_KEY], [HASHES_KEY])
-        self.rpc.purge()
         self._write_controller_state(force=True)
 
     def stop(self) -> None:
@@ -185,11 +255,28 @@ class Supervisor:
         if running:
             log.info("leaving %d background job(s) unfinished: %s", len(running),
                      ", ".join(j.name for j in running))
-        if self.conn is not None:
-            self.conn.close()
-            self.conn = None
+        try:
+            if self.q.conn is not None:
+                self._flush_backlog(self.q.conn)
+                self.rpc.flush()
+        except sqlite3.Error as e:
+            log.error("stopping while queues.db fails (%s): %d messages and state updates not stored are "
+                      "dropped", describe(e), len(self.backlog))
+        try:
+            if self.rpc.save_unsent(self._replies_path(), self.q.identity):
+                log.warning("%d RPC replies not stored yet are kept in %s for the next start", len(self.rpc.unsent),
+                            self._replies_path())
+        except OSError as e:
+            log.error("cannot keep %d RPC replies in %s (%s): their requests will be answered as interrupted",
+                      len(self.rpc.unsent), self._replies_path(), e)
+        self.q.close()
+
+    def _replies_path(self) -> Path:
+        return self.cfg.runtime_dir / f"{self.name}.replies.json"
 
     def status(self) -> str:
+        if self.faults.faulted:
+            return self.faults.status(time.monotonic())
         if self.controller is None:
             ctl = "controller disabled"
         else:
@@ -199,19 +286,55 @@ class Supervisor:
         return f"{ctl}; {self.rpc.counters.rpcs} RPCs answered" + (f"; {jobs} job(s) running" if jobs else "")
 
     def report_status(self, text: str) -> None:
-        if self.conn is not None:
-            queues.record_status(self.conn, "supervisor", text)
+        self.faults.store_status(text)
 
     def report_error(self, text: str) -> None:
-        if self.conn is not None:
-            try:
-                queues.record_error(self.conn, "supervisor", text)
-            except sqlite3.Error:
-                pass
+        self.faults.record(text)
+
+    def health(self) -> dict[str, Any]:
+        """For the runtime status file `gatewayctl status` reads even when no database can be written."""
+        return {"fault": self.faults.text, "files": {QUEUES: self.q.identity}}
 
     # -- the loop ------------------------------------------------------------------------
     def step(self) -> tuple[bool, float]:
         now = time.monotonic()
+        self.q.follow(self.name)
+        if self.faults.waiting(now):
+            return True, self.faults.retry_at - now
+        self._write_error = None
+        try:
+            try:
+                conn = self.q.conn or self._reopen()
+            except OSError as e:  # creating the file (full disk, read-only directory)
+                return self._on_fault(e, now)
+            self._flush_backlog(conn)
+            self.rpc.flush()
+            result = self._work(now)
+            if self._write_error is not None:
+                raise self._write_error
+        except sqlite3.Error as e:
+            return self._on_fault(e, now)
+        self.faults.clear(now)
+        return result
+
+    def _reopen(self) -> sqlite3.Connection:
+        conn = self.q.open()
+        if self.q.identity != self.q_file:
+            # another file (replaced, or a damaged one moved aside): the ids known here are the old one's
+            self.rpc.detach()
+            self.q_file = self.q.identity
+        return conn
+
+    def _on_fault(self, exc: BaseException, now: float) -> tuple[bool, float]:
+        """queues.db failed: nothing is lost (see the module docstring); report once, retry later. The
+        loop stays healthy: a restart cures none of this."""
+        self._write_error = None
+        delay = self.faults.failed(exc, now, QUEUES, owned=self.q)
+        if not keep_connection(exc):
+            self.q.close()
+        return True, delay
+
+    def _work(self, now: float) -> tuple[bool, float]:
         busy = self._process_inbound()
         self.rpc.tick()
         self.updates.step()

@@ -1,5 +1,5 @@
 """Real peers for integration tests: free ports, a mosquitto broker, the ThingsBoard simulator
-(`scripts/tb_simulator.py`) and a small synchronous MQTT test device.
+(the `tests/tbsim` package, run as `python3 -m tbsim`) and a small synchronous MQTT test device.
 
 Plain functions and context managers, importable as `from tests.helpers.brokers import ...`
 by tests, `make demo` and the system tests.  Every process is started by us, stopped by its
@@ -9,7 +9,7 @@ PID in teardown (SIGTERM, then SIGKILL), and every wait is bounded.
 from __future__ import annotations
 
 import contextlib
-import importlib.util
+import importlib
 import itertools
 import os
 import queue
@@ -28,9 +28,12 @@ from types import ModuleType
 from typing import Any
 
 from tests.helpers.daemons import wait_for
+from tests.tbsim import READY_LINE, SimulatorClient
+from tests.tbsim import SimulatorError as SimulatorError  # re-exported for tests
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-SIMULATOR_SCRIPT = REPO_ROOT / "scripts" / "tb_simulator.py"
+# The simulator package; its parent directory goes on the PYTHONPATH of `python3 -m tbsim`.
+SIMULATOR_PACKAGE = REPO_ROOT / "tests" / "tbsim"
 MOSQUITTO_BIN = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
 LOOPBACK = "127.0.0.1"
 
@@ -185,16 +188,19 @@ def mosquitto(tmp_dir: str | os.PathLike[str] | None = None, port: int | None = 
 # --------------------------------------------------------------------------------------
 
 def load_simulator_module() -> ModuleType:
-    """Import scripts/tb_simulator.py by path (for SimulatorClient, topic_key, ...)."""
-    mod = sys.modules.get("tb_simulator")
-    if mod is not None and getattr(mod, "__file__", None) == str(SIMULATOR_SCRIPT):
-        return mod
-    spec = importlib.util.spec_from_file_location("tb_simulator", SIMULATOR_SCRIPT)
-    assert spec is not None and spec.loader is not None
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["tb_simulator"] = mod
-    spec.loader.exec_module(mod)
-    return mod
+    """The simulator package (`SimulatorClient`, `SimulatorError`, `topic_key`, ...)."""
+    return importlib.import_module("tests.tbsim")
+
+
+def simulator_command(python: str | None = None) -> list[str]:
+    """The command line that starts the simulator (arguments follow)."""
+    return [python or sys.executable, "-m", SIMULATOR_PACKAGE.name]
+
+
+def simulator_env() -> dict[str, str]:
+    """This process's environment with the simulator package's parent first on PYTHONPATH."""
+    paths = [str(SIMULATOR_PACKAGE.parent), *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep))]
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(paths)}
 
 
 @dataclass
@@ -204,7 +210,7 @@ class SimulatorProcess(PeerProcess):
     control_port: int
     broker_port: int
     proc: subprocess.Popen[bytes]
-    client: Any            # tb_simulator.SimulatorClient
+    client: SimulatorClient
     log_path: Path
     stdout_path: Path
     capture_path: Path | None
@@ -223,7 +229,7 @@ def start_simulator(workdir: Path, broker_port: int, devices: dict[str, str] | N
     stdout_path = workdir / f"{name}-{seq}.out"
     log_path = workdir / f"{name}-{seq}.log"
     capture_path: Path | None = None
-    cmd = [python or sys.executable, str(SIMULATOR_SCRIPT), "--listen", f"{host}:{port}",
+    cmd = [*simulator_command(python), "--listen", f"{host}:{port}",
            "--broker", f"{broker_host}:{broker_port}", "--control-port", str(control_port)]
     for dev_name, token in devices.items():
         cmd += ["--device", f"{dev_name}={token}"]
@@ -235,7 +241,7 @@ def start_simulator(workdir: Path, broker_port: int, devices: dict[str, str] | N
     cmd += list(extra_args)
     with open(stdout_path, "wb") as out, open(log_path, "ab") as err:
         proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=err,
-                                start_new_session=True, cwd=str(REPO_ROOT))
+                                start_new_session=True, cwd=str(REPO_ROOT), env=simulator_env())
     ready: dict[str, str] = {}
 
     def is_ready() -> bool:
@@ -243,7 +249,7 @@ def start_simulator(workdir: Path, broker_port: int, devices: dict[str, str] | N
             raise RuntimeError(f"tb_simulator exited with {proc.returncode}: "
                                f"{log_path.read_text(errors='replace')[-2000:]}")
         for line in stdout_path.read_text(errors="replace").splitlines():
-            if line.startswith("tb_simulator ready"):
+            if line.startswith(READY_LINE):
                 ready.update(w.split("=", 1) for w in line.split()[2:] if "=" in w)  # type: ignore[misc]
                 return True
         return False
@@ -255,7 +261,7 @@ def start_simulator(workdir: Path, broker_port: int, devices: dict[str, str] | N
         raise
     listen_port = int(ready["listen"].rsplit(":", 1)[1])
     ctl_port = int(ready["control"].rsplit(":", 1)[1])
-    client = load_simulator_module().SimulatorClient(ctl_port)
+    client = SimulatorClient(ctl_port)
     return SimulatorProcess(host, listen_port, ctl_port, broker_port, proc, client, log_path, stdout_path,
                             capture_path, devices)
 

@@ -37,6 +37,13 @@ SERVER_LIMIT = 8000   # the simulator closes the session on a PUBLISH whose topi
 CONFIGURED = 65536    # what the bridge is told
 
 
+def debug_log(cfg: Path) -> None:
+    """Debug logging in the [logging] table the helpers already write."""
+    text = cfg.read_text()
+    assert text.count("[logging]\n") == 1, text
+    cfg.write_text(text.replace("[logging]\n", '[logging]\nlevel = "debug"\n'))
+
+
 def _sim(tmp_path: Path, broker: Any, limit: int | None = SERVER_LIMIT, port: int = 0, control_port: int = 0,
          announce: bool = False) -> Any:
     args = [] if announce else ["--no-session-limits"]
@@ -150,7 +157,7 @@ def test_server_restarts_mid_stream_do_not_lower_the_limit(tmp_path: Path, broke
     sim = _sim(tmp_path, broker, limit, port, control)
     base = tmp_path / "gw"
     cfg = bridge_config(base, port, max_packet_bytes=CONFIGURED, reconnect_max_s=0.5)
-    cfg.write_text(cfg.read_text() + '\n[logging]\nlevel = "debug"\n')
+    debug_log(cfg)
     fill(base, range(2000))
     bridge = start_bridge(cfg)
     seq = 2000
@@ -233,7 +240,7 @@ def test_sessions_lost_with_a_2kb_attribute_and_rpc_reply_in_flight_blame_nobody
     sim = _sim(tmp_path, broker, limit=None)  # no limit below the configured one, none announced
     base = tmp_path / "gw"
     cfg = bridge_config(base, sim.port, max_packet_bytes=CONFIGURED, reconnect_max_s=0.5)
-    cfg.write_text(cfg.read_text() + '\n[logging]\nlevel = "debug"\n')
+    debug_log(cfg)
     bridge = start_bridge(cfg)
     try:
         sim.client.wait_connected(DEVICE, timeout=15)

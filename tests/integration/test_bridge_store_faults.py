@@ -9,6 +9,7 @@ import contextlib
 import errno
 import json
 import os
+import signal
 import sqlite3
 import subprocess
 import sys
@@ -19,6 +20,7 @@ from typing import Any
 
 import pytest
 
+from gatewayd.bridge.service import STATE_EVERY_S
 from tests.helpers.brokers import REPO_ROOT, free_port, start_simulator
 from tests.integration.test_bridge_support import (
     DEVICE,
@@ -139,7 +141,7 @@ def test_a_full_disk_keeps_the_bridge_up_and_everything_is_delivered_once_space_
         c = counters(base)
         assert c["delivered"] == TOTAL and c["queued"] == 0 and c["dead_lettered"] == 0 and not dead_letters(base)
         assert c["ingested"] == c["delivered"] + c["queued"] + c["dead_lettered"] + c["dropped"]
-        assert "is usable again after" in bridge.log()
+        assert "recovered: state database unavailable: database or disk is full" in bridge.log()
         wait_for(lambda: state(base, "bridge.mqtt")["connected"], 10, what="connected again")
         st = ctl_status(cfg)
         assert "full" in (st["errors"]["bridge"] or ""), st["errors"]
@@ -165,7 +167,8 @@ def test_an_inbound_message_that_cannot_be_stored_is_not_acknowledged_and_nothin
     locker = None
     try:
         sim.client.wait_connected(DEVICE, timeout=15)
-        bridge.wait_log("connected to", 10)
+        bridge.wait_log("session limits from", 10)  # its own writes after connecting are done
+        time.sleep(STATE_EVERY_S + 0.5)
         locker = sqlite3.connect(base / "state" / "queues.db", timeout=10, isolation_level=None)
         locker.execute("BEGIN EXCLUSIVE")
         connects = sim.client.stats(DEVICE)["connects"]
@@ -179,7 +182,7 @@ def test_an_inbound_message_that_cannot_be_stored_is_not_acknowledged_and_nothin
         locker.execute("ROLLBACK")
         locker.close()
         locker = None
-        bridge.wait_log("is usable again after", 30)
+        bridge.wait_log("recovered: state database unavailable: database is locked", 30)
         sim.client.wait_connected(DEVICE, timeout=15)
         wait_for(lambda: sim.client.stats(DEVICE)["connects"] > connects, 15, what="a new session")
         time.sleep(0.5)
@@ -196,5 +199,41 @@ def test_an_inbound_message_that_cannot_be_stored_is_not_acknowledged_and_nothin
             with contextlib.suppress(sqlite3.Error):
                 locker.execute("ROLLBACK")
             locker.close()
+        bridge.stop()
+        sim.stop()
+
+
+def test_a_replaced_queues_db_is_followed_and_what_was_in_flight_touches_nothing_in_the_new_file(
+        tmp_path: Path, broker: Any) -> None:
+    """queues.db moved aside (as a daemon does with a damaged file) while publishes are in flight: the
+    bridge forgets them (their ids name rows of the old file) and delivers every row of the new one."""
+    capture = tmp_path / "capture.jsonl"
+    sim = start_simulator(tmp_path, broker.port, devices={DEVICE: TOKEN}, capture=capture)
+    base = tmp_path / "gw"
+    fill(base, range(0, 20000))
+    cfg = bridge_config(base, sim.port, reconnect_max_s=0.5)
+    bridge = start_bridge(cfg)
+    new = range(100_000, 103_000)          # ids 1..3000 in the new file, where the old ones in flight were
+    try:
+        wait_for(lambda: len(captured_seqs(capture)) >= 1000, 30, what="the old file flowing")
+        os.kill(bridge.pid, signal.SIGSTOP)
+        try:
+            time.sleep(0.5)                # PUBACKs for what is in flight arrive meanwhile
+            q = base / "state" / "queues.db"
+            for suffix in ("", "-wal", "-shm"):
+                if Path(f"{q}{suffix}").exists():
+                    os.replace(f"{q}{suffix}", f"{base / 'state' / 'old-queues.db'}{suffix}")
+            fill(base, new)
+        finally:
+            os.kill(bridge.pid, signal.SIGCONT)
+        bridge.wait_log("was replaced under the bridge", 10)
+        wait_for(lambda: outbox_empty(base), 60, what="the new outbox drained")
+        arrived = [s for s in captured_seqs(capture) if s >= new.start]
+        assert set(arrived) == set(new), sorted(set(new) - set(arrived))[:20]
+        c = counters(base)
+        assert c["delivered"] == len(new) and c["queued"] == 0, c
+        st = ctl_status(cfg)
+        assert st["stale_queues_db"] == [] and st["faults"]["bridge"] is None, st
+    finally:
         bridge.stop()
         sim.stop()

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import json
+import os
 import socket
 import threading
 import time
@@ -15,9 +17,13 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from gatewayd.store import queues
+from gatewayd.store.space import reserve_path
 from tests.helpers.brokers import free_port
 from tests.helpers.daemons import Daemon
+from tests.helpers.datapath import can_mount, fill, status_json, tmpfs
 from tests.helpers.ingest import controller_rows, ingest_config, queued_seqs, wait_for
+from tests.integration.test_bridge_support import NotifySocket
 
 pytestmark = pytest.mark.integration
 
@@ -26,12 +32,13 @@ JSON = {"Content-Type": "application/json"}
 
 
 class Gateway:
-    def __init__(self, base: Path, ingest: dict[str, Any] | None = None, **http: Any):
+    def __init__(self, base: Path, ingest: dict[str, Any] | None = None, paths: dict[str, str] | None = None,
+                 env: dict[str, str] | None = None, **http: Any):
         self.base = base
         self.port = free_port()
         self.cfg = ingest_config(base, http_port=self.port, ingest__http={"request_timeout_s": 2.0, **http},
-                                 ingest=ingest or {})
-        self.daemon = Daemon("ingest", self.cfg).start()
+                                 ingest=ingest or {}, paths=paths or {})
+        self.daemon = Daemon("ingest", self.cfg, env=env).start()
 
     def post(self, body: bytes | str, path: str = "/api/v1/telemetry", headers: dict[str, str] | None = None,
              method: str = "POST", timeout: float = 10) -> tuple[int, dict[str, Any]]:
@@ -230,3 +237,50 @@ def test_any_body_gets_an_answer_and_200_means_queued(shared_gw: Gateway, body: 
     else:
         assert after == before and answer["error"]
     assert shared_gw.daemon.proc is not None and shared_gw.daemon.proc.poll() is None
+
+
+@pytest.mark.skipif(not can_mount(), reason="needs root to mount a tmpfs")
+def test_a_full_disk_and_a_replaced_queues_db(tmp_path: Path) -> None:
+    """The controller queue on a full disk: 503 (nothing queued, nothing lost), the reserve released so
+    that commits go on, the fault once in the journal and in `gatewayctl status`, the watchdog fed while
+    it lasts; a queues.db replaced under ingest is followed, and its errors land in the new file."""
+    base = tmp_path / "gw"
+    state = base / "state"
+    notify = NotifySocket(tmp_path / "notify.sock")
+    with tmpfs(state, 8 << 20):
+        gw = Gateway(base, ingest={"stall_timeout_s": 1}, paths={"controller_data_dir": str(state / "controller")},
+                     env=notify.env(1_000_000))
+        g, cfg, post = gw.daemon, gw.cfg, gw.post
+        try:
+            assert post('{"n": 0}')[0] == 200
+            queues_db = state / "queues.db"
+            for suffix in ("", "-wal", "-shm"):
+                if Path(f"{queues_db}{suffix}").exists():
+                    os.replace(f"{queues_db}{suffix}", f"{state / 'old-queues.db'}{suffix}")
+            queues.open_queues(queues_db).close()           # another daemon started a new one
+            g.wait_log("was replaced under the ingest")
+            wait_for(lambda: status_json(cfg)[1]["stale_queues_db"] == [], 10, what="no stale queues.db")
+            reserve = reserve_path(state)
+            reserve.write_bytes(b"\0" * (2 << 20))
+            fill(state)
+            body = json.dumps([{"n": i, "pad": "x" * 1000} for i in range(200)])
+            code, answer = post(body)
+            assert code == 503 and "full" in answer.get("error", ""), answer
+            assert not reserve.exists()                        # released for the commits that matter
+            assert "full" in (status_json(cfg)[1]["faults"]["ingest"] or "")
+            fill(state, "filler2")                             # and full again: the fault lasts
+            assert post(body)[0] == 503
+            pings = [t for t, m in notify.drain(4.0) if m == "WATCHDOG=1"]
+            assert len(pings) >= 4 and pings[-1] - pings[0] > 2.0, pings  # past stall_timeout_s, still fed
+            (state / "filler2").unlink()
+            assert post(body)[0] == 200                        # the room is back
+            wait_for(lambda: "recovered: cannot commit" in g.log(), 10, what="the recovery logged")
+            faults = [line.split(" ", 3)[-1] for line in g.log().splitlines() if line.endswith("; will retry")]
+            assert faults and len(faults) == len(set(faults)), faults   # each said once (a new reason again)
+            with contextlib.closing(queues.open_queues(queues_db, check=False)) as q:
+                assert "full" in (queues.last_error(queues.all_state(q), "ingest") or "")
+            n = sum(len(json.loads(m)) if m.startswith("[") else 1 for _, m in controller_rows(state))
+            assert n == 201
+        finally:
+            g.stop()
+            notify.close()

@@ -100,7 +100,7 @@ def test_a_message_received_but_not_committed_survives_kill9(tmp_path: Path, loc
         with MqttDevice("127.0.0.1", local_broker.port) as dev:
             dev.connect()
             assert dev.publish("v1/devices/me/telemetry", batch_payload(7, 3))  # the broker's PUBACK
-        ingest.wait_log("cannot commit 3 records", timeout=20)
+        ingest.wait_log("cannot commit to the controller queue", timeout=20)
         ingest.kill9()
         lock.rollback()
         lock.close()

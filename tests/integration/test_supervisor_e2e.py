@@ -1,7 +1,7 @@
 """End to end: ThingsBoard simulator + mosquitto + bridge + supervisor + a real Docker engine.
 
 ThingsBoard's side (RPC, shared attributes, an OTA package served in chunks) comes from
-scripts/tb_simulator.py; gatewayd's bridge carries it to the supervisor through queues.db.
+the simulator (tests/tbsim); gatewayd's bridge carries it to the supervisor through queues.db.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The ThingsBoard simulator (scripts/tb_simulator.py) against a real mosquitto, with plain
+"""The ThingsBoard simulator (tests/tbsim, run as `python3 -m tbsim`) against a real mosquitto, with plain
 paho clients playing the device (MQTT 3.1.1 and MQTT 5)."""
 
 from __future__ import annotations
@@ -19,8 +19,8 @@ import pytest
 from tests.helpers.brokers import (
     MosquittoProcess,
     MqttDevice,
+    SimulatorError,
     SimulatorProcess,
-    load_simulator_module,
     start_mosquitto,
     start_simulator,
     wait_until,
@@ -179,10 +179,30 @@ def test_server_rpc_round_trip(sim: SimulatorProcess) -> None:
         t.join(10)
         assert reply == {"pong": 42, "m": "ping"}
         # unanswered RPC times out with HTTP 504
-        mod = load_simulator_module()
-        with pytest.raises(mod.SimulatorError) as err:
+        with pytest.raises(SimulatorError) as err:
             sim.client.rpc(name, "silence", {}, timeout=0.5)
         assert err.value.status == 504
+
+
+def test_persistent_rpc_reaches_a_device_that_was_offline_or_dropped_it(sim: SimulatorProcess) -> None:
+    """ThingsBoard's persistent RPC: sent again while unanswered, once the device is (back) online."""
+    name = "dev-rpc"
+    result: list[Any] = []
+    caller = threading.Thread(target=lambda: result.append(
+        sim.client.rpc(name, "later", {"n": 1}, timeout=30, persistent=True)))
+    caller.start()                                      # the device is offline
+    try:
+        time.sleep(1.0)
+        with connected(sim, name) as d:
+            d.subscribe("v1/devices/me/rpc/request/+")
+            first = d.expect(timeout=10)                # dropped, as a device whose store is full would
+            again = d.expect(timeout=10)
+            assert again.topic == first.topic and again.json() == {"method": "later", "params": {"n": 1}}
+            d.publish_json(first.topic.replace("request", "response"), {"done": True})
+            caller.join(10)
+    finally:
+        caller.join(30)
+    assert result == [{"done": True}]
 
 
 def test_get_session_limits(sim: SimulatorProcess) -> None:

@@ -205,10 +205,14 @@ class Container:
                  f"chmod {mode:o} {shlex.quote(path)} && chown {owner} {shlex.quote(path)}", input=text)
 
     def copy_in(self, src: Path, dest: str) -> None:
-        """Copy a host file to a path inside that is on the root file system (not /run, /tmp)."""
+        """Copy a host file or directory (without byte code) to a path inside that is on the root
+        file system (not /run, /tmp)."""
         target = self.root / dest.lstrip("/")
         target.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(src, target)
+        if src.is_dir():
+            shutil.copytree(src, target, dirs_exist_ok=True, ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            shutil.copy2(src, target)
 
     # -- systemd helpers --------------------------------------------------------------
 

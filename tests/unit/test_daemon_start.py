@@ -17,6 +17,7 @@ from gatewayd.config import load
 from gatewayd.ctl import daemon_faults
 from gatewayd.daemon import Runner, RuntimeStatus, read_runtime_status
 from gatewayd.notify import Notifier
+from gatewayd.store.space import reserve_path
 from tests.helpers.daemons import wait_for, write_config
 from tests.unit.test_notify_daemon_log import drain, notify_socket
 
@@ -56,7 +57,10 @@ def test_transient_start_faults_are_waited_out(tmp_path: Path) -> None:
     locked.sqlite_errorcode = 5  # type: ignore[attr-defined]
     locked.sqlite_errorname = "SQLITE_BUSY"  # type: ignore[attr-defined]
     svc = FlakyStart([locked, OSError(28, "No space left on device")])
-    runner = Runner(svc, tmp_path, Notifier(env={"NOTIFY_SOCKET": path, "WATCHDOG_USEC": "100000"}))
+    state = tmp_path / "state"
+    state.mkdir()
+    reserve_path(state).write_bytes(b"\0" * 4096)
+    runner = Runner(svc, tmp_path, Notifier(env={"NOTIFY_SOCKET": path, "WATCHDOG_USEC": "100000"}), state_dir=state)
     t = threading.Thread(target=runner.run)
     t.start()
     msgs: list[str] = []
@@ -72,6 +76,7 @@ def test_transient_start_faults_are_waited_out(tmp_path: Path) -> None:
         assert any("No space left" in m for m in msgs)
         assert "STATUS=running" in msgs
         assert svc.starts == 3 and svc.stops == 2       # each failed start was cleaned up
+        assert not reserve_path(state).exists()         # the full disk released the reserve
         st = read_runtime_status(tmp_path, "flaky")
         assert st is not None and st["fault"] is None and st["files"] == {"queues.db": [1, 2]}
     finally:

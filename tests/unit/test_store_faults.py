@@ -3,6 +3,7 @@ file identity, bounded reads of whatever a controller stored, chunked clean-ups,
 
 from __future__ import annotations
 
+import logging
 import os
 import sqlite3
 import time
@@ -18,6 +19,7 @@ from gatewayd.store import queues
 from gatewayd.store.controller import Oversized
 from gatewayd.store.db import Tracked, corrupt_copies, move_aside, open_db, transaction
 from gatewayd.store.errors import Fault, classify
+from gatewayd.store.faults import FaultState
 from gatewayd.store.space import Headroom, release_reserve, reserve_path
 
 
@@ -147,3 +149,38 @@ def test_headroom_reserve(tmp_path: Path) -> None:
     assert release_reserve(tmp_path) >= 1 << 20 and not reserve_path(tmp_path).exists()
     assert release_reserve(tmp_path) == 0
     assert Headroom(tmp_path, min_free_bytes=free * 2, reserve_bytes=0).low()
+
+
+def test_fault_state_reports_once_backs_off_within_bounds_and_records_late(tmp_path: Path,
+                                                                          caplog: pytest.LogCaptureFixture) -> None:
+    """The one fault policy of every daemon, on a real queues.db that first refuses writes."""
+    caplog.set_level(logging.INFO, "gatewayd.test")
+    path = tmp_path / "queues.db"
+    queues.open_queues(path).close()
+    usable: list[sqlite3.Connection] = []
+    faults = FaultState("forwarder", logging.getLogger("gatewayd.test"), tmp_path,
+                        lambda: usable[0] if usable else None, initial=0.25, maximum=2.0)
+    reserve_path(tmp_path).write_bytes(b"\0" * 4096)
+    full = sqlite3.OperationalError("database or disk is full")
+    full.sqlite_errorcode = 13  # type: ignore[attr-defined]
+    full.sqlite_errorname = "SQLITE_FULL"  # type: ignore[attr-defined]
+    delays = [faults.failed(full, 100.0, "queues.db") for _ in range(6)]
+    assert delays == [0.25, 0.5, 1.0, 2.0, 2.0, 2.0]            # doubling, bounded
+    assert faults.waiting(101.0) and not faults.waiting(102.5)
+    assert not reserve_path(tmp_path).exists()                    # a full disk releases the reserve
+    faults.failed(sqlite3.OperationalError("disk I/O error"), 100.0, "queues.db")  # another fault: said again
+    logged = [r.getMessage() for r in caplog.records if r.getMessage().endswith("; will retry")]
+    assert logged == ["queues.db: database or disk is full (SQLITE_FULL); will retry",
+                      "queues.db: OperationalError: disk I/O error; will retry"]
+    assert faults.unrecorded is not None                          # nothing could record it yet
+    usable.append(queues.open_queues(path))
+    try:
+        faults.clear(130.0)
+        assert "recovered: queues.db: OperationalError: disk I/O error (after 30 s)" in caplog.text
+        assert not faults.faulted and faults.unrecorded is None and faults.backoff == 0
+        assert queues.last_error(queues.all_state(usable[0]), "forwarder") == (
+            "recovered: queues.db: OperationalError: disk I/O error")
+        faults.clear(131.0)
+        assert caplog.text.count("recovered:") == 1
+    finally:
+        usable[0].close()

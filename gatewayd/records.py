@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -65,7 +65,8 @@ def _reject_constant(name: str) -> None:
 # refused because Python accepts them and ThingsBoard does not.
 _decoder = json.JSONDecoder(parse_constant=_reject_constant)
 _decode = _decoder.raw_decode
-_scan = _decoder.scan_once  # raw_decode without its Python frame: (obj, end), StopIteration at a bad start
+# raw_decode without its Python frame: (obj, end), StopIteration at a bad start
+_scan: Callable[[str, int], tuple[Any, int]] = _decoder.scan_once  # type: ignore[attr-defined]
 _WS = " \t\n\r"
 _MISSING = object()
 _CHANGED: dict[str, object] = {}

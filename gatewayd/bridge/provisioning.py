@@ -130,7 +130,7 @@ class Backoff:
     """Exponential backoff with jitter, the bridge's one retry policy; `reset()` after a success.
 
     The cap grows with consecutive failures (`initial`, doubling, at most `maximum`). With a
-    `jitter` fraction each wait is the cap ± that fraction (provisioning, store faults, refusals:
+    `jitter` fraction each wait is the cap ± that fraction (provisioning, MQTT 5 refusals:
     one device's own pace). With `full_jitter` each wait is uniform in [0, cap] (AWS's "full
     jitter"): the first retries stay fast (within `initial`, then twice that), and a fleet that
     lost its server together is spread over the whole cap instead of coming back in step.

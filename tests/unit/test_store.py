@@ -253,3 +253,8 @@ def test_insert_rows_stores_every_row_in_order_whatever_the_count(rows: list[tup
     insert_rows(conn, "INSERT INTO t(a, b, c) VALUES ", "(?, ?, ?)", rows)
     assert conn.execute("SELECT a, b, c FROM t ORDER BY id").fetchall() == rows
     assert conn.execute("SELECT count(*), coalesce(max(id), 0) FROM t").fetchone() == (len(rows), len(rows))
+    conn.execute("CREATE TABLE u(id INTEGER PRIMARY KEY AUTOINCREMENT, a, b, c, d)")
+    insert_rows(conn, "INSERT INTO u(d, a, b, c) SELECT ?1, column1, column2, column3 FROM (VALUES ", "(?, ?, ?)",
+                rows, ")", ("shared",))
+    assert conn.execute("SELECT a, b, c FROM u ORDER BY id").fetchall() == rows
+    assert conn.execute("SELECT count(*) FROM u WHERE d IS NOT 'shared'").fetchone() == (0,)

@@ -9,10 +9,12 @@ from __future__ import annotations
 import copy
 import ipaddress
 import json
+import math
 import os
 import re
 import shlex
 import socket
+import stat
 import tomllib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -141,6 +143,14 @@ def _ip_listen(v: str) -> str | None:
 
 
 MIB = 1024 * 1024
+# Bounds every number in a configuration must keep, whatever its key: an integer must fit
+# SQLite's INTEGER (it may become a query parameter), a number of seconds (or days) must be
+# finite and one that `time.sleep`, `select` and `threading` take (a billion seconds is 31
+# years). Larger values used to pass --check-config and then crash or wedge a daemon.
+MAX_INT = 2**63 - 1
+MAX_NUMBER = 1e9
+# A configuration file is read whole; anything larger is not a configuration.
+MAX_FILE_BYTES = 4 * MIB
 
 SCHEMA: dict[str, dict[str, Key]] = {
     "thingsboard": {
@@ -155,7 +165,7 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "provision_device_key": Key(str, "", secret=True),
         "provision_device_secret": Key(str, "", secret=True),
         "mqtt_version": Key(str, "3.1.1", _one_of("3.1.1", "5")),
-        "keepalive_s": Key(int, 60, _min(5)),
+        "keepalive_s": Key(int, 60, _range(5, 65535), doc="MQTT's keep-alive field holds 16 bits"),
         "connect_timeout_s": Key((int, float), 10.0, _positive,
                                  doc="DNS lookup, TCP connect and TLS handshake each give up after this long"),
         "reconnect_max_s": Key((int, float), 5.0, _positive),
@@ -312,7 +322,7 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "receive_maximum": Key(int, 1000, _range(1, 65535), doc="MQTT 5: unacknowledged messages in flight"),
         "session_expiry_s": Key(int, 604800, _range(1, 0xFFFFFFFF),
                                 doc="MQTT 5: how long the broker keeps the session while ingest is away"),
-        "keepalive_s": Key(int, 30, _min(5)),
+        "keepalive_s": Key(int, 30, _range(5, 65535)),
         "reconnect_max_s": Key((int, float), 5.0, _positive),
     },
     "ingest.http": {
@@ -500,6 +510,48 @@ def _check_type(value: Any, key: Key) -> bool:
     return isinstance(value, types)
 
 
+def _number_problem(value: Any, key: Key) -> str | None:
+    """Out of the range every number must keep (MAX_INT, MAX_NUMBER), or None."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    types = key.type if isinstance(key.type, tuple) else (key.type,)
+    if float in types:
+        if not math.isfinite(value) or abs(value) > MAX_NUMBER:
+            return f"must be a finite number between {-MAX_NUMBER:g} and {MAX_NUMBER:g}"
+    elif not -MAX_INT - 1 <= value <= MAX_INT:
+        return f"must be between {-MAX_INT - 1} and {MAX_INT}"
+    return None
+
+
+def _has_nul(value: Any) -> bool:
+    """A NUL character anywhere in a value: no path, host, topic or argument can hold one."""
+    if isinstance(value, str):
+        return "\0" in value
+    if isinstance(value, list):
+        return any(_has_nul(v) for v in value)
+    if isinstance(value, dict):
+        return any(_has_nul(k) or _has_nul(v) for k, v in value.items())
+    return False
+
+
+def _read_toml(f: Path) -> dict[str, Any]:
+    """Parse one file; OSError or ValueError (with the reason) for anything that is not a
+    regular UTF-8 TOML file of a sane size. Opened non-blocking: a FIFO never hangs start-up."""
+    fd = os.open(f, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    with os.fdopen(fd, "rb") as fh:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise ValueError("not a regular file")
+        data = fh.read(MAX_FILE_BYTES + 1)
+    if len(data) > MAX_FILE_BYTES:
+        raise ValueError(f"larger than {MAX_FILE_BYTES} bytes")
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"not valid UTF-8 (byte 0x{data[e.start]:02x} at offset {e.start})") from None
+    return tomllib.loads(text)
+
+
 def load(path: str | Path | None = None, env: Mapping[str, str] | None = None) -> Config:
     """Resolve the configuration; raise ConfigError listing every problem found."""
     env = os.environ if env is None else env
@@ -520,13 +572,15 @@ def load(path: str | Path | None = None, env: Mapping[str, str] | None = None) -
 
     for f in files:
         try:
-            with open(f, "rb") as fh:
-                doc = tomllib.load(fh)
+            doc = _read_toml(f)
         except tomllib.TOMLDecodeError as e:
             problems.append(f"{f}: not valid TOML: {e}")
             continue
         except OSError as e:
             problems.append(f"{f}: cannot read: {e.strerror}")
+            continue
+        except ValueError as e:
+            problems.append(f"{f}: cannot read: {e}")
             continue
         sources.append(str(f))
         _merge(merged, _expand(doc, env, str(f), problems))
@@ -570,6 +624,13 @@ def load(path: str | Path | None = None, env: Mapping[str, str] | None = None) -
             shown = MASK if key.secret or (section, name) == ("controller", "environment") else repr(value)
             if not _check_type(value, key):
                 problems.append(f"[{section}] {name} = {shown}: must be {_type_name(key.type)}")
+                continue
+            out_of_range = _number_problem(value, key)
+            if out_of_range:
+                problems.append(f"[{section}] {name} = {shown}: {out_of_range}")
+                continue
+            if _has_nul(value):
+                problems.append(f"[{section}] {name} = {shown}: must not contain a NUL character (\\u0000)")
                 continue
             if isinstance(key.type, tuple) and float in key.type:
                 data[section][name] = value = float(value)

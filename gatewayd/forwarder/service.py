@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import hashlib
 import json
 import logging
 import operator
@@ -43,7 +44,7 @@ from gatewayd.store.space import Headroom
 log = logging.getLogger("gatewayd.forwarder")
 
 MARK = "controller"
-BATCH_STATE = "forwarder.batch"  # {"epoch", "schema", "delete": [[first, last], ...]} of the last batch
+BATCH_STATE = "forwarder.batch"  # {"epoch", "schema", "delete": [[first, last], ...], "last"} of the last batch
 CLOCK_STATE = "forwarder.clock"  # ClockTrack.state(): boots, clock segments, what is left to correct
 CLOCK_WAIT_RECHECK_S = 1.0
 HOUSEKEEPING_EVERY_S = 60.0
@@ -115,6 +116,12 @@ def _display(value: object) -> tuple[str | None, bytes | None]:
     return repr(value), None
 
 
+def fingerprint(row: controller_store.Row) -> str:
+    """What identifies a controller row moved: its id and values as read. The same id with the
+    same values after a schema change is the same table (a controller's migration), not a new one."""
+    return hashlib.blake2b(repr(row).encode("ascii", "backslashreplace"), digest_size=12).hexdigest()
+
+
 def _shifted(rec: Record, delta: int) -> Record:
     """A copy of a record with its timestamp moved by `delta` ms (the payload's `ts` too)."""
     ts = rec.ts + delta
@@ -157,6 +164,7 @@ class Forwarder:
         self.mark = 0
         self.archive_mark = 0
         self.schema = -1
+        self.batch_print = ""  # fingerprint() of the last row of the batch being stored
         self.pending: list[list[int]] = []   # controller id ranges moved but not yet deleted there
         self.draining = False                # the controller file was replaced: empty the old one first
         self.reconcile = False
@@ -525,7 +533,12 @@ class Forwarder:
             elif same and saved.get("schema") not in (None, schema):
                 with on(CONTROLLER):
                     if controller_store.has_rows_upto(ctrl, mark):
-                        recreated = f"its schema changed and it holds rows with ids up to {mark} again"
+                        if seq is not None and saved.get("last") and self._last_row_print(ctrl, mark) == saved["last"]:
+                            # The rows moved are still there, unchanged: a migration (an index, a
+                            # column, a trigger) while their delete was pending. Delete them now.
+                            pending = saved.get("delete") or []
+                        else:
+                            recreated = f"its schema changed and it holds rows with ids up to {mark} again"
             elif same:
                 pending = saved.get("delete") or []
             if not recreated and pending:
@@ -553,6 +566,10 @@ class Forwarder:
             self.archive_mark = a_mark if a_epoch == epoch else 0
         self.seen_version = -1
         self.reconcile = False
+
+    def _last_row_print(self, ctrl: sqlite3.Connection, mark: int) -> str | None:
+        _, rows = controller_store.read_batch(ctrl, mark - 1, 1, self.max_message, BATCH_MAX_BYTES)
+        return fingerprint(rows[0]) if rows and rows[0][0] == mark else None
 
     def _delete_moved(self, ranges: Sequence[Sequence[int]]) -> None:
         """Step 3: delete exactly the controller rows moved (unless the table changed meanwhile)."""
@@ -628,6 +645,7 @@ class Forwarder:
         # 2. outbox, dead letters, ledger, mark and the ids to delete, in one transaction
         first = rows[0][0]
         ranges = [[first, last]] if last - first + 1 == len(rows) else id_ranges([r[0] for r in rows])
+        self.batch_print = fingerprint(rows[-1])
         with on(QUEUES):
             self._commit_queues(good, bad, dropped, untrusted, last, schema, [] if self.draining else ranges)
         self.mark = last
@@ -788,7 +806,8 @@ class Forwarder:
                                             else flags.count(CLOCK_UNSYNCED))
             queues.bump(q, counts)
             set_mark(q, MARK, self.epoch, last)
-            queues.set_state(q, BATCH_STATE, {"epoch": self.epoch, "schema": schema, "delete": ranges})
+            queues.set_state(q, BATCH_STATE, {"epoch": self.epoch, "schema": schema, "delete": ranges,
+                                              "last": self.batch_print})
         self.dead_total += len(new_bad)
         self.privacy_total += new_dropped
 

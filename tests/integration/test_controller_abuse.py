@@ -1,20 +1,24 @@
-"""What a controller may do to its own database beyond writing rows, tried against a real
-forwarder: migrations while a delete is pending, and its table recreated at that moment.
-
-Each case ends with every committed record in the outbox exactly once, in order, and the
-ledger adding up."""
+"""What a controller may do to its own database beyond writing rows, tried against the real
+daemons: migrations while a delete is pending (each record still moved exactly once, the
+ledger adding up), any value in `health_check` (status and /health stay readable)."""
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 import signal
+import sqlite3
 import time
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, example, given, settings
+from hypothesis import strategies as st
 
 from tests.helpers.daemons import Daemon, wait_for, write_config
 from tests.helpers.datapath import balanced, controller_db, controller_depth, counters, outbox_seqs, writer
+from tests.helpers.gateway import gateway
 
 pytestmark = pytest.mark.integration
 
@@ -73,3 +77,45 @@ def test_a_migration_while_a_delete_is_pending_moves_each_record_once(tmp_path: 
     c = counters(tmp_path)
     assert c["ingested"] == c["queued"] == n and balanced(c), c
     assert ("new epoch" in fwd.log()) == (migration == "recreated")
+
+
+HEALTH_CHECK_VALUES = st.one_of(
+    st.integers(-(2**63), 2**63 - 1).map(str),
+    st.floats().map(lambda f: "9e999" if f == float("inf") else "-9e999" if f == float("-inf") else repr(f)
+                    if f == f else "NULL"),
+    st.text(st.characters(min_codepoint=1, max_codepoint=0xD7FF), max_size=30).map(
+        lambda t: "'" + t.replace("'", "''") + "'"),
+    st.binary(max_size=30).map(lambda b: f"x'{b.hex()}'"),
+    st.integers(300, 400).map(lambda n: f"'1{'0' * n}'"),   # INTEGER affinity turns it into infinity
+    st.sampled_from(["9e999", "-9e999", "zeroblob(1000000)", "'abc'", "' 17 '"]),
+)
+
+
+def test_any_health_check_value_leaves_status_and_health_readable(tmp_path: Path) -> None:
+    """`health_check.timestamp_ms` is whatever the controller stored. A REAL infinity (`9e999`,
+    or a long run of digits, which INTEGER affinity makes one) crashed `gatewayctl status`
+    (traceback, exit 1 = "degraded") and `/health` (500), and made the supervisor's controller
+    thread fail every tick before it could judge the controller's health."""
+    with gateway(tmp_path, daemons=("forwarder",)) as gw:
+        db = controller_db(gw.base)
+        wait_for(db.exists, 20, what="the controller database")
+        with contextlib.closing(sqlite3.connect(db, timeout=10, isolation_level=None)) as conn:
+
+            @settings(max_examples=25, deadline=None, suppress_health_check=list(HealthCheck))
+            @given(HEALTH_CHECK_VALUES)
+            @example("9e999")
+            @example("'1" + "0" * 400 + "'")
+            def check(value: str) -> None:
+                conn.execute(f"INSERT OR REPLACE INTO health_check(id, timestamp_ms) VALUES (1, {value})")
+                stored = conn.execute("SELECT timestamp_ms FROM health_check").fetchone()[0]
+                r = gw.ctl("status", "--json")
+                assert r.returncode in (0, 1) and "Traceback" not in r.stderr, (value, r.stderr[-2000:])
+                shown = json.loads(r.stdout)["controller"]["last_health_check_ms"]
+                assert shown is None or (isinstance(shown, int) and -(2**63) <= shown < 2**63), shown
+                if isinstance(stored, int):
+                    assert shown == stored
+                code, _, body = gw.get("/health")
+                assert code in (200, 503), (value, code, body[:500])
+                json.loads(body)
+
+            check()

@@ -327,6 +327,11 @@ class Forwarder:
         if version == self.seen_version and not self.draining:
             # The event is the WAL write; the commit shows in data_version only a moment later.
             return True, self.poll_s if self.woken else idle_wait
+        if self.mark > 0 and not self.pending and not self.draining:
+            with on(CONTROLLER):
+                stranded = controller_store.has_rows_upto(ctrl, self.mark)
+            if stranded:   # everything up to the mark was moved and deleted: these ids were reused
+                self._reconcile()
         if self.headroom.low():
             raise Paused(f"only {self.headroom.free()} bytes free under {self.cfg.state_dir} (keeping "
                          f"{self.headroom.min_free} for the ledger and replies): controller records wait in "
@@ -541,6 +546,12 @@ class Forwarder:
                             recreated = f"its schema changed and it holds rows with ids up to {mark} again"
             elif same:
                 pending = saved.get("delete") or []
+                with on(CONTROLLER):
+                    at_mark = self._last_row_print(ctrl, mark) if saved.get("last") and mark > 0 else None
+                if at_mark is not None and at_mark != saved["last"]:
+                    # The ids were reused (`DELETE FROM sqlite_sequence`, the usual way to empty a
+                    # table and restart its ids): the recorded ranges now name rows never moved.
+                    recreated = f"its ids were reused: the row at {mark} is not the one moved"
             if not recreated and pending:
                 with on(CONTROLLER):
                     controller_store.delete_ranges(ctrl, [(int(a), int(b)) for a, b in pending], schema)

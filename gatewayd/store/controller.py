@@ -100,8 +100,12 @@ def new_epoch(conn: sqlite3.Connection) -> str:
 
 
 def sequence(conn: sqlite3.Connection) -> int | None:
-    """The AUTOINCREMENT high-water mark of `messages` (None: no row was ever inserted in this table)."""
-    row = conn.execute("SELECT seq FROM sqlite_sequence WHERE name = 'messages'").fetchone()
+    """The AUTOINCREMENT high-water mark of `messages` (None: no row was ever inserted in this table).
+
+    `sqlite_sequence` is an ordinary table a controller can write; for a value that is not an
+    integer, SQLite's next id follows the largest one present, and so does this."""
+    row = conn.execute("SELECT CASE WHEN typeof(seq) = 'integer' THEN seq ELSE (SELECT max(id) FROM messages) END "
+                       "FROM sqlite_sequence WHERE name = 'messages'").fetchone()
     return int(row[0]) if row and row[0] is not None else None
 
 

@@ -119,3 +119,69 @@ def test_any_health_check_value_leaves_status_and_health_readable(tmp_path: Path
                 json.loads(body)
 
             check()
+
+
+def test_a_sequence_that_is_not_an_integer_stops_nothing(tmp_path: Path, daemons: list[Daemon]) -> None:
+    """`sqlite_sequence` is a table the controller can write like any other. Text in `seq` made
+    every loop of the forwarder fail on `int()` (nothing moved again, a traceback per second);
+    SQLite itself then numbers the next row after the largest id, and so must the forwarder."""
+    config = write_config(tmp_path)
+    fwd = Daemon("forwarder", config)
+    daemons.append(fwd)
+    fwd.start()
+    n = 0
+    with writer(controller_db(tmp_path)) as w:
+        for value in ("'abc'", "x'00ff'", "2.5", "'12'", "NULL"):
+            w.records(range(n, n + 3))
+            w.sql(f"UPDATE sqlite_sequence SET seq = {value} WHERE name = 'messages'")
+            n += 3
+            w.records(range(n, n + 3))
+            n += 3
+            wait_for(lambda n=n: controller_depth(tmp_path) == 0 and len(outbox_seqs(tmp_path)) >= n, 30,
+                     what=f"records after seq = {value}")
+        fwd.stop()
+        w.records(range(n, n + 3))   # read by a new start, which reconciles with that sequence
+        n += 3
+        fwd.start()
+        wait_for(lambda: controller_depth(tmp_path) == 0 and len(outbox_seqs(tmp_path)) >= n, 30,
+                 what="records after a restart")
+    assert outbox_seqs(tmp_path) == list(range(n))
+    c = counters(tmp_path)
+    assert c["ingested"] == c["queued"] == n and balanced(c), c
+    assert "Traceback" not in fwd.log(), fwd.log()[-3000:]
+
+
+@pytest.mark.parametrize("when", ["running", "stopped"])
+@pytest.mark.parametrize("commit", ["one", "each"])
+def test_ids_restarted_in_the_same_table_lose_nothing(tmp_path: Path, daemons: list[Daemon], when: str,
+                                                      commit: str) -> None:
+    """`DELETE FROM messages; DELETE FROM sqlite_sequence` is SQLite's way to empty a table and
+    restart its ids — no schema change. Before: a running forwarder never read the new rows at
+    or below its mark (they waited, unreported, behind newer ones), and one started afterwards
+    deleted those inside the last batch's recorded ranges unread: records lost silently."""
+    fwd = Daemon("forwarder", write_config(tmp_path))
+    daemons.append(fwd)
+    fwd.start()
+    with writer(controller_db(tmp_path)) as w:
+        w.records(range(0, 3))
+        w.records(range(3, 6))
+        wait_for(lambda: controller_depth(tmp_path) == 0 and len(outbox_seqs(tmp_path)) == 6, 30,
+                 what="the first rows moved")
+        if when == "stopped":
+            fwd.stop()
+        w.sql("DELETE FROM messages")
+        w.sql("DELETE FROM sqlite_sequence WHERE name = 'messages'")
+        if commit == "one":
+            w.sql("BEGIN")
+        ids = w.records(range(6, 16))
+        if commit == "one":
+            w.sql("COMMIT")
+        assert ids[0] == 1
+        if when == "stopped":
+            fwd.start()
+        wait_for(lambda: controller_depth(tmp_path) == 0 and len(outbox_seqs(tmp_path)) >= 16, 30,
+                 what="the rows with reused ids moved")
+    assert outbox_seqs(tmp_path) == list(range(16))
+    c = counters(tmp_path)
+    assert c["ingested"] == c["queued"] == 16 and balanced(c), c
+    assert "new epoch" in fwd.log()

@@ -185,3 +185,47 @@ def test_ids_restarted_in_the_same_table_lose_nothing(tmp_path: Path, daemons: l
     c = counters(tmp_path)
     assert c["ingested"] == c["queued"] == 16 and balanced(c), c
     assert "new epoch" in fwd.log()
+
+
+def _remove_db(db: Path) -> None:
+    for suffix in ("", "-wal", "-shm", "-journal"):
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(str(db) + suffix)
+
+
+@pytest.mark.parametrize("where", ["", "-wal"])
+def test_a_fifo_at_the_controller_database_blocks_nothing(tmp_path: Path, where: str) -> None:
+    """The controller data directory is the container's: it can put a FIFO where its database
+    (or the -wal) should be. Opening a FIFO for reading waits for a writer, for ever: the
+    forwarder's loop stopped (its watchdog starved: a restart loop), `gatewayctl status`,
+    `/health` and the supervisor's health-check read hung. Now it is a fault of the moment,
+    reported with its reason, and the flow resumes when a database is back."""
+    with gateway(tmp_path) as gw:
+        db = controller_db(gw.base)
+        with writer(db) as w:
+            w.records(range(0, 3))
+        wait_for(lambda: controller_depth(gw.base) == 0, 30, what="the first rows moved")
+        gw.daemons["forwarder"].stop()
+        if where:
+            with contextlib.closing(sqlite3.connect(db)) as conn:  # a database without its -wal
+                conn.execute("PRAGMA journal_mode = DELETE")
+        else:
+            _remove_db(db)
+        os.mkfifo(str(db) + where)
+        fwd = gw.daemons["forwarder"].start()
+        fwd.wait_log("not a regular file", 20)
+        r = gw.ctl("status", "--json", timeout=30)
+        assert r.returncode == 1, r.stderr[-2000:]
+        assert any("not a regular file" in reason for reason in json.loads(r.stdout)["degraded_reasons"])
+        code, _, body = gw.get("/health", timeout=30)
+        assert code == 503, body[:500]
+        heartbeat = gw.base / "run" / "forwarder.heartbeat"
+        before = heartbeat.stat().st_mtime_ns
+        wait_for(lambda: heartbeat.stat().st_mtime_ns > before, 20, what="the forwarder's loop feeding its watchdog")
+        _remove_db(db)
+        with writer(db) as w:
+            w.records(range(3, 6))
+        wait_for(lambda: {v["seq"] for v in gw.delivered() if "seq" in v} == set(range(6)), 30,
+                 what="records from the new database delivered")
+        assert gw.daemons["supervisor"].proc is not None and gw.daemons["supervisor"].proc.poll() is None
+        assert "Traceback" not in fwd.log()

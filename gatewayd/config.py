@@ -552,6 +552,30 @@ def _read_toml(f: Path) -> dict[str, Any]:
     return tomllib.loads(text)
 
 
+def _drop_ins(confd: Path, problems: list[str], warnings: list[str]) -> list[Path]:
+    """`conf.d/*.toml` in lexical order. A conf.d that exists but cannot be listed is a problem:
+    skipping it silently ran a daemon (as its own user) with another configuration than the one
+    `--check-config` showed root."""
+    try:
+        entries = sorted((e for e in os.scandir(confd) if e.name.endswith(".toml")), key=lambda e: e.name)
+    except (FileNotFoundError, NotADirectoryError):
+        return []
+    except OSError as e:
+        problems.append(f"{confd}: cannot read: {e.strerror}")
+        return []
+    out = []
+    for entry in entries:
+        try:
+            regular = entry.is_file()
+        except OSError:
+            regular = False
+        if regular:
+            out.append(Path(entry.path))
+        else:
+            warnings.append(f"{entry.path}: not a regular file, ignored")
+    return out
+
+
 def load(path: str | Path | None = None, env: Mapping[str, str] | None = None) -> Config:
     """Resolve the configuration; raise ConfigError listing every problem found."""
     env = os.environ if env is None else env
@@ -562,13 +586,15 @@ def load(path: str | Path | None = None, env: Mapping[str, str] | None = None) -
     sources: list[str] = []
 
     files: list[Path] = []
-    if main.exists():
+    try:
+        os.stat(main)
         files.append(main)
-    elif path is not None or env.get("GATEWAYD_CONFIG"):
-        problems.append(f"{main}: config file not found")
-    confd = main.parent / "conf.d"
-    if confd.is_dir():
-        files.extend(sorted(p for p in confd.glob("*.toml") if p.is_file()))
+    except (FileNotFoundError, NotADirectoryError):
+        if path is not None or env.get("GATEWAYD_CONFIG"):
+            problems.append(f"{main}: config file not found")
+    except OSError as e:   # a directory this user may not enter: say so, like an unreadable file
+        problems.append(f"{main}: cannot read: {e.strerror}")
+    files.extend(_drop_ins(main.parent / "conf.d", problems, warnings))
 
     for f in files:
         try:

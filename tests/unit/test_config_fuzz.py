@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import math
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -124,3 +126,41 @@ def test_a_fifo_as_the_main_file_is_refused_not_waited_for(tmp_path: Path) -> No
     r = run_check(main)
     assert r.returncode == EX_CONFIG
     assert "g.toml: cannot read: not a regular file" in r.stderr
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("setpriv"), reason="needs root to run as another user")
+def test_what_another_user_cannot_read_is_refused_not_skipped() -> None:
+    """The daemons run as their own user. A conf.d it cannot list was skipped in silence, so a
+    daemon ran with another configuration than `--check-config` showed root (here: another
+    server); a configuration directory it cannot enter was a traceback."""
+    with tempfile.TemporaryDirectory(prefix="gatewayd-test-") as top:  # pytest's own is root's alone
+        other_user_cannot_read(Path(top))
+
+
+def other_user_cannot_read(tmp_path: Path) -> None:
+    etc = tmp_path / "etc"
+    confd = etc / "conf.d"
+    confd.mkdir(parents=True)
+    main = etc / "gatewayd.toml"
+    main.write_text('[thingsboard]\nhost = "default.example"\n')
+    (confd / "10-site.toml").write_text('[thingsboard]\nhost = "site.example"\n')
+    tmp_path.chmod(0o755)
+    etc.chmod(0o755)
+    main.chmod(0o644)
+    as_nobody = ["setpriv", "--reuid", "65534", "--regid", "65534", "--clear-groups"]
+
+    def run(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([*as_nobody, sys.executable, "-m", *args, "--config", str(main)], capture_output=True,
+                              text=True, cwd=ROOT, env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(ROOT)}, timeout=30)
+
+    r = run("gatewayd", "--check-config")
+    assert r.returncode == 0 and 'host = "site.example"' in r.stdout, r.stderr
+    for mode, unreadable in ((0o700, confd), (0o755, None)):
+        confd.chmod(mode)
+        etc.chmod(0o700 if unreadable is None else 0o755)
+        unreadable = unreadable or main
+        for argv in (("gatewayd", "--check-config"), ("gatewayd", "forwarder"), ("gatewayd.ctl", "status")):
+            r = run(*argv)
+            assert r.returncode == EX_CONFIG and "Traceback" not in r.stderr, (argv, r.stderr[-2000:])
+            assert unreadable == main or f"{main}: cannot read" not in r.stderr, (argv, r.stderr)
+            assert f"{unreadable}: cannot read: Permission denied" in r.stderr, (argv, r.stderr)

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from gatewayd import privacy
+from gatewayd import privacy, topics
 from gatewayd.redact import MASK, redact
 
 DEFAULT_CONFIG_PATH = "/etc/gatewayd/gatewayd.toml"
@@ -303,11 +303,11 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "password": Key(str, "", secret=True),
         "client_id": Key(str, "gatewayd-ingest", _non_empty, doc="fixed: the broker keeps its session"),
         "mqtt_version": Key(str, "5", _one_of("3.1.1", "5")),
-        "topics": Key(list, ["v1/devices/me/telemetry"], _str_list, doc="telemetry, device format"),
-        "attribute_topics": Key(list, ["v1/devices/me/attributes"], _str_list,
+        "topics": Key(list, [topics.TOPIC_TELEMETRY], _str_list, doc="telemetry, device format"),
+        "attribute_topics": Key(list, [topics.TOPIC_ATTRIBUTES], _str_list,
                                 doc="client attributes, device format"),
-        "gateway_topics": Key(list, ["v1/gateway/telemetry"], _str_list, doc="telemetry, gateway format"),
-        "gateway_attribute_topics": Key(list, ["v1/gateway/attributes"], _str_list,
+        "gateway_topics": Key(list, [topics.TOPIC_GATEWAY_TELEMETRY], _str_list, doc="telemetry, gateway format"),
+        "gateway_attribute_topics": Key(list, [topics.TOPIC_GATEWAY_ATTRIBUTES], _str_list,
                                         doc="client attributes, gateway format"),
         "receive_maximum": Key(int, 1000, _range(1, 65535), doc="MQTT 5: unacknowledged messages in flight"),
         "session_expiry_s": Key(int, 604800, _range(1, 0xFFFFFFFF),

@@ -34,12 +34,13 @@ sys.path.insert(0, str(ROOT))
 
 from benchlib import cpu_seconds, emit, rss_mb  # noqa: E402
 
+from gatewayd import topics  # noqa: E402
 from gatewayd.store import queues  # noqa: E402
 from gatewayd.store.db import transaction  # noqa: E402
 from tests.helpers.brokers import MqttDevice, free_port, start_mosquitto, wait_until  # noqa: E402
 from tests.helpers.daemons import Daemon, write_config  # noqa: E402
 
-TOPIC = "v1/devices/me/telemetry"
+TOPIC = topics.TOPIC_TELEMETRY
 
 
 def outbox_rows(db: Path) -> int:

@@ -29,6 +29,7 @@ from collections import deque
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import TYPE_CHECKING, Any
 
+from gatewayd.clock import now_ms
 from gatewayd.config import Config
 from gatewayd.httputil import refuse_busy, shut_late
 from gatewayd.ingest import formats
@@ -167,7 +168,7 @@ class Handler(BaseHTTPRequestHandler):
 
     def _accept(self, body: bytes, type_: str) -> None:
         adapter = self.server.adapter
-        rows = formats.device_rows(body, type_, time.time_ns() // 1_000_000)
+        rows = formats.device_rows(body, type_, now_ms())
         for i, (t, message) in enumerate(rows):
             rec = parse(t, message, adapter.max_packet)
             if isinstance(rec, str):

@@ -15,12 +15,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from gatewayd.clock import now_ms
 from gatewayd.redact import redact
-from gatewayd.store.db import now_ms, open_db, transaction
-
-TOPIC_TELEMETRY = "v1/devices/me/telemetry"
-TOPIC_ATTRIBUTES = "v1/devices/me/attributes"
-TOPIC_RPC_RESPONSE = "v1/devices/me/rpc/response/"
+from gatewayd.store.db import open_db, transaction
 
 KIND_TELEMETRY = "telemetry"
 KIND_ATTRIBUTES = "attributes"

@@ -30,6 +30,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from gatewayd.clock import now_ms
 from gatewayd.config import Config
 from gatewayd.store.controller import read_health_check_ms
 from gatewayd.supervisor.docker_api import (
@@ -102,7 +103,7 @@ class ControllerManager:
         self.base_spec, self.spec_problems = build_spec(cfg)
         self.docker = docker or Docker(long_timeout_s=c["build_timeout_s"])
         self.clock = clock
-        self.wall_ms = wall_ms or (lambda: time.time_ns() // 1_000_000)
+        self.wall_ms = wall_ms or now_ms
 
         self.target: Target | None = None
         self.operator_stopped = False

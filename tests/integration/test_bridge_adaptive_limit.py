@@ -11,7 +11,9 @@ from typing import Any
 
 import pytest
 
-from gatewayd.bridge.publisher import MIN_PACKET, packet_size
+from gatewayd import topics
+from gatewayd.bridge.publisher import MIN_PACKET
+from gatewayd.packet import packet_size
 from gatewayd.store import queues
 from tests.helpers.brokers import free_port, start_simulator
 from tests.integration.test_bridge_support import (
@@ -249,8 +251,8 @@ def test_sessions_lost_with_a_2kb_attribute_and_rpc_reply_in_flight_blame_nobody
         attrs = '{"report":"' + "a" * 2000 + '"}'
         q = queues.open_queues(base / "state" / "queues.db")
         try:
-            queues.enqueue(q, queues.KIND_RPC_REPLY, queues.TOPIC_RPC_RESPONSE + "17", reply, queues.PRIO_RPC_REPLY)
-            queues.enqueue(q, queues.KIND_ATTRIBUTES, queues.TOPIC_ATTRIBUTES, attrs, queues.PRIO_ATTRIBUTES)
+            queues.enqueue(q, queues.KIND_RPC_REPLY, topics.rpc_response("17"), reply, queues.PRIO_RPC_REPLY)
+            queues.enqueue(q, queues.KIND_ATTRIBUTES, topics.TOPIC_ATTRIBUTES, attrs, queues.PRIO_ATTRIBUTES)
         finally:
             q.close()
         fill(base, range(3))

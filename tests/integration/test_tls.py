@@ -30,6 +30,7 @@ from typing import Any
 
 import pytest
 
+from gatewayd import topics
 from gatewayd.store import queues
 from tests.helpers.brokers import LOOPBACK, MOSQUITTO_BIN, MqttDevice, free_port, start_mosquitto
 from tests.helpers.daemons import ROOT, Daemon, wait_for, write_config
@@ -41,7 +42,7 @@ TLS_RECORD_HANDSHAKE = 0x16
 MQTT_CONNECT = 0x10
 CLIENT_CN = "gw-x509-device"
 SERVER_DAYS, CLIENT_DAYS = 200, 20
-TELEMETRY = queues.TOPIC_TELEMETRY
+TELEMETRY = topics.TOPIC_TELEMETRY
 
 
 class Relay:

@@ -18,7 +18,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from gatewayd import log as gwlog
-from gatewayd import redact
+from gatewayd import redact, topics
 from gatewayd.log import JsonFormatter, journald_stderr
 from gatewayd.logforward import (
     MAX_MESSAGE_BYTES,
@@ -70,7 +70,7 @@ def log_rows(conn: sqlite3.Connection) -> list[dict[str, Any]]:
                         (queues.PRIO_LOG,)).fetchall()
     out = []
     for prio, kind, topic, payload, counted in rows:
-        assert (prio, kind, topic, counted) == (queues.PRIO_LOG, queues.KIND_TELEMETRY, queues.TOPIC_TELEMETRY, 0)
+        assert (prio, kind, topic, counted) == (queues.PRIO_LOG, queues.KIND_TELEMETRY, topics.TOPIC_TELEMETRY, 0)
         doc = json.loads(payload)
         out.append({"ts": doc["ts"], **doc["values"]})
     return out
@@ -157,7 +157,7 @@ def test_rate_limit_holds_for_all_daemons_together_and_is_reported(conn: sqlite3
 
 def test_log_rows_are_low_priority_and_outside_the_ledger(conn: sqlite3.Connection) -> None:
     with queues.transaction(conn):
-        queues.append(conn, [(queues.PRIO_TELEMETRY, queues.KIND_TELEMETRY, queues.TOPIC_TELEMETRY,
+        queues.append(conn, [(queues.PRIO_TELEMETRY, queues.KIND_TELEMETRY, topics.TOPIC_TELEMETRY,
                               '{"ts":1,"values":{"t":1}}', 1, 1)])
     before = queues.counters(conn)
     assert logs.queue_log_lines(conn, [(2, {"gw_log_message": "m"})], 10) == 1

@@ -199,11 +199,11 @@ def test_packet_size_bounds_what_paho_sends(mqtt5: bool) -> None:
     try:
         conn.connect("127.0.0.1", broker.port, 30, socket.create_connection(("127.0.0.1", broker.port), 5))
         _pump(conn, lambda: connack)
-        for n in cases:
+        for i, n in enumerate(cases, 1):
             payload = "é" * (n // 2) + "x" * (n % 2)
             rc, _ = conn.publish(topic, payload)
             assert rc == 0
-            _pump(conn, lambda: len(acks) == len(broker.sizes) and len(acks) == cases.index(n) + 1, 20.0)
+            _pump(conn, lambda i=i: len(acks) == len(broker.sizes) == i, 20.0)
             header, rest = broker.sizes[-1]
             bound = packet_size(utf8_len(topic), utf8_len(payload))
             slack = (4 - (header - 1)) + (0 if mqtt5 else 1)  # remaining length shorter than 4; no properties

@@ -8,6 +8,7 @@ import os
 import sqlite3
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -51,7 +52,7 @@ class FlakyStart:
         self.stops += 1
 
 
-def test_transient_start_faults_are_waited_out(tmp_path: Path) -> None:
+def test_transient_start_faults_are_waited_out(tmp_path: Path, notifier: Callable[..., Notifier]) -> None:
     s, path = notify_socket(tmp_path)
     locked = sqlite3.OperationalError("database is locked")
     locked.sqlite_errorcode = 5  # type: ignore[attr-defined]
@@ -60,7 +61,7 @@ def test_transient_start_faults_are_waited_out(tmp_path: Path) -> None:
     state = tmp_path / "state"
     state.mkdir()
     reserve_path(state).write_bytes(b"\0" * 4096)
-    runner = Runner(svc, tmp_path, Notifier(env={"NOTIFY_SOCKET": path, "WATCHDOG_USEC": "100000"}), state_dir=state)
+    runner = Runner(svc, tmp_path, notifier(NOTIFY_SOCKET=path, WATCHDOG_USEC="100000"), state_dir=state)
     t = threading.Thread(target=runner.run)
     t.start()
     msgs: list[str] = []
@@ -85,9 +86,9 @@ def test_transient_start_faults_are_waited_out(tmp_path: Path) -> None:
     assert read_runtime_status(tmp_path, "flaky") is None
 
 
-def test_a_bug_at_start_still_ends_the_process(tmp_path: Path) -> None:
+def test_a_bug_at_start_still_ends_the_process(tmp_path: Path, notifier: Callable[..., Notifier]) -> None:
     runner = Runner(FlakyStart([RuntimeError("schema version 9 is newer than this gatewayd")]), tmp_path,
-                    Notifier(env={}))
+                    notifier())
     with pytest.raises(RuntimeError):
         runner.run()
 

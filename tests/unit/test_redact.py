@@ -8,7 +8,7 @@ import json
 import logging
 import socket
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -97,14 +97,14 @@ def test_log_lines_and_tracebacks_are_masked_for_every_handler() -> None:
     assert "ValueError: bad token " + MASK in other.getvalue()
 
 
-def test_sd_notify_status_is_masked(tmp_path: Path) -> None:
+def test_sd_notify_status_is_masked(tmp_path: Path, notifier: Callable[..., Notifier]) -> None:
     redact.register([SECRET])
     path = tmp_path / "notify"
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
     sock.bind(str(path))
     sock.settimeout(5)
     try:
-        n = Notifier({"NOTIFY_SOCKET": str(path)})
+        n = notifier(NOTIFY_SOCKET=str(path))
         n.status(f"refused {SECRET}")
         got = sock.recv(4096).decode()
     finally:

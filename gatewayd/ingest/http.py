@@ -27,18 +27,15 @@ import time
 import urllib.parse
 from collections import deque
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from gatewayd.clock import now_ms
 from gatewayd.config import Config
 from gatewayd.httputil import refuse_busy, shut_late
 from gatewayd.ingest import formats
-from gatewayd.ingest.batch import Batch
+from gatewayd.ingest.batch import Batch, Host
 from gatewayd.records import parse
 from gatewayd.store.ingest import Row
-
-if TYPE_CHECKING:
-    from gatewayd.ingest.service import Ingest
 
 log = logging.getLogger("gatewayd.ingest")
 
@@ -229,7 +226,7 @@ def _address(listen: str) -> tuple[tuple[str, int], int]:
 class HttpAdapter:
     name = "http"
 
-    def __init__(self, cfg: Config, service: Ingest):
+    def __init__(self, cfg: Config, service: Host):
         c = cfg["ingest.http"]
         self.listen: str = c["listen"]
         self.max_body: int = c["max_body_bytes"]

@@ -23,8 +23,9 @@ sys.path.insert(0, str(ROOT))
 
 from benchlib import emit, idle_cpu_percent, rss_mb  # noqa: E402
 
-from gatewayd.config import SCHEMA, load  # noqa: E402
+from gatewayd.config import load  # noqa: E402
 from gatewayd.forwarder.service import Forwarder  # noqa: E402
+from gatewayd.schema import SCHEMA  # noqa: E402
 from gatewayd.store import queues  # noqa: E402
 from tests.helpers.daemons import Daemon, write_config  # noqa: E402
 

@@ -13,7 +13,8 @@ from typing import Any
 
 import pytest
 
-from gatewayd.config import SCHEMA, load
+from gatewayd.config import load
+from gatewayd.schema import SCHEMA
 
 pytestmark = pytest.mark.integration
 

@@ -292,7 +292,7 @@ class Runner:
                       traceback.format_exc().rstrip())
             try:
                 self.service.report_error(text)
-            except Exception:  # noqa: BLE001
+            except Exception:  # noqa: BLE001 - reporting must not fail the loop a second time
                 pass
             return False, min(ERROR_BACKOFF_MAX_S, 0.1 * 2 ** min(self._errors_in_row, 6))
 

@@ -32,13 +32,13 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchlib import cpu_seconds, emit, rss_mb  # noqa: E402
+from benchlib import cpu_seconds, emit, rss_mb
 
-from gatewayd import topics  # noqa: E402
-from gatewayd.store import queues  # noqa: E402
-from gatewayd.store.db import transaction  # noqa: E402
-from tests.helpers.brokers import MqttDevice, free_port, start_mosquitto, wait_until  # noqa: E402
-from tests.helpers.daemons import Daemon, write_config  # noqa: E402
+from gatewayd import topics
+from gatewayd.store import queues
+from gatewayd.store.db import transaction
+from tests.helpers.brokers import MqttDevice, free_port, start_mosquitto, wait_until
+from tests.helpers.daemons import Daemon, write_config
 
 TOPIC = topics.TOPIC_TELEMETRY
 

@@ -21,13 +21,13 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from benchlib import emit, idle_cpu_percent, rss_mb  # noqa: E402
+from benchlib import emit, idle_cpu_percent, rss_mb
 
-from gatewayd.config import load  # noqa: E402
-from gatewayd.forwarder.service import Forwarder  # noqa: E402
-from gatewayd.schema import SCHEMA  # noqa: E402
-from gatewayd.store import queues  # noqa: E402
-from tests.helpers.daemons import Daemon, write_config  # noqa: E402
+from gatewayd.config import load
+from gatewayd.forwarder.service import Forwarder
+from gatewayd.schema import SCHEMA
+from gatewayd.store import queues
+from tests.helpers.daemons import Daemon, write_config
 
 PLAIN = '{{"ts":{ts},"values":{{"temperature":{t}.5,"seq":{i}}}}}'
 PERSONAL = ('{{"ts":{ts},"values":{{"temperature":{t}.5,"seq":{i},"gps_lat":48.13729{i},"gps_lon":11.57558{i},'

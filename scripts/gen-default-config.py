@@ -14,8 +14,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from gatewayd.config import render_toml  # noqa: E402
-from gatewayd.schema import SCHEMA  # noqa: E402
+from gatewayd.config import render_toml
+from gatewayd.schema import SCHEMA
 
 HEADER = """\
 # /etc/gatewayd/gatewayd.toml: main configuration of gatewayd (see gatewayd(8)).

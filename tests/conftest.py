@@ -5,14 +5,16 @@ from __future__ import annotations
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
+
+if TYPE_CHECKING:
+    from gatewayd.notify import Notifier
 
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
-
-from gatewayd.notify import Notifier  # noqa: E402 - importable once the root is on sys.path
 
 
 @pytest.fixture
@@ -24,6 +26,8 @@ def notifier(monkeypatch: pytest.MonkeyPatch) -> Callable[..., Notifier]:
             monkeypatch.delenv(name, raising=False)
         for name, value in env.items():
             monkeypatch.setenv(name, value)
+        from gatewayd.notify import Notifier
+
         return Notifier()
 
     return make

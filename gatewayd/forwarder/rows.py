@@ -84,7 +84,7 @@ def examine(ctrl: sqlite3.Connection, row: controller_store.Row, names: dict[con
     name = type_name(type_)
     if len(names) >= TYPE_NAMES_MAX:
         names.clear()
-    names[type_] = name  # type: ignore[index]
+    names[type_] = name
     try:
         rec = parse(name, message, max_packet, policy)
     except Exception as e:  # noqa: BLE001 - one row's problem, never the queue's

@@ -29,7 +29,7 @@ from gatewayd.forwarder.files import ARCHIVE, CONTROLLER, QUEUES, Paused, StoreF
 from gatewayd.forwarder.resume import BATCH_STATE, MARK, resume_point
 from gatewayd.forwarder.rows import dead_letter, examine, id_ranges
 from gatewayd.inotify import DirectoryWatch
-from gatewayd.records import DROPPED, Record, parse
+from gatewayd.records import Record, parse
 from gatewayd.store import archive as archive_store
 from gatewayd.store import controller as controller_store
 from gatewayd.store import queues
@@ -374,7 +374,7 @@ class Forwarder:
         policy = self.policy
         for row in rows:
             rid, type_, message = row
-            name = names.get(type_)  # type: ignore[arg-type]
+            name = names.get(type_)
             if name is None or type(message) is not bytes:
                 item = examine(ctrl, row, names, self.max_message, max_packet, policy)
                 if isinstance(item, DeadLetter):
@@ -390,12 +390,12 @@ class Forwarder:
             except Exception as e:  # noqa: BLE001 - one row's problem, never the queue's
                 rec = f"cannot be processed ({type(e).__name__}: {e})"
             if type(rec) is Record:
-                good.append((rid, rec, name))  # type: ignore[arg-type]
-            elif rec is DROPPED:
-                dropped.append(rid)
-            else:
-                bad.append(dead_letter(row, rec))  # type: ignore[arg-type]
+                good.append((rid, rec, name))
+            elif isinstance(rec, str):
+                bad.append(dead_letter(row, rec))
                 log.warning("controller row %d dead-lettered: %s", rid, rec)
+            else:
+                dropped.append(rid)
         untrusted = self.clock.untrusted
         self.clock.fix(good)
 

@@ -86,7 +86,7 @@ class Handler(BaseHTTPRequestHandler):
         self.server.adapter.arm(self.connection)  # the next request has request_timeout_s to arrive
         super().handle_one_request()
 
-    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
+    def log_message(self, format: str, *args: Any) -> None:
         log.debug("http %s: " + format, self.address_string(), *args)
 
     def _reply(self, code: int, obj: dict[str, Any], close: bool = False, headers: tuple[tuple[str, str], ...] = ()
@@ -115,15 +115,15 @@ class Handler(BaseHTTPRequestHandler):
         return bool(self.headers.get("Content-Length", "0").strip() not in ("", "0")
                     or self.headers.get("Transfer-Encoding"))
 
-    do_GET = do_PUT = do_DELETE = do_PATCH = do_OPTIONS = _not_allowed  # noqa: N815
+    do_GET = do_PUT = do_DELETE = do_PATCH = do_OPTIONS = _not_allowed
 
-    def do_HEAD(self) -> None:  # noqa: N802
+    def do_HEAD(self) -> None:
         self.send_response(405)
         self.send_header("Allow", "POST")
         self.send_header("Content-Length", "0")
         self.end_headers()
 
-    def do_POST(self) -> None:  # noqa: N802
+    def do_POST(self) -> None:
         adapter = self.server.adapter
         path = urllib.parse.urlsplit(self.path).path
         type_ = PATHS.get(path)

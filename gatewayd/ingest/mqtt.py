@@ -346,10 +346,10 @@ class MqttAdapter:
             try:
                 self.client.disconnect()
                 self._flush()
-            except Exception:  # noqa: BLE001
+            except Exception:  # noqa: BLE001 - stopping anyway; the broker keeps the session
                 pass
             try:
                 self.client._reset_sockets()
-            except Exception:  # noqa: BLE001
+            except Exception:  # noqa: BLE001 - stopping anyway; the broker keeps the session
                 pass
             self.client = None

@@ -163,7 +163,7 @@ class Serial:
             fn, args, done = task
             try:
                 result = fn(*args)
-            except Exception:  # noqa: BLE001 - the task's own errors are in its result; this is a bug
+            except Exception:
                 log.exception("%s: task %s failed", self.name, getattr(fn, "__name__", fn))
                 result = _FAILED
             self._results.put((done, result))

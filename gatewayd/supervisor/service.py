@@ -356,7 +356,7 @@ class Supervisor:
                 self._handle(rid, topic, payload)
             except sqlite3.Error:
                 raise
-            except Exception as e:  # noqa: BLE001 - one bad message must not stop the queue
+            except Exception as e:
                 log.exception("inbound message %d on %s could not be handled", rid, topic)
                 self._handler_failed(rid, topic, payload, f"{type(e).__name__}: {e}")
         return handled >= INBOUND_BATCH

@@ -34,12 +34,12 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict
 from enum import StrEnum
-from typing import Any
+from typing import Any, Protocol
 
 from gatewayd import topics
 from gatewayd.clock import now_ms
 from gatewayd.config import Config
-from gatewayd.supervisor.controller import ControllerManager, Target
+from gatewayd.supervisor.controller import Target
 from gatewayd.supervisor.images import cleanup_job
 from gatewayd.supervisor.jobs import Future, Job, Jobs
 from gatewayd.supervisor.ota import Download, OtaError
@@ -95,8 +95,18 @@ def judge(snap: dict[str, Any], baseline_failures: int, grace_started: float, no
     return "wait", ""
 
 
+class Controller(Protocol):
+    """What updates ask of the controller's manager (`controller.ControllerManager`)."""
+
+    def set_target(self, target: Target) -> Future: ...
+
+    def clear_target(self) -> Future: ...
+
+    def snapshot(self) -> dict[str, Any]: ...
+
+
 class UpdateManager:
-    def __init__(self, cfg: Config, controller: ControllerManager | None, jobs: Jobs,
+    def __init__(self, cfg: Config, controller: Controller | None, jobs: Jobs,
                  get_state: Callable[[str], Any], set_state: Callable[[str, Any], None],
                  publish_telemetry: Callable[[dict[str, Any]], None],
                  enqueue_raw: Callable[[str, str], None],

@@ -97,7 +97,7 @@ def ctl_status(cfg: Path) -> dict[str, Any]:
     out = subprocess.run([sys.executable, "-m", "gatewayd.ctl", "--config", str(cfg), "status", "--json"],
                          capture_output=True, text=True, timeout=60, cwd=str(REPO_ROOT),
                          env=dict(os.environ, PYTHONPATH=str(REPO_ROOT)))
-    return json.loads(out.stdout)  # type: ignore[no-any-return]
+    return json.loads(out.stdout)
 
 
 def test_a_full_disk_keeps_the_bridge_up_and_everything_is_delivered_once_space_returns(

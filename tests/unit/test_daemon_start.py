@@ -55,8 +55,8 @@ class FlakyStart:
 def test_transient_start_faults_are_waited_out(tmp_path: Path, notifier: Callable[..., Notifier]) -> None:
     s, path = notify_socket(tmp_path)
     locked = sqlite3.OperationalError("database is locked")
-    locked.sqlite_errorcode = 5  # type: ignore[attr-defined]
-    locked.sqlite_errorname = "SQLITE_BUSY"  # type: ignore[attr-defined]
+    locked.sqlite_errorcode = 5
+    locked.sqlite_errorname = "SQLITE_BUSY"
     svc = FlakyStart([locked, OSError(28, "No space left on device")])
     state = tmp_path / "state"
     state.mkdir()
@@ -106,7 +106,8 @@ def test_gatewayctl_sees_faults_and_a_replaced_queues_db(tmp_path: Path) -> None
     assert got["faults"]["forwarder"] == "queues.db: disk full"
     assert got["faults"]["bridge"] is None and got["faults"]["supervisor"] is None
     assert got["stale_queues_db"] == ["bridge"]
-    assert os.getpid() == read_runtime_status(cfg.runtime_dir, "forwarder")["pid"]  # type: ignore[index]
+    status = read_runtime_status(cfg.runtime_dir, "forwarder")
+    assert status is not None and status["pid"] == os.getpid()
 
 
 def test_runtime_status_written_only_on_change(tmp_path: Path) -> None:

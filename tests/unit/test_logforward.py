@@ -80,6 +80,17 @@ def line(text: str, level: int = WARN, logger: str = "gatewayd.forwarder", ms: i
     return Line(ms, level, logger, text)
 
 
+class Collect(logging.Handler):
+    """Keeps the records it is given."""
+
+    def __init__(self, level: int) -> None:
+        super().__init__(level)
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+
 def test_similar_lines_are_sent_once_then_summarised(conn: sqlite3.Connection) -> None:
     clock = Clock()
     fwd = LogForwarder("forwarder", WallStore(conn, 100, clock), 100, 5.0, clock=clock)
@@ -243,9 +254,8 @@ def test_full_disk_holds_lines_backs_off_and_never_logs_into_itself(tmp_path: Pa
     handler = ForwardHandler(fwd, WARN)
     root = logging.getLogger()
     root.addHandler(handler)
-    seen: list[logging.LogRecord] = []
-    spy = logging.Handler(WARN)
-    spy.emit = seen.append  # type: ignore[method-assign]
+    spy = Collect(WARN)
+    seen = spy.records
     logging.getLogger("gatewayd.logforward").addHandler(spy)
     fwd.start()
     try:

@@ -81,7 +81,9 @@ def test_log_lines_and_tracebacks_are_masked_for_every_handler() -> None:
     extra.setFormatter(logging.Formatter("%(message)s"))
     logging.getLogger().addHandler(extra)
     stderr = io.StringIO()
-    logging.getLogger().handlers[0].setStream(stderr)  # type: ignore[attr-defined]
+    own = logging.getLogger().handlers[0]
+    assert isinstance(own, logging.StreamHandler)  # what log.setup installs
+    own.setStream(stderr)
     try:
         logger.error("refused %s", SECRET)
         try:
@@ -90,7 +92,7 @@ def test_log_lines_and_tracebacks_are_masked_for_every_handler() -> None:
             logger.exception("failed")
     finally:
         logging.getLogger().removeHandler(extra)
-        logging.getLogger().handlers[0].setStream(sys.stderr)  # type: ignore[attr-defined]
+        own.setStream(sys.stderr)
     assert SECRET not in stderr.getvalue() and MASK in stderr.getvalue()
     assert "ValueError: bad token " + MASK in stderr.getvalue()
     assert SECRET not in other.getvalue() and "refused " + MASK in other.getvalue()

@@ -20,6 +20,8 @@ bench:
 	$(PYTHON) scripts/bench_supervisor.py
 	$(PYTHON) scripts/bench_ingest.py
 	$(PYTHON) scripts/bench_http.py
+	$(PYTHON) scripts/bench_cost.py
+	$(PYTHON) scripts/fleet_sim.py
 
 deb:
 	scripts/build-deb.sh

@@ -49,7 +49,7 @@ def parse_before(value: Any) -> int:
     if isinstance(value, int):
         return value
     text = str(value).strip()
-    if text.lstrip("-").isdigit():
+    if text.lstrip("-").isdigit() and text.isascii():  # "²" is a digit to isdigit(), not to int()
         return int(text)
     try:
         when = dt.datetime.fromisoformat(text.replace("Z", "+00:00").replace("z", "+00:00"))

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from gatewayd.packet import PUBLISH_OVERHEAD, packet_size, utf8_len
 from gatewayd.store.queues import KIND_ATTRIBUTES, KIND_TELEMETRY, PRIO_ATTRIBUTES, PRIO_TELEMETRY
@@ -48,7 +49,10 @@ def _reject_constant(name: str) -> None:
 
 # raw_decode skips json.loads' wrapper (half the cost on this hot path); NaN/Infinity are
 # refused because Python accepts them and ThingsBoard does not.
-_decode = json.JSONDecoder(parse_constant=_reject_constant).raw_decode
+_decoder = json.JSONDecoder(parse_constant=_reject_constant)
+_decode = _decoder.raw_decode
+# raw_decode without its Python frame: (obj, end), StopIteration at a bad start
+_scan: Callable[[str, int], tuple[Any, int]] = _decoder.scan_once  # type: ignore[attr-defined]
 _WS = " \t\n\r"
 _MISSING = object()
 _CHANGED: dict[str, object] = {}
@@ -92,6 +96,57 @@ def type_name(type_: object) -> str:
     if isinstance(type_, bytes):
         return type_.decode("utf-8", "replace")
     return "" if type_ is None else str(type_)
+
+
+def plain_prefix(rows: Sequence[tuple[int, object, object]], names: Mapping[Any, str],
+                 max_packet: int) -> tuple[list[tuple[int, Record, str]], int]:
+    """The forwarder's fast path over a batch read from the controller: (id, Record, type name) of
+    the leading rows that are plain telemetry, and how many rows that was.
+
+    Plain: a type seen before (`names`, raw value -> name) other than attributes, UTF-8 bytes short
+    enough for any packet, holding exactly `{"ts": <int>, "values": {<flat, finite scalars>}}` and
+    no surrounding space. For such a row `parse` returns the same Record; the first other row ends
+    the prefix, and the caller judges it and the rest with `parse`. One loop with its names local
+    costs about half of a call of `parse` per row.
+    """
+    good: list[tuple[int, Record, str]] = []
+    append = good.append
+    scan = _scan
+    lo, hi = INT_MIN, INT_MAX
+    longest = (max_packet - PUBLISH_OVERHEAD - len(TOPIC_TELEMETRY)) // 4  # bytes: 4 per character at most
+    kind, prio, topic = KIND_TELEMETRY, PRIO_TELEMETRY, TOPIC_TELEMETRY
+    n = 0
+    try:
+        for rid, type_, message in rows:
+            name = names.get(type_)
+            if name is None or name == "attributes" or type(message) is not bytes or len(message) > longest:
+                break
+            text = message.decode()
+            obj, end = scan(text, 0)
+            if end != len(text) or type(obj) is not dict or len(obj) != 2:
+                break
+            ts = obj.get("ts")
+            values = obj.get("values")
+            if type(ts) is not int or ts > hi or ts < lo or type(values) is not dict or not values:
+                break
+            for v in values.values():
+                t = type(v)
+                if t is float:
+                    if v - v != 0.0:
+                        break
+                elif t is int:
+                    if v > hi or v < lo:
+                        break
+                elif t is not str and t is not bool and v is not None:
+                    break
+            else:
+                append((rid, Record(kind, prio, topic, text, ts, "log" not in name), name))
+                n += 1
+                continue
+            break
+    except Exception:  # noqa: BLE001 - not plain: `parse` gives the reason
+        pass
+    return good, n
 
 
 def parse(type_: object, message: object, max_packet: int, policy: Policy | None = None) -> Record | str | Dropped:

@@ -6,6 +6,8 @@
   (`reconnect_max_s = 0.5`, so it notices the broker within half a second); the clock starts
   when mosquitto accepts connections and stops when the outbox is empty, i.e. after the last
   PUBACK and its delete.
+- drain_records_per_s_tls: the same drain to a TLS listener of mosquitto (a test CA made here with
+  openssl; the bridge verifies the server against it and its address).
 - e2e_latency_p50_ms / e2e_latency_p99_ms: a controller thread INSERTs one row every 5 ms
   (200 records/s) into the controller database for ~20 s; forwarder -> outbox -> bridge ->
   mosquitto (directly, no simulator) -> a subscriber in this process. Latency = arrival at the
@@ -14,7 +16,7 @@
 - rss_mb_bridge: VmRSS of the bridge after all of the above.
 
 Everything runs on loopback in a temporary directory; every process is stopped by its PID.
-Usage: bench_bridge.py [--records N] [--latency-s S] [--idle-s S] [--only drain,latency,idle]
+Usage: bench_bridge.py [--records N] [--latency-s S] [--idle-s S] [--only drain,tls,latency]
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ from gatewayd.store import queues
 from gatewayd.store.db import transaction
 from tests.helpers.brokers import MqttDevice, free_port, start_mosquitto, wait_until
 from tests.helpers.daemons import Daemon, write_config
+from tests.helpers.netfaults import make_tls_files
 
 TOPIC = topics.TOPIC_TELEMETRY
 
@@ -51,11 +54,16 @@ def outbox_rows(db: Path) -> int:
         conn.close()
 
 
-def bench_drain(base: Path, records: int) -> None:
+def bench_drain(base: Path, records: int, tls: bool = False) -> None:
     base.mkdir(parents=True, exist_ok=True)
     port = free_port()
-    cfg = write_config(base, {"thingsboard": {"host": "127.0.0.1", "port": port, "access_token": "bench",
-                                              "reconnect_max_s": 0.5}})
+    tb: dict[str, Any] = {"host": "127.0.0.1", "port": port, "access_token": "bench", "reconnect_max_s": 0.5}
+    listener: list[str] = []
+    if tls:
+        files = make_tls_files(base / "tls")
+        tb.update(tls=True, ca_cert=str(files["ca"]))
+        listener = ["user root", f"cafile {files['ca']}", f"certfile {files['cert']}", f"keyfile {files['key']}"]
+    cfg = write_config(base, {"thingsboard": tb})
     db = base / "state" / "queues.db"
     q = queues.open_queues(db)
     ts0 = int(time.time() * 1000) - records
@@ -70,7 +78,7 @@ def bench_drain(base: Path, records: int) -> None:
     broker = None
     try:
         time.sleep(1.0)  # the bridge is retrying against a closed port
-        broker = start_mosquitto(base, port=port)
+        broker = start_mosquitto(base, port=port, extra_config=listener)
         t0 = time.perf_counter()
         wait_until(lambda: outbox_rows(db) == 0, timeout=600, interval=0.01, what="the outbox to drain")
         elapsed = time.perf_counter() - t0
@@ -78,8 +86,10 @@ def bench_drain(base: Path, records: int) -> None:
         c = dict(conn.execute("SELECT name, value FROM counters").fetchall())
         conn.close()
         assert c["delivered"] == records, c
-        emit("drain_records_per_s", records / elapsed, "records/s", records=records, seconds=round(elapsed, 3),
-             broker="mosquitto (direct)", note="clock from broker accepting connections to empty outbox")
+        emit("drain_records_per_s_tls" if tls else "drain_records_per_s", records / elapsed, "records/s",
+             records=records, seconds=round(elapsed, 3),
+             broker="mosquitto (direct)" + (", TLS listener" if tls else ""),
+             note="clock from broker accepting connections to empty outbox")
     finally:
         bridge.stop()
         if broker is not None:
@@ -153,7 +163,7 @@ def main() -> int:
     p.add_argument("--records", type=int, default=1_000_000)
     p.add_argument("--latency-s", type=float, default=20.0)
     p.add_argument("--idle-s", type=float, default=60.0)
-    p.add_argument("--only", default="drain,latency")
+    p.add_argument("--only", default="drain,tls,latency")
     p.add_argument("--keep", help="work in this directory and keep it")
     args = p.parse_args()
     parts = set(args.only.split(","))
@@ -161,6 +171,8 @@ def main() -> int:
         base = Path(args.keep) if args.keep else Path(tmp)
         if "drain" in parts:
             bench_drain(base / "drain", args.records)
+        if "tls" in parts:
+            bench_drain(base / "drain-tls", args.records, tls=True)
         if "latency" in parts:
             bench_latency_idle(base / "latency", args.latency_s, args.idle_s)
     return 0

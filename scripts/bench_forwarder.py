@@ -12,7 +12,6 @@ idle_cpu_percent_forwarder, rss_mb_forwarder: an idle `gatewayd forwarder` proce
 from __future__ import annotations
 
 import argparse
-import sqlite3
 import sys
 import tempfile
 import time
@@ -21,7 +20,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from benchlib import emit, idle_cpu_percent, rss_mb
+from benchlib import PLAIN, emit, fill_controller, idle_cpu_percent, rss_mb
 
 from gatewayd.config import load
 from gatewayd.forwarder.service import Forwarder
@@ -29,7 +28,6 @@ from gatewayd.schema import SCHEMA
 from gatewayd.store import queues
 from tests.helpers.daemons import Daemon, write_config
 
-PLAIN = '{{"ts":{ts},"values":{{"temperature":{t}.5,"seq":{i}}}}}'
 PERSONAL = ('{{"ts":{ts},"values":{{"temperature":{t}.5,"seq":{i},"gps_lat":48.13729{i},"gps_lon":11.57558{i},'
             '"serial":"SN-{i:08d}","operator":"Erika Mustermann"}}}}')
 POLICY = {"rules": [{"match": "gps_*", "action": "round", "digits": 3},
@@ -38,25 +36,12 @@ POLICY = {"rules": [{"match": "gps_*", "action": "round", "digits": 3},
           "hash_key": "bench-hash-key-0123456789"}
 
 
-def fill_controller(path: Path, n: int, template: str = PLAIN) -> None:
-    conn = sqlite3.connect(path)
-    conn.execute("PRAGMA journal_mode=WAL")
-    now = int(time.time() * 1000)
-    chunk = 100_000
-    for start in range(0, n, chunk):
-        conn.executemany("INSERT INTO messages(type, message) VALUES ('telemetry', ?)",
-                         ((template.format(ts=now + i, t=20 + i % 10, i=i),)
-                          for i in range(start, min(n, start + chunk))))
-        conn.commit()
-    conn.close()
-
-
 def move_all(base: Path, n: int, template: str = PLAIN, privacy: dict[str, object] | None = None) -> float:
     """Seconds the real Forwarder takes to move n controller rows (outbox and archive)."""
     cfg = load(write_config(base, {"privacy": privacy} if privacy else None), env={})
     fwd = Forwarder(cfg)
     fwd.start()  # creates the controller tables
-    fill_controller(cfg.controller_db, n, template)
+    fill_controller(cfg.controller_db, n, template=template)
     t0 = time.perf_counter()
     moved = 0
     while True:

@@ -69,7 +69,10 @@ KEY_NOTES = {
         "with provision_device_key and provision_device_secret."),
     ("thingsboard", "device_name"): "Empty: $THINGSBOARD_DEVICE_NAME, then the hostname.",
     ("thingsboard", "mqtt_version"): '"3.1.1" or "5".',
-    ("thingsboard", "reconnect_max_s"): "Upper bound of the reconnect backoff after a transport failure.",
+    ("thingsboard", "reconnect_max_s"): (
+        "Upper bound of the reconnect backoff after a transport failure: each wait is random\n"
+        "between 0 and a cap that doubles from 0.5 s up to this. Many devices on one server:\n"
+        "at least 3 x devices / (CONNECTs per second the server takes), e.g. 60 for 1000 at 50/s."),
     ("thingsboard", "auth_backoff_s"): "Backoff after the server refused the credentials.",
     ("thingsboard", "stall_timeout_s"): (
         "Connected with records waiting and no PUBACK for this long: the bridge stops\n"

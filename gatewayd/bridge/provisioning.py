@@ -123,18 +123,36 @@ def load(path: Path) -> Credentials | None:
 
 
 class Backoff:
-    """Exponential backoff with jitter: initial, doubling, capped; `reset()` after a success."""
+    """Exponential backoff with jitter, the bridge's one retry policy; `reset()` after a success.
 
-    def __init__(self, initial: float, maximum: float, jitter: float = 0.2):
+    The cap grows with consecutive failures (`initial`, doubling, at most `maximum`). With a
+    `jitter` fraction each wait is the cap ± that fraction (provisioning, MQTT 5 refusals:
+    one device's own pace). With `full_jitter` each wait is uniform in [0, cap] (AWS's "full
+    jitter"): the first retries stay fast (within `initial`, then twice that), and a fleet that
+    lost its server together is spread over the whole cap instead of coming back in step.
+    """
+
+    MAX_DOUBLINGS = 64
+
+    def __init__(self, initial: float, maximum: float, jitter: float = 0.2, *, full_jitter: bool = False,
+                 rng: random.Random | None = None):
         self.initial = initial
         self.maximum = max(maximum, initial)
         self.jitter = jitter
+        self.full_jitter = full_jitter
+        self.failures = 0
         self.current = 0.0
+        self._rng = rng or random.Random()
 
     def next(self) -> float:
-        self.current = self.initial if self.current <= 0 else min(self.maximum, self.current * 2)
+        """The wait before the next attempt; counts one more failure."""
+        self.current = min(self.maximum, self.initial * 2.0 ** min(self.failures, self.MAX_DOUBLINGS))
+        self.failures += 1
+        if self.full_jitter:
+            return self._rng.uniform(0.0, self.current)
         spread = self.current * self.jitter
-        return max(0.0, self.current + random.uniform(-spread, spread))
+        return max(0.0, self.current + self._rng.uniform(-spread, spread))
 
     def reset(self) -> None:
+        self.failures = 0
         self.current = 0.0

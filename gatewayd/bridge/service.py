@@ -48,6 +48,7 @@ ALWAYS_CLIENT = ["FILE_HASHES"]
 IDLE, CONNECTING, ONLINE = "idle", "connecting", "online"
 PROV_CONNECTING, PROV_WAIT = "prov-connecting", "prov-wait"
 
+RECONNECT_INITIAL_S = 0.5  # the first retry after a transport failure comes within this
 IDLE_STEP_S = 1.0        # longest sleep while waiting to reconnect (status and watchdog keep going)
 CONNACK_TIMEOUT_S = 30.0
 NO_CREDENTIALS_RECHECK_S = 60.0
@@ -70,7 +71,7 @@ class Bridge:
         self.stall_timeout: float = tb["stall_timeout_s"]
         self.auth_backoff_s: float = tb["auth_backoff_s"]
         self.device_name = cfg.device_name()
-        self.reconnect = Backoff(0.5, tb["reconnect_max_s"])
+        self.reconnect = Backoff(RECONNECT_INITIAL_S, tb["reconnect_max_s"], full_jitter=True)
         self.prov_backoff = Backoff(provisioning.BACKOFF_INITIAL_S, provisioning.BACKOFF_MAX_S)
         self.limits = ServerLimits(self.server, tb["max_packet_bytes"], tb["max_inflight"], tb["rate_limit_per_s"])
         self.throttle = Throttle(log)

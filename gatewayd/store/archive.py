@@ -9,7 +9,7 @@ from pathlib import Path
 
 from gatewayd import clock
 from gatewayd.clock import PLAUSIBLE_SINCE_MS
-from gatewayd.store.db import open_db, transaction
+from gatewayd.store.db import insert_rows, open_db, transaction
 
 MIGRATIONS = [
     """
@@ -47,13 +47,14 @@ def used_bytes(conn: sqlite3.Connection) -> int:
 def insert(conn: sqlite3.Connection, rows: Sequence[tuple[int, str, str]]) -> None:
     """Archive `(ts, type, message)` rows; the caller holds the transaction. A ts before 2025 was
     not stamped by a set clock: such a row is flagged (clock = 2), so age never removes it."""
-    conn.executemany(f"INSERT INTO archive(ts, type, message, clock) VALUES (?1, ?2, ?3, CASE WHEN ?1 < "
-                     f"{PLAUSIBLE_SINCE_MS} THEN {CLOCK_UNCORRECTABLE} ELSE 0 END)", rows)
+    insert_rows(conn, "INSERT INTO archive(ts, type, message, clock) SELECT column1, column2, column3, CASE WHEN "
+                f"column1 < {PLAUSIBLE_SINCE_MS} THEN {CLOCK_UNCORRECTABLE} ELSE 0 END FROM (VALUES ", "(?,?,?)",
+                rows, ")")
 
 
 def insert_flagged(conn: sqlite3.Connection, rows: Sequence[tuple[int, str, str, int]]) -> None:
     """Archive `(ts, type, message, clock)` rows; the caller holds the transaction."""
-    conn.executemany("INSERT INTO archive(ts, type, message, clock) VALUES (?,?,?,?)", rows)
+    insert_rows(conn, "INSERT INTO archive(ts, type, message, clock) VALUES ", "(?, ?, ?, ?)", rows)
 
 
 def sequence(conn: sqlite3.Connection) -> int:

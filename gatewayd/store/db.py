@@ -18,6 +18,7 @@ import stat
 import time
 import urllib.parse
 from collections.abc import Callable, Iterator, Sequence
+from itertools import chain
 from pathlib import Path
 
 from gatewayd.store.errors import Fault, classify
@@ -29,6 +30,11 @@ CORRUPT_SUFFIX = ".corrupt-"
 SIDE_FILES = ("-wal", "-shm", "-journal")
 DB_FILE_MODE = 0o640
 SQLITE_HEADER = b"SQLite format 3\x00"
+# Pages of the files gatewayd creates. A small transaction writes whole pages to the WAL (page
+# 1, b-tree interior, counters, marks, the leaf): 2 KiB pages write about 30 % fewer bytes per
+# record than SQLite's 4 KiB at a controller's pace, at no cost in bulk throughput (1 KiB would
+# save another 15 % but costs 15-30 % of the bulk rates). Fixed when a file is created.
+NEW_FILE_PAGE_SIZE = 2048
 
 
 class NotADatabase(sqlite3.DatabaseError):
@@ -138,6 +144,8 @@ def _open(path: Path, migrations: Sequence[str], busy_timeout_ms: int, create_sq
     check_header(path)
     conn = _connect(path, busy_timeout_ms)
     try:
+        if os.path.getsize(path) == 0:
+            conn.execute(f"PRAGMA page_size = {NEW_FILE_PAGE_SIZE}")
         # Reading the schema first makes a damaged page 1 fail here, before anything is written.
         conn.execute("PRAGMA schema_version").fetchone()
         mode = conn.execute("PRAGMA journal_mode").fetchone()[0]
@@ -216,6 +224,34 @@ def transaction(conn: sqlite3.Connection, immediate: bool = True) -> Iterator[sq
                 with contextlib.suppress(sqlite3.Error):
                     conn.execute("ROLLBACK")
             raise
+
+
+# Rows per INSERT statement, largest first: one statement per row (executemany) costs SQLite a
+# statement start and end per row, and with AUTOINCREMENT a sqlite_sequence update per row;
+# many rows per statement cost that once (about three times faster in the forwarder's batches).
+# Few sizes, so that the driver's statement cache holds every text.
+INSERT_CHUNKS = (256, 32, 4, 1)
+_insert_sql: dict[tuple[str, str, str, int], str] = {}
+
+
+def insert_rows(conn: sqlite3.Connection, head: str, row: str, rows: Sequence[Sequence[object]], tail: str = "",
+                shared: Sequence[object] = ()) -> None:
+    """`head` + `row` once per row, comma-separated, + `tail`: e.g. "INSERT INTO t(a, b) VALUES " and
+    "(?, ?)", or "INSERT INTO t(a, b, c) SELECT column1, column2, ?1 FROM (VALUES ", "(?, ?)", ")"
+    with `shared` = (c,): values bound once per statement as ?1, ?2, … ahead of the rows'."""
+    i, n = 0, len(rows)
+    for size in INSERT_CHUNKS:
+        if n - i < size:
+            continue
+        key = (head, row, tail, size)
+        sql = _insert_sql.get(key)
+        if sql is None:
+            sql = _insert_sql[key] = head + ",".join([row] * size) + tail
+        while n - i >= size:
+            params = list(shared)
+            params.extend(chain.from_iterable(rows[i:i + size]))
+            conn.execute(sql, params)
+            i += size
 
 
 def get_mark(conn: sqlite3.Connection, name: str) -> tuple[str, int]:

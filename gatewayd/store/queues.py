@@ -12,12 +12,13 @@ import sqlite3
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from operator import itemgetter
 from pathlib import Path
 from typing import Any
 
 from gatewayd.clock import now_ms
 from gatewayd.redact import redact
-from gatewayd.store.db import open_db, transaction
+from gatewayd.store.db import insert_rows, open_db, transaction
 
 KIND_TELEMETRY = "telemetry"
 KIND_ATTRIBUTES = "attributes"
@@ -123,6 +124,7 @@ class OutboxRow:
 
 # (priority, kind, topic, payload, ts, counted)
 NewRow = tuple[int, str, str, str, int | None, int]
+_PAYLOAD, _COUNTED = itemgetter(3), itemgetter(5)
 
 
 @dataclass(slots=True)
@@ -175,13 +177,13 @@ def append(conn: sqlite3.Connection, rows: Sequence[NewRow], created_ms: int | N
     if not rows:
         return
     created = created_ms if created_ms is not None else now_ms()
-    conn.executemany(
-        "INSERT INTO outbox(priority, kind, topic, payload, ts, created_ms, counted) VALUES (?,?,?,?,?,?,?)",
-        [(p, k, t, pl, ts, created, c) for p, k, t, pl, ts, c in rows])
+    insert_rows(conn, "INSERT INTO outbox(created_ms, priority, kind, topic, payload, ts, counted) SELECT ?1, "
+                "column1, column2, column3, column4, column5, column6 FROM (VALUES ", "(?,?,?,?,?,?)", rows, ")",
+                (created,))
     bump(conn, {
         "outbox_rows": len(rows),
-        "outbox_bytes": sum(len(r[3]) for r in rows),
-        "queued": sum(r[5] for r in rows),
+        "outbox_bytes": sum(map(len, map(_PAYLOAD, rows))),
+        "queued": sum(map(_COUNTED, rows)),
     })
 
 

@@ -1,4 +1,4 @@
-"""Provisioning answers, the saved credentials file and the backoff."""
+"""Provisioning answers and the saved credentials file."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from gatewayd.bridge import provisioning
-from gatewayd.bridge.provisioning import Backoff, Credentials, ProvisioningError
+from gatewayd.bridge.provisioning import Credentials, ProvisioningError
 
 
 def test_request_payload() -> None:
@@ -64,13 +64,3 @@ def test_load_missing_and_bad(tmp_path: Path) -> None:
     bad.write_text("{}")
     with pytest.raises(ValueError):
         provisioning.load(bad)
-
-
-def test_backoff_doubles_to_the_cap() -> None:
-    b = Backoff(30, 1800, jitter=0)
-    assert [b.next() for _ in range(8)] == [30, 60, 120, 240, 480, 960, 1800, 1800]
-    b.reset()
-    assert b.next() == 30
-    j = Backoff(0.5, 5, jitter=0.2)
-    for _ in range(20):
-        assert 0.4 <= j.next() <= 6.0

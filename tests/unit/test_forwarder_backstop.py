@@ -128,10 +128,11 @@ def test_a_file_of_ours_found_damaged_while_running_is_moved_aside(tmp_path: Pat
     with transaction(f.archive):
         archive_store.insert(f.archive, [(i, "telemetry", "x" * 500) for i in range(3000)])
     f.archive.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    page = f.archive.execute("PRAGMA page_size").fetchone()[0]
     f.a.close()
     path = tmp_path / "state" / "archive.db"
     data = bytearray(path.read_bytes())
-    data[4096 * 3:4096 * 6] = b"\x5a" * (4096 * 3)   # leaf pages the retention pass reads
+    data[page * 3:page * 6] = b"\x5a" * (page * 3)   # leaf pages the retention pass reads
     path.write_bytes(bytes(data))
     f.a.open()                                        # page 1 is intact: it opens
     f.last_housekeeping = float("-inf")

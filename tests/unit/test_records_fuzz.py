@@ -10,7 +10,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from gatewayd.packet import packet_size, utf8_len
-from gatewayd.records import INT_MAX, INT_MIN, MAX_JSON_DEPTH, Record, parse
+from gatewayd.records import INT_MAX, INT_MIN, MAX_JSON_DEPTH, Record, parse, plain_prefix, type_name
 from tests.helpers.controller_values import messages, types, valid_records
 
 MAX = 65536
@@ -85,3 +85,26 @@ def test_lone_surrogate_escapes_survive_reserialisation() -> None:
     assert isinstance(rec, Record)
     rec.payload.encode("utf-8")
     assert json.loads(rec.payload) == {"a": "\ud800x"}
+
+
+@SETTINGS
+@given(st.lists(st.tuples(types, messages), max_size=8), st.integers(1024, MAX))
+def test_the_plain_fast_path_gives_what_parse_gives(rows: list[tuple[Any, Any]], max_packet: int) -> None:
+    """`plain_prefix` is only a faster `parse`: every record it accepts is the one `parse` returns,
+    and it stops at the first row it leaves to `parse`."""
+    table = [(i, t[1], m[1]) for i, (t, m) in enumerate(rows)]
+    names = {t[1]: type_name(t[1]) for t, _ in rows if isinstance(t[1], bytes)}
+    good, n = plain_prefix(table, names, max_packet)
+    assert 0 <= n <= len(table) and len(good) == n
+    for (rid, rec, name), (i, type_, message) in zip(good, table, strict=False):
+        assert rid == i and name == names[type_]
+        assert parse(name, message, max_packet) == rec
+
+
+@SETTINGS
+@given(st.lists(valid_records(), min_size=1, max_size=20), st.sampled_from(["telemetry", "controller_log", "x"]))
+def test_the_plain_fast_path_takes_every_plain_record(texts: list[str], name: str) -> None:
+    table = [(i, name.encode(), t.replace(", ", ",").replace(": ", ":").encode()) for i, t in enumerate(texts)]
+    good, n = plain_prefix(table, {name.encode(): name}, MAX)
+    assert n == len(table)
+    assert [(rid, rec) for rid, rec, _ in good] == [(i, parse(name, m, MAX)) for i, _, m in table]

@@ -7,6 +7,8 @@ import time
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from gatewayd import topics
 from gatewayd.store import archive as archive_store
@@ -221,3 +223,39 @@ def test_last_error_recorded_per_daemon(tmp_path: Path) -> None:
     state = queues.all_state(conn)
     assert queues.last_error(state, "bridge") == "boom"
     assert queues.last_error(state, "forwarder") is None
+
+
+def test_files_gatewayd_creates_get_small_pages_and_existing_files_keep_theirs(tmp_path: Path) -> None:
+    from gatewayd.store.db import NEW_FILE_PAGE_SIZE
+    for opener in (queues.open_queues, archive_store.open_archive, controller_store.open_controller):
+        conn = opener(tmp_path / f"{opener.__name__}.db")
+        assert conn.execute("PRAGMA page_size").fetchone()[0] == NEW_FILE_PAGE_SIZE
+        assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+        conn.close()
+    # a controller that created its file first keeps its page size
+    own = tmp_path / "communication_queue.db"
+    c = sqlite3.connect(own)
+    c.execute("PRAGMA page_size = 4096")
+    c.execute("PRAGMA journal_mode = WAL")
+    c.execute("CREATE TABLE messages(id INTEGER PRIMARY KEY AUTOINCREMENT, type TEXT, message TEXT)")
+    c.close()
+    conn = controller_store.open_controller(own)
+    assert conn.execute("PRAGMA page_size").fetchone()[0] == 4096
+    conn.close()
+
+
+@settings(max_examples=60, deadline=None)
+@given(rows=st.lists(st.tuples(st.integers(-(2**63), 2**63 - 1) | st.none(), st.text() | st.binary(),
+                               st.floats(allow_nan=False)), max_size=700))
+def test_insert_rows_stores_every_row_in_order_whatever_the_count(rows: list[tuple[object, ...]]) -> None:
+    from gatewayd.store.db import insert_rows
+    conn = sqlite3.connect(":memory:")
+    conn.execute("CREATE TABLE t(id INTEGER PRIMARY KEY AUTOINCREMENT, a, b, c)")
+    insert_rows(conn, "INSERT INTO t(a, b, c) VALUES ", "(?, ?, ?)", rows)
+    assert conn.execute("SELECT a, b, c FROM t ORDER BY id").fetchall() == rows
+    assert conn.execute("SELECT count(*), coalesce(max(id), 0) FROM t").fetchone() == (len(rows), len(rows))
+    conn.execute("CREATE TABLE u(id INTEGER PRIMARY KEY AUTOINCREMENT, a, b, c, d)")
+    insert_rows(conn, "INSERT INTO u(d, a, b, c) SELECT ?1, column1, column2, column3 FROM (VALUES ", "(?, ?, ?)",
+                rows, ")", ("shared",))
+    assert conn.execute("SELECT a, b, c FROM u ORDER BY id").fetchall() == rows
+    assert conn.execute("SELECT count(*) FROM u WHERE d IS NOT 'shared'").fetchone() == (0,)

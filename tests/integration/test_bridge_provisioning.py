@@ -1,4 +1,4 @@
-"""Provisioning (SPEC §2.4): success with saved 0600 credentials reused, NOT_FOUND and FAILURE
+"""Provisioning (docs/CONTRACT.md, section 5): success with saved 0600 credentials reused, NOT_FOUND and FAILURE
 reported clearly with a backoff while the bridge stays up, and refused credentials."""
 
 from __future__ import annotations

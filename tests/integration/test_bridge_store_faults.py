@@ -228,6 +228,8 @@ def test_a_replaced_queues_db_is_followed_and_what_was_in_flight_touches_nothing
             os.kill(bridge.pid, signal.SIGCONT)
         bridge.wait_log("was replaced under the bridge", 10)
         wait_for(lambda: outbox_empty(base), 60, what="the new outbox drained")
+        # the simulator records what its broker delivers, a moment after the PUBACK
+        wait_for(lambda: set(new) <= set(captured_seqs(capture)), 15, what="the new rows captured")
         arrived = [s for s in captured_seqs(capture) if s >= new.start]
         assert set(arrived) == set(new), sorted(set(new) - set(arrived))[:20]
         c = counters(base)

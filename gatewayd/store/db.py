@@ -44,10 +44,6 @@ class NotADatabase(sqlite3.DatabaseError):
     sqlite_errorname = "SQLITE_NOTADB"
 
 
-def now_ms() -> int:
-    return time.time_ns() // 1_000_000
-
-
 def _connect(path: Path, busy_timeout_ms: int) -> sqlite3.Connection:
     conn = sqlite3.connect(str(path), timeout=busy_timeout_ms / 1000, isolation_level=None,
                            check_same_thread=False)

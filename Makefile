@@ -28,7 +28,7 @@ deb:
 
 lint:
 	.venv-pypi/bin/ruff check gatewayd tests scripts
-	.venv-pypi/bin/mypy gatewayd tests/tbsim
+	.venv-pypi/bin/mypy gatewayd tests
 	shellcheck watchdog/gatewayd-watchdog scripts/*.sh
 
 unit:

@@ -39,6 +39,11 @@ TIMEDATECTL_TIMEOUT_S = 2.0
 BOOT_ID = Path("/proc/sys/kernel/random/boot_id")
 
 
+def now_ms() -> int:
+    """Wall time in epoch milliseconds: the one way gatewayd stamps anything."""
+    return time.time_ns() // 1_000_000
+
+
 class _Timeval(ctypes.Structure):
     _fields_ = [("tv_sec", ctypes.c_long), ("tv_usec", ctypes.c_long)]
 
@@ -138,7 +143,7 @@ class SystemClock:
         return self._answer
 
     def wall_ms(self) -> int:
-        return time.time_ns() // 1_000_000
+        return now_ms()
 
     def sync(self) -> Sync:
         if self._adjtimex is not None:

@@ -14,12 +14,13 @@ from pathlib import Path
 from typing import Any
 
 from gatewayd import dead_letters, redact
+from gatewayd.clock import now_ms
 from gatewayd.config import EX_CONFIG, Config, ConfigError, load
 from gatewayd.daemon import read_runtime_status
 from gatewayd.store import controller as controller_store
 from gatewayd.store import dead_letters as dl_store
 from gatewayd.store import queues
-from gatewayd.store.db import corrupt_copies, file_identity, now_ms, open_readonly
+from gatewayd.store.db import corrupt_copies, file_identity, open_readonly
 from gatewayd.store.errors import describe
 
 DAEMONS = ("bridge", "forwarder", "supervisor", "ingest")

@@ -28,6 +28,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
+from gatewayd.clock import now_ms
 from gatewayd.notify import Notifier
 from gatewayd.store.errors import Fault, classify, describe
 from gatewayd.store.faults import is_full
@@ -102,7 +103,7 @@ class RuntimeStatus:
         if key == self._key:
             return
         if self._key is None or key[0] != self._key[0]:
-            self._since_ms = time.time_ns() // 1_000_000
+            self._since_ms = now_ms()
         self._key = key
         value = {"pid": os.getpid(), "fault": fault, "since_ms": self._since_ms, "files": files or {}}
         tmp = self.path.with_suffix(".status.tmp")
@@ -302,7 +303,7 @@ class Runner:
                       traceback.format_exc().rstrip())
             try:
                 self.service.report_error(text)
-            except Exception:  # noqa: BLE001
+            except Exception:  # noqa: BLE001 - reporting must not fail the loop a second time
                 pass
             return False, min(ERROR_BACKOFF_MAX_S, 0.1 * 2 ** min(self._errors_in_row, 6))
 

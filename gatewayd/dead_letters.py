@@ -17,6 +17,7 @@ import sqlite3
 from collections.abc import Sequence
 from typing import Any
 
+from gatewayd import topics
 from gatewayd.config import Config
 from gatewayd.store import controller as controller_store
 from gatewayd.store import dead_letters as dl_store
@@ -31,8 +32,8 @@ SHOW_RAW_BYTES = 4096
 
 # An outbox dead letter without a stored route (dead-lettered by an older version).
 DEFAULT_ROUTES = {
-    queues.KIND_TELEMETRY: (queues.PRIO_TELEMETRY, queues.TOPIC_TELEMETRY),
-    queues.KIND_ATTRIBUTES: (queues.PRIO_ATTRIBUTES, queues.TOPIC_ATTRIBUTES),
+    queues.KIND_TELEMETRY: (queues.PRIO_TELEMETRY, topics.TOPIC_TELEMETRY),
+    queues.KIND_ATTRIBUTES: (queues.PRIO_ATTRIBUTES, topics.TOPIC_ATTRIBUTES),
 }
 
 

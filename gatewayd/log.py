@@ -102,7 +102,7 @@ class _RedactingRecord(logging.LogRecord):
         if self.exc_info and self.exc_info[0] is not None:
             self.exc_text = redact(logging.Formatter().formatException(self.exc_info))
 
-    def getMessage(self) -> str:  # noqa: N802 - the logging API's name
+    def getMessage(self) -> str:
         return redact(super().getMessage())
 
 

@@ -36,6 +36,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from gatewayd.clock import now_ms
 from gatewayd.log import level_name
 from gatewayd.redact import redact
 from gatewayd.store import logs, queues
@@ -251,7 +252,7 @@ class LogForwarder:
         if now < self.retry_at and not final:
             return
         # The report of what was not sent goes first, so it is never the line left out.
-        report = [Line(int(time.time() * 1000), logging.WARNING, log.name,
+        report = [Line(now_ms(), logging.WARNING, log.name,
                        f"{self.suppressed} log line(s) of the {self.daemon} not sent to ThingsBoard "
                        f"(at most forward_max_per_min = {self.max_per_min} are; the journal has them all)")
                   ] if self.suppressed else []

@@ -8,22 +8,12 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from gatewayd.store.queues import (
-    KIND_ATTRIBUTES,
-    KIND_TELEMETRY,
-    PRIO_ATTRIBUTES,
-    PRIO_TELEMETRY,
-    TOPIC_ATTRIBUTES,
-    TOPIC_TELEMETRY,
-)
+from gatewayd.packet import PUBLISH_OVERHEAD, packet_size, utf8_len
+from gatewayd.store.queues import KIND_ATTRIBUTES, KIND_TELEMETRY, PRIO_ATTRIBUTES, PRIO_TELEMETRY
+from gatewayd.topics import TOPIC_ATTRIBUTES, TOPIC_TELEMETRY
 
 if TYPE_CHECKING:
     from gatewayd.privacy import Policy
-
-# MQTT PUBLISH framing around topic and payload: fixed header (<= 5), topic length (2),
-# packet id (2), and 2 for the brackets when a telemetry record travels in a JSON array.
-PUBLISH_OVERHEAD = 11
-
 
 @dataclass(slots=True)
 class Record:
@@ -42,10 +32,6 @@ class Dropped:
 
 
 DROPPED = Dropped()
-
-
-def packet_size(topic: str, payload: str) -> int:
-    return PUBLISH_OVERHEAD + len(topic.encode()) + len(payload.encode())
 
 
 # Built once: json.dumps with arguments builds an encoder per call.
@@ -158,7 +144,7 @@ def plain_prefix(rows: Sequence[tuple[int, object, object]], names: Mapping[Any,
                 n += 1
                 continue
             break
-    except Exception:  # noqa: BLE001, S110 - not plain: `parse` gives the reason
+    except Exception:  # noqa: BLE001 - not plain: `parse` gives the reason
         pass
     return good, n
 
@@ -223,7 +209,7 @@ def parse(type_: object, message: object, max_packet: int, policy: Policy | None
         rec = Record(KIND_TELEMETRY, PRIO_TELEMETRY, TOPIC_TELEMETRY, payload, ts, "log" not in name)
     # Cheap bound first: a UTF-8 character is at most 4 bytes.
     if PUBLISH_OVERHEAD + len(rec.topic) + 4 * len(rec.payload) > max_packet:
-        size = packet_size(rec.topic, rec.payload)
+        size = packet_size(utf8_len(rec.topic), utf8_len(rec.payload))
         if size > max_packet:
             return f"record needs a {size}-byte MQTT packet, more than the maximum of {max_packet} bytes"
     return rec

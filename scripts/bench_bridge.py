@@ -34,15 +34,16 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchlib import cpu_seconds, emit, rss_mb  # noqa: E402
+from benchlib import cpu_seconds, emit, rss_mb
 
-from gatewayd.store import queues  # noqa: E402
-from gatewayd.store.db import transaction  # noqa: E402
-from tests.helpers.brokers import MqttDevice, free_port, start_mosquitto, wait_until  # noqa: E402
-from tests.helpers.daemons import Daemon, write_config  # noqa: E402
-from tests.helpers.netfaults import make_tls_files  # noqa: E402
+from gatewayd import topics
+from gatewayd.store import queues
+from gatewayd.store.db import transaction
+from tests.helpers.brokers import MqttDevice, free_port, start_mosquitto, wait_until
+from tests.helpers.daemons import Daemon, write_config
+from tests.helpers.netfaults import make_tls_files
 
-TOPIC = "v1/devices/me/telemetry"
+TOPIC = topics.TOPIC_TELEMETRY
 
 
 def outbox_rows(db: Path) -> int:

@@ -35,10 +35,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "scripts"))
 
-from benchlib import cpu_seconds, emit, fill_controller, record_text, write_bytes  # noqa: E402
+from benchlib import cpu_seconds, emit, fill_controller, record_text, write_bytes
 
-from tests.helpers.brokers import start_mosquitto, wait_until  # noqa: E402
-from tests.helpers.daemons import Daemon, write_config  # noqa: E402
+from tests.helpers.brokers import start_mosquitto, wait_until
+from tests.helpers.daemons import Daemon, write_config
 
 SD_CARD_BYTES = 32e9
 SD_CARD_CYCLES = 3000

@@ -20,12 +20,13 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from benchlib import PLAIN, emit, fill_controller, idle_cpu_percent, rss_mb  # noqa: E402
+from benchlib import PLAIN, emit, fill_controller, idle_cpu_percent, rss_mb
 
-from gatewayd.config import SCHEMA, load  # noqa: E402
-from gatewayd.forwarder.service import Forwarder  # noqa: E402
-from gatewayd.store import queues  # noqa: E402
-from tests.helpers.daemons import Daemon, write_config  # noqa: E402
+from gatewayd.config import load
+from gatewayd.forwarder.service import Forwarder
+from gatewayd.schema import SCHEMA
+from gatewayd.store import queues
+from tests.helpers.daemons import Daemon, write_config
 
 PERSONAL = ('{{"ts":{ts},"values":{{"temperature":{t}.5,"seq":{i},"gps_lat":48.13729{i},"gps_lon":11.57558{i},'
             '"serial":"SN-{i:08d}","operator":"Erika Mustermann"}}}}')

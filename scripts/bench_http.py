@@ -18,10 +18,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from benchlib import cpu_seconds, emit, idle_cpu_percent, rss_mb  # noqa: E402
+from benchlib import cpu_seconds, emit, idle_cpu_percent, rss_mb
 
-from tests.helpers.brokers import free_port  # noqa: E402
-from tests.helpers.daemons import Daemon, write_config  # noqa: E402
+from tests.helpers.brokers import free_port
+from tests.helpers.daemons import Daemon, write_config
 
 
 def main() -> int:

@@ -29,11 +29,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchlib import emit, idle_cpu_percent, rss_mb  # noqa: E402
+from benchlib import emit, idle_cpu_percent, rss_mb
 
-from tests.helpers.brokers import free_port, start_mosquitto, start_simulator  # noqa: E402
-from tests.helpers.daemons import Daemon, wait_for  # noqa: E402
-from tests.helpers.ingest import Publisher, batch_payload, ingest_config, publish_stream  # noqa: E402
+from tests.helpers.brokers import free_port, start_mosquitto, start_simulator
+from tests.helpers.daemons import Daemon, wait_for
+from tests.helpers.ingest import Publisher, batch_payload, ingest_config, publish_stream
 
 DEVICE, TOKEN = "bench-ingest", "bench-ingest-token"
 PER_MESSAGE = 100

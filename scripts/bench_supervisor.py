@@ -15,9 +15,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from benchlib import emit, idle_cpu_percent, rss_mb  # noqa: E402
+from benchlib import emit, idle_cpu_percent, rss_mb
 
-from tests.helpers.daemons import Daemon, write_config  # noqa: E402
+from tests.helpers.daemons import Daemon, write_config
 
 
 def main() -> int:

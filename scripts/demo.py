@@ -18,6 +18,7 @@ was lost.
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import shutil
@@ -44,7 +45,7 @@ def say(text: str) -> None:
 
 def main() -> int:
     try:
-        import paho.mqtt.client  # noqa: F401
+        importlib.import_module("paho.mqtt.client")
     except ImportError:
         print("demo: python3-paho-mqtt is missing (apt install python3-paho-mqtt)", file=sys.stderr)
         return 2
@@ -147,7 +148,7 @@ def main() -> int:
                 reply = sim.client.rpc(DEVICE, "ping", {}, timeout=15)
                 ms = (time.monotonic() - t0) * 1000
                 say(f"3. RPC ping -> {json.dumps(reply.get('response', reply))[:200]} in {ms:.0f} ms")
-            except Exception as e:  # noqa: BLE001
+            except Exception as e:  # noqa: BLE001 - the demo goes on without it
                 say(f"3. RPC ping failed: {e}")
         else:
             say("3. RPC ping skipped: no supervisor daemon in this tree")
@@ -175,7 +176,7 @@ def main() -> int:
         say(f"controller stopped after {sent} records; waiting for the queues to drain")
         wait_until(lambda: len(set(captured())) >= sent and counters().get("outbox_rows", 1) == 0, 60,
                    interval=0.2, what="every record to reach ThingsBoard")
-    except Exception as e:  # noqa: BLE001
+    except Exception as e:  # noqa: BLE001 - any failure is shown with the daemons' logs
         say(f"demo failed: {type(e).__name__}: {e}")
         for d in started:
             if hasattr(d, "log") and callable(d.log) and hasattr(d, "name"):
@@ -186,12 +187,12 @@ def main() -> int:
             try:
                 out, _ = controller.communicate(timeout=10)
                 sent = int(out.decode().strip().split()[-1]) if out.strip() else sent
-            except Exception:  # noqa: BLE001
+            except Exception:  # noqa: BLE001 - the controller is killed instead
                 controller.kill()
         for proc in reversed(started):
             try:
                 proc.stop()
-            except Exception:  # noqa: BLE001
+            except Exception:  # noqa: BLE001 - stopping the rest anyway
                 pass
 
     seqs = captured()

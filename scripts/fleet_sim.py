@@ -37,12 +37,13 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "scripts"))
 
-from benchlib import emit, record_text, rss_mb  # noqa: E402
+from benchlib import emit, record_text, rss_mb
 
-from gatewayd.store import queues  # noqa: E402
-from gatewayd.store.db import transaction  # noqa: E402
-from tests.helpers.brokers import MosquittoProcess, free_port, start_mosquitto  # noqa: E402
-from tests.helpers.daemons import Daemon, write_config  # noqa: E402
+from gatewayd import topics
+from gatewayd.store import queues
+from gatewayd.store.db import transaction
+from tests.helpers.brokers import MosquittoProcess, free_port, start_mosquitto
+from tests.helpers.daemons import Daemon, write_config
 
 FIRST_UID = 61000
 DEVICES_PER_UID = 100
@@ -89,7 +90,7 @@ def fill_backlog(db: Path, n: int, uid: int, seq0: int) -> None:
     q = queues.open_queues(db)
     try:
         ts = int(time.time() * 1000)
-        rows = [(0, queues.KIND_TELEMETRY, queues.TOPIC_TELEMETRY, record_text(ts + i, seq0 + i), ts + i, 1)
+        rows = [(0, queues.KIND_TELEMETRY, topics.TOPIC_TELEMETRY, record_text(ts + i, seq0 + i), ts + i, 1)
                 for i in range(n)]
         with transaction(q):
             queues.append(q, rows)

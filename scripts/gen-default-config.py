@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Write the commented default /etc/gatewayd/gatewayd.toml the Debian package ships.
 
-Every key of `gatewayd.config.SCHEMA` appears, commented out, with its default, so the file
+Every key of `gatewayd.schema.SCHEMA` appears, commented out, with its default, so the file
 can never drift from the code.  Used by debian/rules; run from the repository root:
 
     python3 scripts/gen-default-config.py > gatewayd.toml
@@ -14,7 +14,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from gatewayd.config import SCHEMA, render_toml  # noqa: E402
+from gatewayd.config import render_toml
+from gatewayd.schema import SCHEMA
 
 HEADER = """\
 # /etc/gatewayd/gatewayd.toml: main configuration of gatewayd (see gatewayd(8)).

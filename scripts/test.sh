@@ -10,7 +10,7 @@ scripts/install-deps.sh
 
 echo "== lint"
 "$VENV/bin/ruff" check gatewayd tests scripts
-"$VENV/bin/mypy" gatewayd tests/tbsim
+"$VENV/bin/mypy" gatewayd tests
 shellcheck watchdog/gatewayd-watchdog scripts/*.sh
 
 read -r -a PYTEST_ARGS <<< "${PYTEST_ARGS:-}"

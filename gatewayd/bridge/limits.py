@@ -19,6 +19,7 @@ import logging
 import sqlite3
 from typing import Any
 
+from gatewayd import topics
 from gatewayd.bridge.publisher import (
     DEAD_LETTER,
     ISOLATE,
@@ -31,17 +32,15 @@ from gatewayd.bridge.publisher import (
     Publish,
     RateLimiter,
 )
+from gatewayd.clock import now_ms
 from gatewayd.log import Throttle
 from gatewayd.store import queues
-from gatewayd.store.db import now_ms
 
 log = logging.getLogger("gatewayd.bridge")
 
 SESSION_LIMITS_KEY = "bridge.session_limits"
 PACKET_LIMIT_KEY = "bridge.packet_limit"  # the limit learned from lost sessions, per server
 LIMITS_TIMEOUT_S = 10.0
-TOPIC_RPC_REQUEST = "v1/devices/me/rpc/request/"
-TOPIC_RPC_RESPONSE = "v1/devices/me/rpc/response/"
 REQUEST_PAYLOAD = '{"method":"getSessionLimits","params":{}}'
 MIN_OVERRIDE = 1024
 
@@ -110,10 +109,10 @@ class ServerLimits:
         self.request_id = str(request_id)
         self.answer = None
         self.deadline = now + LIMITS_TIMEOUT_S
-        return f"{TOPIC_RPC_REQUEST}{self.request_id}", REQUEST_PAYLOAD
+        return topics.rpc_request(self.request_id), REQUEST_PAYLOAD
 
     def is_answer(self, topic: str) -> bool:
-        return self.request_id is not None and topic == TOPIC_RPC_RESPONSE + self.request_id
+        return self.request_id is not None and topic == topics.rpc_response(self.request_id)
 
     def forget_request(self) -> None:
         self.request_id = None
@@ -245,7 +244,7 @@ class ServerLimits:
         elif v.action == PROBE:
             log.info("%s closed the session with a %d-byte %s row in flight, larger than any it acknowledged: "
                      "sending one publish at a time until the next PUBACK", self.server, v.size,
-                     "RPC reply" if v.pub.topic.startswith(TOPIC_RPC_RESPONSE) else "urgent")
+                     "RPC reply" if topics.is_rpc_response(v.pub.topic) else "urgent")
         elif v.action == ISOLATE:
             log.warning("%s closed the session %d times in a row with a %d-byte publish of %d records in "
                         "flight and no PUBACK, and the packet limit is at its floor (%d bytes): sending "

@@ -70,16 +70,13 @@ def connack_text(rc: Any, code: int) -> str:
     if hasattr(rc, "getName"):
         try:
             return str(rc.getName())
-        except Exception:  # noqa: BLE001
+        except Exception:  # noqa: BLE001 - paho's reason-code API differs by version; the text is cosmetic
             pass
     return CONNACK_TEXT_311.get(code, f"connection refused (code {code})")
 
 
 def error_text(code: int) -> str:
-    try:
-        return str(mqtt.error_string(code))
-    except Exception:  # noqa: BLE001
-        return f"error {code}"
+    return str(mqtt.error_string(code))  # "Unknown error." for a code it does not know
 
 
 OnConnect = Callable[[int, str], None]
@@ -226,7 +223,7 @@ class Connection:
     def disconnect(self) -> None:
         try:
             self.client.disconnect()
-        except Exception:  # noqa: BLE001
+        except Exception:  # noqa: BLE001 - closing anyway; whatever paho raises changes nothing
             pass
 
     def close(self) -> None:

@@ -1,4 +1,4 @@
-"""Device provisioning (SPEC §2.4) and the saved credentials file (`<state_dir>/credentials.json`).
+"""Device provisioning (docs/CONTRACT.md, section 5) and the saved credentials file (`<state_dir>/credentials.json`).
 
 The MQTT exchange itself is driven by the bridge's main loop (service.py); this module holds
 the parts that need no network: the request, the answer's interpretation, the backoff, and
@@ -16,11 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from gatewayd.store.db import now_ms
-
-PROVISION_USERNAME = "provision"
-REQUEST_TOPIC = "/provision/request"
-RESPONSE_TOPIC = "/provision/response"
+from gatewayd.clock import now_ms
 
 BACKOFF_INITIAL_S = 30.0
 BACKOFF_MAX_S = 30 * 60.0

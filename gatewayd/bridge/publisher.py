@@ -14,24 +14,11 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from gatewayd.store.queues import KIND_TELEMETRY, TOPIC_TELEMETRY
+from gatewayd.packet import packet_size, utf8_len
+from gatewayd.store.queues import KIND_TELEMETRY
+from gatewayd.topics import TOPIC_TELEMETRY
 
 Row = tuple[int, int, str, str, str]  # id, priority, kind, topic, payload
-
-# MQTT PUBLISH framing: fixed header byte + remaining length (<= 4) + topic length (2) + packet id (2)
-PUBLISH_FRAMING = 1 + 4 + 2 + 2
-# MQTT 5 adds a property length (1 byte: we send no properties)
-MQTT5_EXTRA = 1
-
-
-def utf8_len(text: str) -> int:
-    """Bytes of `text` in UTF-8; O(1) for ASCII strings (CPython keeps that flag)."""
-    return len(text) if text.isascii() else len(text.encode("utf-8"))
-
-
-def packet_size(topic_bytes: int, payload_bytes: int, mqtt5: bool = False) -> int:
-    """Upper bound of the PUBLISH packet for this topic and payload."""
-    return PUBLISH_FRAMING + (MQTT5_EXTRA if mqtt5 else 0) + topic_bytes + payload_bytes
 
 
 def datapoints(payload: str) -> int:
@@ -72,7 +59,7 @@ class Oversized:
                 f"{self.limit} bytes")
 
 
-def plan(rows: Sequence[Row], start: int, max_packet: int, mqtt5: bool = False,
+def plan(rows: Sequence[Row], start: int, max_packet: int,
          max_records: int = 0, max_points: int = 0, alone_max: int = 0) -> Publish | Oversized:
     """The next PUBLISH from rows[start:] (start < len(rows)).
 
@@ -85,7 +72,7 @@ def plan(rows: Sequence[Row], start: int, max_packet: int, mqtt5: bool = False,
     rid, prio, kind, topic, payload = first
     topic_b = utf8_len(topic)
     first_b = utf8_len(payload)
-    single = packet_size(topic_b, first_b, mqtt5)
+    single = packet_size(topic_b, first_b)
     if single > max_packet:
         if single > alone_max:
             return Oversized(first, single, max(max_packet, alone_max))
@@ -97,7 +84,7 @@ def plan(rows: Sequence[Row], start: int, max_packet: int, mqtt5: bool = False,
 
     want_points = max_points > 0
     points = datapoints(payload) if want_points else 0
-    base = packet_size(topic_b, 2, mqtt5)  # the brackets
+    base = packet_size(topic_b, 2)  # the brackets
     total = base + first_b
     end = start + 1
     n = len(rows)

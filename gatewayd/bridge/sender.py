@@ -28,9 +28,10 @@ from gatewayd.bridge.publisher import (
     plan,
 )
 from gatewayd.bridge.refusals import DEAD_LETTER, PERMANENT, SHRINK, SPLIT, Refusals, rc_name
+from gatewayd.clock import now_ms
 from gatewayd.log import Throttle
 from gatewayd.store import queues
-from gatewayd.store.db import data_version, now_ms
+from gatewayd.store.db import data_version
 
 log = logging.getLogger("gatewayd.bridge")
 
@@ -46,11 +47,9 @@ Publisher = Callable[[str, str], tuple[int, int]]
 class Sender:
     """Moves outbox rows onto one MQTT session and deletes them once acknowledged."""
 
-    def __init__(self, db: sqlite3.Connection, limits: ServerLimits, mqtt5: bool,
-                 report: Callable[[str], None]) -> None:
+    def __init__(self, db: sqlite3.Connection, limits: ServerLimits, report: Callable[[str], None]) -> None:
         self.db = db
         self.limits = limits
-        self.mqtt5 = mqtt5
         self.report = report           # a problem worth `gatewayctl status`
         self.publish: Publisher | None = None
         self.window = Window(limits.inflight())
@@ -191,7 +190,7 @@ class Sender:
                 return None
             head = self.buf[self.buf_i]
             cap = self.caps.get(head[1])
-            p = plan(self.buf, self.buf_i, limit, self.mqtt5, cap[1] if cap and head[0] <= cap[0] else 0,
+            p = plan(self.buf, self.buf_i, limit, cap[1] if cap and head[0] <= cap[0] else 0,
                      max_points, self.limits.alone_max())
             if isinstance(p, Oversized):
                 self.dead_letter(p.row, self.limits.oversized_reason(p))

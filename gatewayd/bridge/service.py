@@ -19,14 +19,13 @@ is written and the session is dropped.
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import select
 import sqlite3
 import time
 from typing import Any
 
-from gatewayd import redact
+from gatewayd import redact, topics
 from gatewayd.bridge import provisioning
 from gatewayd.bridge.connector import ConnectError, Connector, Resolver, tls_context
 from gatewayd.bridge.limits import ServerLimits
@@ -35,24 +34,14 @@ from gatewayd.bridge.provisioning import Backoff, Credentials, ProvisioningError
 from gatewayd.bridge.publisher import DEAD_LETTER, ISOLATE, PROBE, Publish
 from gatewayd.bridge.sender import POLL_S, WAIT_S, Sender
 from gatewayd.bridge.storefault import StoreFault
+from gatewayd.clock import now_ms
 from gatewayd.config import Config
 from gatewayd.inotify import DirectoryWatch
 from gatewayd.log import Throttle
 from gatewayd.store import queues
-from gatewayd.store.db import now_ms
 
 log = logging.getLogger("gatewayd.bridge")
 
-TOPIC_ATTR_REQUEST = "v1/devices/me/attributes/request/"
-SUBSCRIPTIONS = [
-    "v1/devices/me/rpc/request/+",
-    "v1/devices/me/attributes",
-    "v1/devices/me/attributes/response/+",
-    "v2/sw/response/+/chunk/+",
-    "v2/fw/error",
-    # answers to client-side RPCs (getSessionLimits here; others go to the inbound queue)
-    "v1/devices/me/rpc/response/+",
-]
 ALWAYS_SHARED = ["sw_title", "sw_version", "FILES"]
 ALWAYS_CLIENT = ["FILE_HASHES"]
 
@@ -142,7 +131,7 @@ class Bridge:
                 self.sender = None
             if self.sender is None:
                 self.limits.restore(self.db)
-                self.sender = Sender(self.db, self.limits, self.mqtt5, self._set_error)
+                self.sender = Sender(self.db, self.limits, self._set_error)
                 self.sender.resize()
                 self.sender_file = self.store.tracked.identity
             self.sender.db = self.db
@@ -356,7 +345,7 @@ class Bridge:
                  self.device_name, self.server)
         self.prov_request = provisioning.request_payload(self.device_name, tb["provision_device_key"],
                                                          tb["provision_device_secret"])
-        conn = self._new_connection(provisioning.client_id_for_provisioning(), provisioning.PROVISION_USERNAME,
+        conn = self._new_connection(provisioning.client_id_for_provisioning(), topics.PROVISION_USERNAME,
                                     None)
         self._connect(conn, PROV_CONNECTING, now)
 
@@ -406,8 +395,8 @@ class Bridge:
             if code != 0:
                 self._provisioning_failed(f"the server refused the provisioning connection: {text}", now)
                 return
-            self.conn.subscribe([provisioning.RESPONSE_TOPIC])
-            self.conn.publish(provisioning.REQUEST_TOPIC, self.prov_request)
+            self.conn.subscribe([topics.TOPIC_PROVISION_RESPONSE])
+            self.conn.publish(topics.TOPIC_PROVISION_REQUEST, self.prov_request)
             self.phase = PROV_WAIT
             self.deadline = now + provisioning.RESPONSE_TIMEOUT_S
             return
@@ -435,7 +424,7 @@ class Bridge:
                  self.creds.describe() if self.creds else "?", "5" if self.mqtt5 else "3.1.1")
         self.last_error = None
         self.state_dirty = True
-        self.conn.subscribe(SUBSCRIPTIONS)
+        self.conn.subscribe(list(topics.SUBSCRIPTIONS))
         self._request_attributes()
         self.req_seq += 1
         self.conn.publish(*self.limits.request(self.req_seq, now))
@@ -447,9 +436,9 @@ class Bridge:
         shared = list(dict.fromkeys(ALWAYS_SHARED + list(tb["shared_keys"])))
         client = list(dict.fromkeys(ALWAYS_CLIENT + list(tb["client_keys"])))
         self.req_seq += 1
-        payload = json.dumps({"sharedKeys": ",".join(shared), "clientKeys": ",".join(client)},
-                             separators=(",", ":"))
-        self.conn.publish(f"{TOPIC_ATTR_REQUEST}{self.req_seq}", payload)
+        request = topics.attributes_request(self.req_seq, shared, client)
+        if request is not None:
+            self.conn.publish(*request)
 
     # -- callbacks (run inside conn.loop()) -----------------------------------------------
     def _on_connect(self, code: int, text: str) -> None:
@@ -465,7 +454,7 @@ class Bridge:
 
     def _on_message(self, topic: str, payload: bytes, qos: int) -> None:
         if self.phase == PROV_WAIT or self.phase == PROV_CONNECTING:
-            if topic == provisioning.RESPONSE_TOPIC:
+            if topic == topics.TOPIC_PROVISION_RESPONSE:
                 self.prov_answer = payload
             return
         if self.limits.is_answer(topic):

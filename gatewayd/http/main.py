@@ -24,8 +24,9 @@ import time
 from collections.abc import Mapping
 from typing import Any
 
-from gatewayd.config import Config, listen_address
+from gatewayd.config import Config
 from gatewayd.notify import Notifier
+from gatewayd.schema import listen_address
 
 log = logging.getLogger("gatewayd.http")
 

@@ -9,6 +9,7 @@ request, 404 for another path, 405 for another method — never a traceback.
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import re
@@ -19,7 +20,7 @@ import time
 import urllib.parse
 from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, HTTPServer
-from typing import Any, BinaryIO
+from typing import Any
 
 from gatewayd.httputil import refuse_busy, shut_late
 
@@ -39,29 +40,34 @@ class HeadTooLarge(Exception):
     pass
 
 
-class HeadLimit:
+class HeadLimit(io.BufferedIOBase):
     """The connection's read side, refusing more than `limit` bytes of one request head."""
 
-    def __init__(self, raw: BinaryIO, limit: int):
+    def __init__(self, raw: io.BufferedIOBase, limit: int):
+        super().__init__()
         self.raw = raw
         self.limit = limit
         self.used = 0
 
-    def readline(self, size: int = -1) -> bytes:
+    def readable(self) -> bool:
+        return True
+
+    def readline(self, size: int | None = -1, /) -> bytes:
         room = self.limit - self.used
         if room <= 0:
             raise HeadTooLarge
-        line = self.raw.readline(room if size < 0 else min(size, room))
+        line = self.raw.readline(room if size is None or size < 0 else min(size, room))
         self.used += len(line)
         if self.used >= self.limit and not line.endswith(b"\n"):
             raise HeadTooLarge
         return line
 
-    def read(self, size: int = -1) -> bytes:
+    def read(self, size: int | None = -1, /) -> bytes:
         return self.raw.read(size)
 
     def close(self) -> None:
         self.raw.close()
+        super().close()
 
 
 class Handler(BaseHTTPRequestHandler):
@@ -75,8 +81,8 @@ class Handler(BaseHTTPRequestHandler):
     def setup(self) -> None:
         super().setup()
         self.connection.settimeout(self.server.request_timeout)
-        self.head = HeadLimit(self.rfile, MAX_HEAD_BYTES)  # type: ignore[arg-type]
-        self.rfile = self.head  # type: ignore[assignment]
+        self.head = HeadLimit(self.rfile, MAX_HEAD_BYTES)
+        self.rfile = self.head
         self.linger = False
 
     def handle_one_request(self) -> None:
@@ -146,7 +152,7 @@ class Handler(BaseHTTPRequestHandler):
             self.close_connection = True  # a body we do not read: this connection cannot go on
         try:
             code, ctype, body = route(self.headers.get("Accept", ""))
-        except Exception as e:  # noqa: BLE001 - a bug answers 500 and is logged, the endpoint stays
+        except Exception as e:
             log.error("http %s %s failed: %s: %s", self.command, path, type(e).__name__, e, exc_info=True)
             self.send_error(500, "internal error (see the journal of gatewayd-http)")
             return
@@ -191,7 +197,7 @@ class Handler(BaseHTTPRequestHandler):
     def version_string(self) -> str:
         return self.server_version
 
-    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
+    def log_message(self, format: str, *args: Any) -> None:
         log.debug("http %s: " + format, self.address_string(), *args)
 
 

@@ -27,17 +27,15 @@ import time
 import urllib.parse
 from collections import deque
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+from gatewayd.clock import now_ms
 from gatewayd.config import Config
 from gatewayd.httputil import refuse_busy, shut_late
 from gatewayd.ingest import formats
-from gatewayd.ingest.batch import Batch
+from gatewayd.ingest.batch import Batch, Host
 from gatewayd.records import parse
 from gatewayd.store.ingest import Row
-
-if TYPE_CHECKING:
-    from gatewayd.ingest.service import Ingest
 
 log = logging.getLogger("gatewayd.ingest")
 
@@ -88,7 +86,7 @@ class Handler(BaseHTTPRequestHandler):
         self.server.adapter.arm(self.connection)  # the next request has request_timeout_s to arrive
         super().handle_one_request()
 
-    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
+    def log_message(self, format: str, *args: Any) -> None:
         log.debug("http %s: " + format, self.address_string(), *args)
 
     def _reply(self, code: int, obj: dict[str, Any], close: bool = False, headers: tuple[tuple[str, str], ...] = ()
@@ -117,15 +115,15 @@ class Handler(BaseHTTPRequestHandler):
         return bool(self.headers.get("Content-Length", "0").strip() not in ("", "0")
                     or self.headers.get("Transfer-Encoding"))
 
-    do_GET = do_PUT = do_DELETE = do_PATCH = do_OPTIONS = _not_allowed  # noqa: N815
+    do_GET = do_PUT = do_DELETE = do_PATCH = do_OPTIONS = _not_allowed
 
-    def do_HEAD(self) -> None:  # noqa: N802
+    def do_HEAD(self) -> None:
         self.send_response(405)
         self.send_header("Allow", "POST")
         self.send_header("Content-Length", "0")
         self.end_headers()
 
-    def do_POST(self) -> None:  # noqa: N802
+    def do_POST(self) -> None:
         adapter = self.server.adapter
         path = urllib.parse.urlsplit(self.path).path
         type_ = PATHS.get(path)
@@ -167,7 +165,7 @@ class Handler(BaseHTTPRequestHandler):
 
     def _accept(self, body: bytes, type_: str) -> None:
         adapter = self.server.adapter
-        rows = formats.device_rows(body, type_, time.time_ns() // 1_000_000)
+        rows = formats.device_rows(body, type_, now_ms())
         for i, (t, message) in enumerate(rows):
             rec = parse(t, message, adapter.max_packet)
             if isinstance(rec, str):
@@ -228,7 +226,7 @@ def _address(listen: str) -> tuple[tuple[str, int], int]:
 class HttpAdapter:
     name = "http"
 
-    def __init__(self, cfg: Config, service: Ingest):
+    def __init__(self, cfg: Config, service: Host):
         c = cfg["ingest.http"]
         self.listen: str = c["listen"]
         self.max_body: int = c["max_body_bytes"]

@@ -35,6 +35,7 @@ from typing import Any
 
 import paho.mqtt.client as paho
 
+from gatewayd.clock import now_ms
 from gatewayd.config import Config
 from gatewayd.ingest import formats
 from gatewayd.ingest.batch import Batch
@@ -245,7 +246,7 @@ class MqttAdapter:
         handler, type_ = route
         payload = bytes(msg.payload)
         try:
-            rows = handler(payload, type_, time.time_ns() // 1_000_000)
+            rows = handler(payload, type_, now_ms())
         except (ValueError, RecursionError):  # too deep to re-encode: on as it came, to the dead letters
             rows = [(type_, payload)]
         self.received += 1
@@ -345,10 +346,10 @@ class MqttAdapter:
             try:
                 self.client.disconnect()
                 self._flush()
-            except Exception:  # noqa: BLE001
+            except Exception:  # noqa: BLE001 - stopping anyway; the broker keeps the session
                 pass
             try:
                 self.client._reset_sockets()
-            except Exception:  # noqa: BLE001
+            except Exception:  # noqa: BLE001 - stopping anyway; the broker keeps the session
                 pass
             self.client = None

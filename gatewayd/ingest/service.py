@@ -22,10 +22,10 @@ import logging
 import os
 import sqlite3
 import time
-from typing import Any, Protocol
+from typing import Any
 
 from gatewayd.config import Config
-from gatewayd.ingest.batch import Batch
+from gatewayd.ingest.batch import Adapter, Batch
 from gatewayd.store import controller as controller_store
 from gatewayd.store import ingest as ingest_store
 from gatewayd.store import queues
@@ -40,27 +40,6 @@ RETRY_MIN_S = 0.1
 RETRY_MAX_S = 5.0
 OVER_CAP_RECHECK_S = 0.2
 IDLE_WAIT_S = 30.0
-
-
-class Adapter(Protocol):
-    name: str
-
-    def fds(self) -> list[int]: ...
-
-    def poll(self, now: float) -> None:
-        """Do I/O; gather records, commit nothing."""
-
-    def fill(self, batch: Batch, room: int) -> None:
-        """Add gathered records (up to about `room` rows that can be held back) to the batch."""
-
-    def wait(self, now: float) -> float:
-        """Seconds until the adapter needs the loop again."""
-
-    def has_work(self) -> bool: ...
-
-    def status(self) -> str: ...
-
-    def stop(self) -> None: ...
 
 
 class Ingest:

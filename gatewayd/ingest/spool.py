@@ -26,11 +26,10 @@ import stat
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from gatewayd.config import Config
 from gatewayd.ingest import formats
-from gatewayd.ingest.batch import Batch
+from gatewayd.ingest.batch import Batch, Host
 from gatewayd.inotify import (
     IN_CLOSE_WRITE,
     IN_CREATE,
@@ -43,9 +42,6 @@ from gatewayd.inotify import (
 )
 from gatewayd.store import ingest as ingest_store
 from gatewayd.store.ingest import Row
-
-if TYPE_CHECKING:
-    from gatewayd.ingest.service import Ingest
 
 log = logging.getLogger("gatewayd.ingest")
 
@@ -82,7 +78,7 @@ class Current:
 class SpoolAdapter:
     name = "spool"
 
-    def __init__(self, cfg: Config, service: Ingest):
+    def __init__(self, cfg: Config, service: Host):
         c = cfg["ingest.spool"]
         self.dir = Path(c["directory"])
         self.settle_s: float = c["settle_s"]

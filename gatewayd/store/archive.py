@@ -7,6 +7,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+from gatewayd import clock
 from gatewayd.clock import PLAUSIBLE_SINCE_MS
 from gatewayd.store.db import insert_rows, open_db, transaction
 
@@ -98,7 +99,7 @@ def enforce_limits(conn: sqlite3.Connection, max_bytes: int, retention_days: flo
     """
     removed = 0
     deadline = time.monotonic() + budget_s if budget_s is not None else float("inf")
-    now = time.time_ns() // 1_000_000 if now_ms is None else now_ms
+    now = clock.now_ms() if now_ms is None else now_ms
     cutoff = now - int(retention_days * 86_400_000)
     after = 0
     for _ in range(10_000 if by_age else 0):

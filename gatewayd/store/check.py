@@ -120,7 +120,7 @@ class BackgroundCheck:
         try:
             conn.set_progress_handler(throttle, STEPS_PER_SLICE)
             rows = conn.execute(f"PRAGMA quick_check({MAX_PROBLEMS})").fetchall()
-        except Exception as e:  # noqa: BLE001
+        except Exception as e:  # noqa: BLE001 - classified below; a check that cannot finish is only logged
             if classify(e) is Fault.CORRUPT:
                 return describe(e)
             if not self._stop.is_set():

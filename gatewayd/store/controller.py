@@ -15,7 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
 
-from gatewayd.store.db import now_ms, open_db, open_readonly, schema_version, transaction
+from gatewayd.clock import now_ms
+from gatewayd.store.db import open_db, open_readonly, schema_version, transaction
 
 log = logging.getLogger("gatewayd.store")
 

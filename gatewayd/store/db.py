@@ -69,10 +69,6 @@ def _require_files(path: Path) -> None:
             raise NotAFile(f"unable to open database file {p}: not a regular file")
 
 
-def now_ms() -> int:
-    return time.time_ns() // 1_000_000
-
-
 def _connect(path: Path, busy_timeout_ms: int) -> sqlite3.Connection:
     conn = sqlite3.connect(str(path), timeout=busy_timeout_ms / 1000, isolation_level=None,
                            check_same_thread=False)

@@ -20,8 +20,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from gatewayd.clock import now_ms
 from gatewayd.store import rpc
-from gatewayd.store.db import now_ms, transaction
+from gatewayd.store.db import transaction
 from gatewayd.store.queues import append, bump, get_state, set_state
 
 ACKED_KEY = "dead_letters.acked_id"

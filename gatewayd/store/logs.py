@@ -12,8 +12,10 @@ import sqlite3
 from collections.abc import Sequence
 from typing import Any
 
+from gatewayd import topics
+from gatewayd.clock import now_ms
 from gatewayd.store import queues
-from gatewayd.store.db import now_ms, transaction
+from gatewayd.store.db import transaction
 
 STATE_KEY = "logging.forwarded"
 WINDOW_MS = 60_000
@@ -39,7 +41,7 @@ def queue_log_lines(conn: sqlite3.Connection, lines: Sequence[tuple[int, dict[st
             ts = max(ms, last_ts + 1)
             last_ts = ts
             payload = json.dumps({"ts": ts, "values": values}, ensure_ascii=True, allow_nan=False)
-            rows.append((queues.PRIO_LOG, queues.KIND_TELEMETRY, queues.TOPIC_TELEMETRY, payload, ts, 0))
+            rows.append((queues.PRIO_LOG, queues.KIND_TELEMETRY, topics.TOPIC_TELEMETRY, payload, ts, 0))
             sent.append(now)
         if rows:
             queues.append(conn, rows)

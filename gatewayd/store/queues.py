@@ -16,12 +16,9 @@ from operator import itemgetter
 from pathlib import Path
 from typing import Any
 
+from gatewayd.clock import now_ms
 from gatewayd.redact import redact
-from gatewayd.store.db import insert_rows, now_ms, open_db, transaction
-
-TOPIC_TELEMETRY = "v1/devices/me/telemetry"
-TOPIC_ATTRIBUTES = "v1/devices/me/attributes"
-TOPIC_RPC_RESPONSE = "v1/devices/me/rpc/response/"
+from gatewayd.store.db import insert_rows, open_db, transaction
 
 KIND_TELEMETRY = "telemetry"
 KIND_ATTRIBUTES = "attributes"

@@ -23,8 +23,10 @@ import hashlib
 import sqlite3
 from typing import NamedTuple
 
+from gatewayd import topics
+from gatewayd.clock import now_ms
 from gatewayd.store import queues
-from gatewayd.store.db import now_ms, transaction
+from gatewayd.store.db import transaction
 
 STAGE = "supervisor"
 # How much of an unusable message a dead letter keeps: text, or the first bytes base64-encoded.
@@ -76,7 +78,7 @@ def begin(conn: sqlite3.Connection, rpc_id: str, dig: str, method: str | None, i
 
 
 def _queue_reply(conn: sqlite3.Connection, rpc_id: str, payload: str) -> int:
-    queues.append(conn, [(queues.PRIO_RPC_REPLY, queues.KIND_RPC_REPLY, queues.TOPIC_RPC_RESPONSE + rpc_id,
+    queues.append(conn, [(queues.PRIO_RPC_REPLY, queues.KIND_RPC_REPLY, topics.rpc_response(rpc_id),
                           payload, None, 0)])
     return int(conn.execute("SELECT last_insert_rowid()").fetchone()[0])
 

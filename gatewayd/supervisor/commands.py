@@ -1,4 +1,4 @@
-"""RPC methods (SPEC §2.5). Each returns a reply object, a `Deferred` (work finishing in the
+"""RPC methods (docs/CONTRACT.md, section 6). Each returns a reply object, a `Deferred` (work finishing in the
 background) or a `PowerAction` (reply first, act after)."""
 
 from __future__ import annotations
@@ -9,14 +9,14 @@ import platform
 import shlex
 import shutil
 import sys
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from gatewayd import __version__, dead_letters
+from gatewayd import __version__, dead_letters, topics
+from gatewayd.clock import now_ms
 from gatewayd.config import Config
-from gatewayd.records import packet_size
+from gatewayd.packet import packet_size, utf8_len
 from gatewayd.store import archive as archive_store
 from gatewayd.store import queues
 from gatewayd.store.db import transaction
@@ -125,7 +125,7 @@ def m_list(ctx: Context, params: Any) -> Result:
 
 
 def m_ping(ctx: Context, params: Any) -> Result:
-    return {"pong": True, "ts": int(time.time() * 1000), "uptime_s": round(ctx.uptime_s(), 1)}
+    return {"pong": True, "ts": now_ms(), "uptime_s": round(ctx.uptime_s(), 1)}
 
 
 def m_status(ctx: Context, params: Any) -> Result:
@@ -270,7 +270,7 @@ def republish(cfg: Config, start: int, end: int, batch: int = 2000) -> dict[str,
                 if payload is None:
                     skipped += 1
                     continue
-                new.append((queues.PRIO_TELEMETRY, queues.KIND_TELEMETRY, queues.TOPIC_TELEMETRY, payload, ts, 0))
+                new.append((queues.PRIO_TELEMETRY, queues.KIND_TELEMETRY, topics.TOPIC_TELEMETRY, payload, ts, 0))
             with transaction(q):
                 queues.append(q, new)
             count += len(new)
@@ -504,4 +504,4 @@ def dispatch(ctx: Context, method: Any, params: Any) -> Result:
 
 
 def reply_fits(payload: str, rpc_id: str, max_packet: int) -> bool:
-    return packet_size(queues.TOPIC_RPC_RESPONSE + rpc_id, payload) <= max_packet
+    return packet_size(utf8_len(topics.rpc_response(rpc_id)), utf8_len(payload)) <= max_packet

@@ -28,8 +28,9 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
+from gatewayd.clock import now_ms
 from gatewayd.config import Config
 from gatewayd.store.controller import read_health_check_ms
 from gatewayd.supervisor.docker_api import (
@@ -85,8 +86,26 @@ def build_spec(cfg: Config, image: str = "", version: str = "") -> tuple[Contain
     return spec, problems
 
 
+class Engine(Protocol):
+    """What the manager asks of Docker (`docker_api.Docker`); unit tests hand in a fake."""
+
+    def inspect(self, name: str) -> ContainerInfo | None: ...
+
+    def create_and_start(self, spec: ContainerSpec, image_id: str) -> ContainerInfo: ...
+
+    def start(self, name: str) -> None: ...
+
+    def stop(self, name: str, timeout_s: float) -> None: ...
+
+    def remove(self, name: str) -> None: ...
+
+    def reset(self) -> None: ...
+
+    def close(self) -> None: ...
+
+
 class ControllerManager:
-    def __init__(self, cfg: Config, docker: Docker | None = None, restarts: int = 0,
+    def __init__(self, cfg: Config, docker: Engine | None = None, restarts: int = 0,
                  clock: Callable[[], float] = time.monotonic, wall_ms: Callable[[], int] | None = None):
         c = cfg["controller"]
         self.cfg = cfg
@@ -100,9 +119,9 @@ class ControllerManager:
         self.hc_max_age_ms = int(c["health_check_max_age_s"] * 1000)
         self.hc_path = cfg.controller_db
         self.base_spec, self.spec_problems = build_spec(cfg)
-        self.docker = docker or Docker(long_timeout_s=c["build_timeout_s"])
+        self.docker: Engine = docker or Docker(long_timeout_s=c["build_timeout_s"])
         self.clock = clock
-        self.wall_ms = wall_ms or (lambda: time.time_ns() // 1_000_000)
+        self.wall_ms = wall_ms or now_ms
 
         self.target: Target | None = None
         self.operator_stopped = False
@@ -208,7 +227,7 @@ class ControllerManager:
                 self._docker_unavailable(str(e))
                 error_wait = min(max(error_wait * 2, self.poll_s), 30.0)
                 wait = error_wait
-            except Exception:  # noqa: BLE001 - the thread must survive anything
+            except Exception:
                 log.exception("controller thread: unexpected error")
                 wait = max(self.poll_s, 1.0)
             self._wake.wait(wait)
@@ -249,7 +268,7 @@ class ControllerManager:
             except DockerError as e:
                 fut.set(error=str(e))
                 raise
-            except Exception as e:  # noqa: BLE001
+            except Exception as e:
                 fut.set(error=f"{type(e).__name__}: {e}")
                 raise
         self._reconcile()

@@ -174,7 +174,7 @@ class Docker:
 
             try:
                 self._client = docker.from_env(version="auto", timeout=int(self.timeout_s))
-            except Exception as e:  # noqa: BLE001 - DockerException, requests errors, FileNotFoundError
+            except Exception as e:
                 raise DockerError(f"cannot reach the Docker engine: {e}") from e
         return self._client
 
@@ -186,7 +186,7 @@ class Docker:
             try:
                 self._api_long = docker.APIClient(version="auto", timeout=int(self.long_timeout_s),
                                                   **kwargs_from_env())
-            except Exception as e:  # noqa: BLE001
+            except Exception as e:
                 raise DockerError(f"cannot reach the Docker engine: {e}") from e
         return self._api_long
 
@@ -196,7 +196,7 @@ class Docker:
             try:
                 if c is not None:
                     c.close()
-            except Exception:  # noqa: BLE001
+            except Exception:  # noqa: BLE001 - forgetting a client that may be broken
                 pass
         self._client = self._api_long = None
 
@@ -208,7 +208,7 @@ class Docker:
             return fn()
         except DockerError:
             raise
-        except Exception as e:  # noqa: BLE001 - docker.errors.*, requests.*, OSError
+        except Exception as e:
             if type(e).__name__ in ("ConnectionError", "ReadTimeout", "Timeout", "ConnectTimeout",
                                     "ProtocolError", "FileNotFoundError", "ConnectionRefusedError"):
                 self.reset()
@@ -222,7 +222,7 @@ class Docker:
         def do() -> ContainerInfo | None:
             try:
                 attrs = self.client().api.inspect_container(name)
-            except Exception as e:  # noqa: BLE001
+            except Exception as e:
                 if type(e).__name__ == "NotFound":
                     return None
                 raise
@@ -260,7 +260,7 @@ class Docker:
                 # A container that cannot start is removed, so the next attempt starts clean.
                 try:
                     container.remove(force=True)
-                except Exception:  # noqa: BLE001
+                except Exception:  # noqa: BLE001 - the start's own error is the one raised
                     pass
                 raise
             return ContainerInfo.from_attrs(c.api.inspect_container(container.id))
@@ -290,7 +290,7 @@ class Docker:
         def do() -> None:
             try:
                 self.client().api.remove_container(name, force=True)
-            except Exception as e:  # noqa: BLE001
+            except Exception as e:
                 if type(e).__name__ != "NotFound":
                     raise
 
@@ -310,7 +310,7 @@ class Docker:
             try:
                 doc: dict[str, Any] = self.client().api.inspect_image(ref)
                 return doc
-            except Exception as e:  # noqa: BLE001
+            except Exception as e:
                 if type(e).__name__ in ("ImageNotFound", "NotFound"):
                     return None
                 raise
@@ -330,7 +330,7 @@ class Docker:
         def do() -> None:
             try:
                 self.client().api.remove_image(ref, force=False, noprune=False)
-            except Exception as e:  # noqa: BLE001
+            except Exception as e:
                 if type(e).__name__ not in ("ImageNotFound", "NotFound"):
                     raise
 
@@ -348,7 +348,7 @@ class Docker:
         def do() -> list[dict[str, Any]]:
             try:
                 res = self.client().api.remove_image(ref, force=False, noprune=False)
-            except Exception as e:  # noqa: BLE001
+            except Exception as e:
                 if type(e).__name__ in ("ImageNotFound", "NotFound"):
                     return []
                 if getattr(e, "status_code", None) == 409 or "conflict" in str(e).lower():

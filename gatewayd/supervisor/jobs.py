@@ -12,17 +12,14 @@ import itertools
 import logging
 import queue
 import threading
-import time
 import traceback
 from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any
 
+from gatewayd.clock import now_ms
+
 log = logging.getLogger("gatewayd.supervisor")
-
-
-def _now_ms() -> int:
-    return time.time_ns() // 1_000_000
 
 
 class Job:
@@ -31,7 +28,7 @@ class Job:
     def __init__(self, name: str):
         self.id = next(Job._ids)
         self.name = name
-        self.started_ms = _now_ms()
+        self.started_ms = now_ms()
         self.finished_ms: int | None = None
         self.result: Any = None
         self.error: str | None = None
@@ -47,7 +44,7 @@ class Job:
     def finish(self, result: Any = None, error: str | None = None) -> None:
         self.result = result
         self.error = error
-        self.finished_ms = _now_ms()
+        self.finished_ms = now_ms()
         self._event.set()
 
     @property
@@ -166,7 +163,7 @@ class Serial:
             fn, args, done = task
             try:
                 result = fn(*args)
-            except Exception:  # noqa: BLE001 - the task's own errors are in its result; this is a bug
+            except Exception:
                 log.exception("%s: task %s failed", self.name, getattr(fn, "__name__", fn))
                 result = _FAILED
             self._results.put((done, result))

@@ -267,7 +267,7 @@ class RpcLifecycle:
         except commands.BadRequest as e:
             self.reply(rid, rpc_id, dig, method, {"error": str(e)})
             return
-        except Exception as e:  # noqa: BLE001 - any failure of a method is its error reply
+        except Exception as e:
             log.exception("RPC %s (%s) failed", rpc_id, method)
             self.reply(rid, rpc_id, dig, method, {"error": f"internal error: {type(e).__name__}: {e}"})
             return
@@ -321,7 +321,7 @@ class RpcLifecycle:
                 else:
                     try:
                         reply = p.deferred.to_reply(w.result)
-                    except Exception as e:  # noqa: BLE001
+                    except Exception as e:  # noqa: BLE001 - a reply that cannot be built becomes the error reply
                         reply = {"error": f"internal error: {type(e).__name__}: {e}"}
                 self.pending.remove(p)
                 self.waiting.clear()  # their request may be done now: look at them again

@@ -23,7 +23,6 @@ from __future__ import annotations
 import json
 import logging
 import queue
-import re
 import sqlite3
 import time
 from collections import deque
@@ -32,13 +31,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from gatewayd import __version__
+from gatewayd import __version__, topics
+from gatewayd.clock import now_ms
 from gatewayd.config import Config
-from gatewayd.records import PUBLISH_OVERHEAD
+from gatewayd.packet import PUBLISH_OVERHEAD
 from gatewayd.store import controller as controller_store
 from gatewayd.store import figures, queues
 from gatewayd.store import rpc as ledger
-from gatewayd.store.db import Tracked, now_ms, transaction
+from gatewayd.store.db import Tracked, transaction
 from gatewayd.store.errors import Fault, classify, describe
 from gatewayd.store.faults import FaultState, keep_connection
 from gatewayd.supervisor import commands
@@ -50,12 +50,6 @@ from gatewayd.supervisor.system import DeviceReporter, Devices, system_metrics
 from gatewayd.supervisor.updates import SW_KEYS, Phase, UpdateManager
 
 log = logging.getLogger("gatewayd.supervisor")
-
-RPC_REQUEST = re.compile(r"^v1/devices/me/rpc/request/([^/]+)$")
-ATTR_RESPONSE = re.compile(r"^v1/devices/me/attributes/response/([^/]+)$")
-OTA_CHUNK = re.compile(r"^v2/(sw|fw)/response/([^/]+)/chunk/(\d+)$")
-OTA_ERROR = re.compile(r"^v2/(sw|fw)/error$")
-CLIENT_RPC_RESPONSE = re.compile(r"^v1/devices/me/rpc/response/")
 
 INBOUND_BATCH = 100
 STATE_EVERY_S = 0.5
@@ -104,14 +98,14 @@ class Supervisor:
         self.next_state = 0.0
         self._last_state_doc: dict[str, Any] | None = None
         self._state_refresh_at = 0.0
-        self._attr_request_seq = (time.time_ns() // 1_000_000) % 1_000_000_000
+        self._attr_request_seq = now_ms() % 1_000_000_000
 
         if controller is None and cfg["controller"]["enabled"]:
             controller = ControllerManager(cfg)
         self.controller = controller
         self.updates = UpdateManager(cfg, controller, self.jobs, self.get_state, self.set_state,
                                      self.publish_telemetry, self.enqueue_raw)
-        max_value = self.max_packet - PUBLISH_OVERHEAD - len(queues.TOPIC_ATTRIBUTES) - 64
+        max_value = self.max_packet - PUBLISH_OVERHEAD - len(topics.TOPIC_ATTRIBUTES) - 64
         self.files = FileManager(cfg.allowed_roots(), max_value, self.publish_attributes,
                                  self.request_attributes, self.restart_controller,
                                  lambda st: self.set_state(FILES_STATE, st),
@@ -135,7 +129,7 @@ class Supervisor:
         return time.monotonic() - self.started_mono
 
     def reply_budget(self) -> int:
-        return self.max_packet - PUBLISH_OVERHEAD - len(queues.TOPIC_RPC_RESPONSE) - 24
+        return self.max_packet - PUBLISH_OVERHEAD - len(topics.TOPIC_RPC_RESPONSE) - 24
 
     @property
     def conn(self) -> sqlite3.Connection | None:
@@ -158,12 +152,12 @@ class Supervisor:
     def publish_telemetry(self, values: dict[str, Any], priority: int = queues.PRIO_ATTRIBUTES) -> None:
         ts = now_ms()
         payload = json_text({"ts": ts, "values": values})
-        self._write(lambda c: queues.enqueue(c, queues.KIND_TELEMETRY, queues.TOPIC_TELEMETRY, payload, priority,
+        self._write(lambda c: queues.enqueue(c, queues.KIND_TELEMETRY, topics.TOPIC_TELEMETRY, payload, priority,
                                              ts=ts))
 
     def publish_attributes(self, values: dict[str, Any]) -> None:
         payload = json_text(values)
-        self._write(lambda c: queues.enqueue(c, queues.KIND_ATTRIBUTES, queues.TOPIC_ATTRIBUTES, payload,
+        self._write(lambda c: queues.enqueue(c, queues.KIND_ATTRIBUTES, topics.TOPIC_ATTRIBUTES, payload,
                                              queues.PRIO_ATTRIBUTES))
 
     def enqueue_raw(self, topic: str, payload: str) -> None:
@@ -208,13 +202,9 @@ class Supervisor:
     def request_attributes(self, shared: list[str], client: list[str] | None = None) -> None:
         """Ask ThingsBoard for attribute values; the answer comes back through the inbound table."""
         self._attr_request_seq += 1
-        body: dict[str, str] = {}
-        if shared:
-            body["sharedKeys"] = ",".join(shared)
-        if client:
-            body["clientKeys"] = ",".join(client)
-        if body:
-            self.enqueue_raw(f"v1/devices/me/attributes/request/{self._attr_request_seq}", json.dumps(body))
+        request = topics.attributes_request(self._attr_request_seq, shared, client)
+        if request is not None:
+            self.enqueue_raw(*request)
 
     def restart_controller(self, reason: str) -> None:
         if self.controller is not None:
@@ -366,17 +356,17 @@ class Supervisor:
                 self._handle(rid, topic, payload)
             except sqlite3.Error:
                 raise
-            except Exception as e:  # noqa: BLE001 - one bad message must not stop the queue
+            except Exception as e:
                 log.exception("inbound message %d on %s could not be handled", rid, topic)
                 self._handler_failed(rid, topic, payload, f"{type(e).__name__}: {e}")
         return handled >= INBOUND_BATCH
 
     def _handler_failed(self, rid: int, topic: str, payload: bytes, error: str) -> None:
         """An RPC still gets its error reply; anything else (or a reply that fails too) is dead-lettered."""
-        m = RPC_REQUEST.match(topic)
-        if m:
+        rpc_id = topics.rpc_request_id(topic)
+        if rpc_id is not None:
             try:
-                self.rpc.fail(rid, m.group(1), payload, error)
+                self.rpc.fail(rid, rpc_id, payload, error)
                 return
             except sqlite3.Error:
                 raise
@@ -390,26 +380,26 @@ class Supervisor:
         ledger.dead_letter_inbound(self._db(), rid, topic, payload, reason)
 
     def _handle(self, rid: int, topic: str, payload: bytes) -> None:
-        m = RPC_REQUEST.match(topic)
-        if m:
-            self.rpc.handle(rid, m.group(1), payload)
+        rpc_id = topics.rpc_request_id(topic)
+        if rpc_id is not None:
+            self.rpc.handle(rid, rpc_id, payload)
             return
-        m = OTA_CHUNK.match(topic)
-        if m:
+        chunk = topics.sw_chunk(topic)
+        if chunk is not None:
             self.counters.chunks += 1
-            self.updates.on_chunk(m.group(2), int(m.group(3)), payload)
+            self.updates.on_chunk(*chunk, payload)
             ledger.delete_inbound(self._db(), rid)
             return
-        if topic == queues.TOPIC_ATTRIBUTES or ATTR_RESPONSE.match(topic):
-            self._handle_attributes(rid, topic, payload, response=topic != queues.TOPIC_ATTRIBUTES)
+        if topic == topics.TOPIC_ATTRIBUTES or topics.is_attributes_response(topic):
+            self._handle_attributes(rid, topic, payload, response=topic != topics.TOPIC_ATTRIBUTES)
             return
-        if OTA_ERROR.match(topic):
+        if topics.is_ota_error(topic):
             text = payload.decode("utf-8", "replace")[:500]
             log.warning("OTA error from ThingsBoard on %s: %s", topic, text)
             self.updates.on_ota_error(text)
             ledger.delete_inbound(self._db(), rid)
             return
-        if CLIENT_RPC_RESPONSE.match(topic):
+        if topics.is_rpc_response(topic):
             ledger.delete_inbound(self._db(), rid)  # answers to the bridge's own requests
             return
         self._dead_letter(rid, topic, payload, "no handler for this topic")

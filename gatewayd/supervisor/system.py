@@ -20,35 +20,9 @@ def system_metrics(disk_path: Path) -> dict[str, Any]:
     try:
         import psutil
     except ImportError:
-        psutil = None  # type: ignore[assignment]
-    if psutil is not None:
-        try:
-            values["cpu_percent"] = float(psutil.cpu_percent(interval=None))
-            mem = psutil.virtual_memory()
-            values["memory_percent"] = float(mem.percent)
-            values["memory_available_bytes"] = int(mem.available)
-            values["memory_total_bytes"] = int(mem.total)
-        except Exception as e:  # noqa: BLE001
-            log.debug("psutil cpu/memory: %s", e)
-        try:
-            du = psutil.disk_usage(str(disk_path))
-            values["disk_percent"] = float(du.percent)
-            values["disk_free_bytes"] = int(du.free)
-        except Exception as e:  # noqa: BLE001
-            log.debug("psutil disk: %s", e)
-        try:
-            values["uptime_s"] = int(time.time() - psutil.boot_time())
-        except Exception as e:  # noqa: BLE001
-            log.debug("psutil boot_time: %s", e)
-        temps = getattr(psutil, "sensors_temperatures", None)
-        if temps is not None:
-            try:
-                readings = [t.current for entries in temps().values() for t in entries
-                            if isinstance(t.current, (int, float)) and -50 < t.current < 200]
-                if readings:
-                    values["temperature_c"] = round(float(max(readings)), 1)
-            except Exception as e:  # noqa: BLE001
-                log.debug("psutil temperatures: %s", e)
+        pass
+    else:
+        _psutil_metrics(psutil, disk_path, values)
     try:
         values["load_1m"] = round(os.getloadavg()[0], 2)
     except OSError:
@@ -56,17 +30,47 @@ def system_metrics(disk_path: Path) -> dict[str, Any]:
     return values
 
 
+def _psutil_metrics(psutil: Any, disk_path: Path, values: dict[str, Any]) -> None:
+    try:
+        values["cpu_percent"] = float(psutil.cpu_percent(interval=None))
+        mem = psutil.virtual_memory()
+        values["memory_percent"] = float(mem.percent)
+        values["memory_available_bytes"] = int(mem.available)
+        values["memory_total_bytes"] = int(mem.total)
+    except Exception as e:  # noqa: BLE001 - a figure psutil cannot read is left out
+        log.debug("psutil cpu/memory: %s", e)
+    try:
+        du = psutil.disk_usage(str(disk_path))
+        values["disk_percent"] = float(du.percent)
+        values["disk_free_bytes"] = int(du.free)
+    except Exception as e:  # noqa: BLE001 - a figure psutil cannot read is left out
+        log.debug("psutil disk: %s", e)
+    try:
+        values["uptime_s"] = int(time.time() - psutil.boot_time())
+    except Exception as e:  # noqa: BLE001 - a figure psutil cannot read is left out
+        log.debug("psutil boot_time: %s", e)
+    temps = getattr(psutil, "sensors_temperatures", None)
+    if temps is not None:
+        try:
+            readings = [t.current for entries in temps().values() for t in entries
+                        if isinstance(t.current, (int, float)) and -50 < t.current < 200]
+            if readings:
+                values["temperature_c"] = round(float(max(readings)), 1)
+        except Exception as e:  # noqa: BLE001 - a figure psutil cannot read is left out
+            log.debug("psutil temperatures: %s", e)
+
+
 def _props(dev: Any) -> dict[str, str]:
     try:
         return {str(k): str(v) for k, v in dev.properties.items()}
-    except Exception:  # noqa: BLE001
+    except Exception:  # noqa: BLE001 - pyudev raises its own errors, and OSError for a device gone
         return {}
 
 
 def _sysattr(dev: Any, name: str) -> str | None:
     try:
         v = dev.attributes.get(name)
-    except Exception:  # noqa: BLE001
+    except Exception:  # noqa: BLE001 - pyudev raises its own errors, and OSError for a device gone
         return None
     if v is None:
         return None
@@ -84,7 +88,7 @@ def describe_device(dev: Any) -> dict[str, Any] | None:
     elif subsystem == "tty":
         try:
             usb = dev.find_parent("usb", "usb_device")
-        except Exception:  # noqa: BLE001
+        except Exception:  # noqa: BLE001 - pyudev raises its own errors, and OSError for a device gone
             usb = None
         name = os.path.basename(getattr(dev, "device_node", None) or "")
         if usb is None and not props.get("ID_BUS") and not name.startswith(("ttyAMA", "ttyACM", "ttyUSB",
@@ -177,7 +181,7 @@ class Devices:
                         d = describe_device(dev)
                         if d is not None:
                             found.append(d)
-            except Exception as e:  # noqa: BLE001
+            except Exception as e:  # noqa: BLE001 - a failed scan keeps the inventory it had
                 log.debug("device scan failed: %s", e)
         found.sort(key=lambda d: (d.get("subsystem") or "", d.get("devnode") or "", d.get("id") or ""))
         self._last_scan = time.monotonic()
@@ -193,7 +197,7 @@ class Devices:
             for _ in range(200):
                 try:
                     dev = self._monitor.poll(timeout=0)
-                except Exception as e:  # noqa: BLE001
+                except Exception as e:  # noqa: BLE001 - reported; rescans take over
                     log.warning("udev monitor failed (%s); falling back to rescans", e)
                     self._monitor = None
                     break

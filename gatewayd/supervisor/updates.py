@@ -34,10 +34,12 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict
 from enum import StrEnum
-from typing import Any
+from typing import Any, Protocol
 
+from gatewayd import topics
+from gatewayd.clock import now_ms
 from gatewayd.config import Config
-from gatewayd.supervisor.controller import ControllerManager, Target
+from gatewayd.supervisor.controller import Target
 from gatewayd.supervisor.images import cleanup_job
 from gatewayd.supervisor.jobs import Future, Job, Jobs
 from gatewayd.supervisor.ota import Download, OtaError
@@ -93,8 +95,18 @@ def judge(snap: dict[str, Any], baseline_failures: int, grace_started: float, no
     return "wait", ""
 
 
+class Controller(Protocol):
+    """What updates ask of the controller's manager (`controller.ControllerManager`)."""
+
+    def set_target(self, target: Target) -> Future: ...
+
+    def clear_target(self) -> Future: ...
+
+    def snapshot(self) -> dict[str, Any]: ...
+
+
 class UpdateManager:
-    def __init__(self, cfg: Config, controller: ControllerManager | None, jobs: Jobs,
+    def __init__(self, cfg: Config, controller: Controller | None, jobs: Jobs,
                  get_state: Callable[[str], Any], set_state: Callable[[str, Any], None],
                  publish_telemetry: Callable[[dict[str, Any]], None],
                  enqueue_raw: Callable[[str, str], None],
@@ -324,7 +336,7 @@ class UpdateManager:
                 self.download = Download.from_state(self.ota_dir, st, c["ota_window"], c["ota_chunk_timeout_s"])
                 log.info("resuming the download of %s %s at chunk %d", req.title, req.version, self.download.next)
             else:
-                self.download = Download(self.ota_dir, str(time.time_ns() // 1_000_000), req.title, req.version,
+                self.download = Download(self.ota_dir, str(now_ms()), req.title, req.version,
                                          req.size, req.checksum, req.algorithm or "sha256", c["ota_chunk_size"],
                                          c["ota_window"], c["ota_chunk_timeout_s"])
         except (OtaError, OSError) as e:
@@ -342,7 +354,7 @@ class UpdateManager:
             self._ota_failed(str(e))
             return
         for n in wanted:
-            self.enqueue_raw(f"v2/sw/request/{self.download.request_id}/chunk/{n}", str(self.download.chunk_size))
+            self.enqueue_raw(topics.sw_chunk_request(self.download.request_id, n), str(self.download.chunk_size))
 
     def _ota_failed(self, text: str) -> None:
         if self.download is not None:
@@ -414,7 +426,7 @@ class UpdateManager:
     def _succeed(self, prepared: dict[str, Any], why: str) -> None:
         new = dict(prepared)
         new["config_key"] = config_key(self.cfg)
-        new["updated_ms"] = time.time_ns() // 1_000_000
+        new["updated_ms"] = now_ms()
         if self.current and self.current.get("image_id") != new.get("image_id"):
             self.previous = self.current
         self.current = new
@@ -514,7 +526,7 @@ class UpdateManager:
             self.phase = Phase.GRACE
         elif self.phase == Phase.GRACE and self.controller is not None and self.target is not None:
             verdict, why = judge(self.controller.snapshot(), self.baseline, self.grace_started, self.clock(),
-                                 time.time_ns() // 1_000_000, self.grace_s, self.stable_s)
+                                 now_ms(), self.grace_s, self.stable_s)
             if verdict == "ok":
                 self._succeed(self.target["prepared"], why)
             elif verdict == "fail":

@@ -250,7 +250,7 @@ def start_simulator(workdir: Path, broker_port: int, devices: dict[str, str] | N
                                f"{log_path.read_text(errors='replace')[-2000:]}")
         for line in stdout_path.read_text(errors="replace").splitlines():
             if line.startswith(READY_LINE):
-                ready.update(w.split("=", 1) for w in line.split()[2:] if "=" in w)  # type: ignore[misc]
+                ready.update(w.partition("=")[::2] for w in line.split()[2:] if "=" in w)
                 return True
         return False
 

@@ -1,4 +1,4 @@
-"""A real Docker engine for integration tests, offline (see RECIPES.md).
+"""A real Docker engine for integration tests, offline: no registry is ever contacted.
 
 - `ensure_dockerd()` starts `setsid dockerd` (its own log file) when `docker info` fails,
   waits a bounded time for it, and says whether it started it; `stop_dockerd()` stops only
@@ -6,8 +6,8 @@
 - `ensure_base_image()` builds `gatewayd-test-base:latest` by `docker import` of a rootfs
   made from Debian's busybox-static (installed with apt-get if missing). No registry is
   ever contacted: test images are built `FROM` it with `docker build --network none`.
-- `docker_engine` is a session-scoped pytest fixture doing both (skipping the tests when no
-  engine can be had); import it into a test module to use it.
+- The session fixture `docker_engine` (tests/integration/conftest.py) does both, and skips the
+  tests when no engine can be had.
 - `BridgeSide` plays the bridge for a supervisor under test (inbound rows in, outbox out), and
   `NotifySocket` plays systemd's notify socket (to watch WATCHDOG=1 pings).
 
@@ -28,12 +28,9 @@ import tempfile
 import threading
 import time
 import uuid
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-
-import pytest
 
 from tests.helpers.daemons import wait_for
 
@@ -234,22 +231,6 @@ def container_state(name: str) -> dict[str, str] | None:
     st = doc.get("State") or {}
     return {"status": st.get("Status", ""), "started_at": st.get("StartedAt", ""), "image": doc.get("Image", ""),
             "health": (st.get("Health") or {}).get("Status", ""), "id": doc.get("Id", "")}
-
-
-@pytest.fixture(scope="session")
-def docker_engine() -> Iterator[Dockerd]:
-    if docker_cli() is None:
-        pytest.skip("the docker CLI is not installed")
-    try:
-        handle = ensure_dockerd()
-        ensure_base_image()
-    except RuntimeError as e:
-        pytest.skip(f"no Docker engine: {e}")
-    try:
-        yield handle
-    finally:
-        if os.environ.get("GATEWAYD_TEST_KEEP_DOCKERD") != "1":
-            stop_dockerd(handle)
 
 
 # --------------------------------------------------------------------------------------

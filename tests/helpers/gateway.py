@@ -106,4 +106,4 @@ def wait_healthy(gw: Gateway, timeout: float = 30) -> dict[str, Any]:
         code, st = gw.status()
         return st if code == 0 else None
 
-    return wait_for(healthy, timeout, 0.2, what="gatewayctl status healthy")  # type: ignore[no-any-return]
+    return wait_for(healthy, timeout, 0.2, what="gatewayctl status healthy")

@@ -76,7 +76,7 @@ class Publisher:
         self.client = mqtt.Client(**kwargs)
         self.client.max_inflight_messages_set(max_inflight)
         self.client.max_queued_messages_set(0)
-        self.client.reconnect_delay_set(0.2, 1)
+        self.client.reconnect_delay_set(1, 1)  # whole seconds: what paho 2 declares
         self.lock = threading.Condition()
         self.unacked: dict[int, tuple[str, str]] = {}   # mid -> (topic, payload)
         self.early: set[int] = set()
@@ -132,7 +132,7 @@ class Publisher:
     def close(self) -> None:
         try:
             self.client.disconnect()
-        except Exception:  # noqa: BLE001
+        except Exception:  # noqa: BLE001 - closing anyway
             pass
         self.client.loop_stop()
 

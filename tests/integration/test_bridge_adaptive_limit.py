@@ -6,12 +6,15 @@ remembers the limit across restarts, and does not shrink it for an ordinary serv
 from __future__ import annotations
 
 import time
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from gatewayd.bridge.publisher import MIN_PACKET, packet_size
+from gatewayd import topics
+from gatewayd.bridge.publisher import MIN_PACKET
+from gatewayd.packet import packet_size
 from gatewayd.store import queues
 from tests.helpers.brokers import free_port, start_simulator
 from tests.integration.test_bridge_support import (
@@ -58,7 +61,15 @@ def _learned(base: Path) -> Any:
 
 
 def _stats(sim: Any) -> dict[str, Any]:
-    return sim.client.stats(DEVICE)  # type: ignore[no-any-return]
+    return dict(sim.client.stats(DEVICE))
+
+
+def _stat_above(sim: Any, name: str, n: int) -> bool:
+    return int(_stats(sim).get(name, 0)) > n
+
+
+def _captured_at_least(sim: Any, n: int) -> bool:
+    return len(set(captured_seqs(sim.capture_path))) >= n
 
 
 @pytest.mark.parametrize("mqtt_version", ["3.1.1", "5"])
@@ -173,12 +184,11 @@ def test_server_restarts_mid_stream_do_not_lower_the_limit(tmp_path: Path, broke
         for _ in range(3):
             fill(base, range(seq, seq + 5000))
             seq += 5000
-            wait_for(lambda sim=sim, seq=seq: len(set(captured_seqs(sim.capture_path))) >= seq, 30,
-                     what="records flowing")
+            wait_for(partial(_captured_at_least, sim, seq), 30, what="records flowing")
             sim.client.set_faults(no_puback=True)
             fill(base, range(seq, seq + 5000))
             seq += 5000
-            wait_for(lambda sim=sim: _stats(sim).get("pubacks_swallowed", 0) >= 3, 10, what="publishes in flight")
+            wait_for(partial(_stat_above, sim, "pubacks_swallowed", 2), 10, what="publishes in flight")
             sim.stop()  # ThingsBoard goes away with publishes in flight
             wait_for(lambda: state(base, "bridge.mqtt")["connected"] is False, 10, what="the bridge to notice")
             time.sleep(0.5)
@@ -249,17 +259,17 @@ def test_sessions_lost_with_a_2kb_attribute_and_rpc_reply_in_flight_blame_nobody
         attrs = '{"report":"' + "a" * 2000 + '"}'
         q = queues.open_queues(base / "state" / "queues.db")
         try:
-            queues.enqueue(q, queues.KIND_RPC_REPLY, queues.TOPIC_RPC_RESPONSE + "17", reply, queues.PRIO_RPC_REPLY)
-            queues.enqueue(q, queues.KIND_ATTRIBUTES, queues.TOPIC_ATTRIBUTES, attrs, queues.PRIO_ATTRIBUTES)
+            queues.enqueue(q, queues.KIND_RPC_REPLY, topics.rpc_response("17"), reply, queues.PRIO_RPC_REPLY)
+            queues.enqueue(q, queues.KIND_ATTRIBUTES, topics.TOPIC_ATTRIBUTES, attrs, queues.PRIO_ATTRIBUTES)
         finally:
             q.close()
         fill(base, range(3))
         swallowed = 0
         for n in (1, 2):
-            wait_for(lambda s=swallowed: _stats(sim).get("pubacks_swallowed", 0) > s, 10, what="publishes in flight")
+            wait_for(partial(_stat_above, sim, "pubacks_swallowed", swallowed), 10, what="publishes in flight")
             swallowed, connects = _stats(sim).get("pubacks_swallowed", 0), _stats(sim)["connects"]
             sim.client.drop()  # the session ends with them unacknowledged
-            wait_for(lambda c=connects: _stats(sim)["connects"] > c, 10, what=f"reconnect #{n}")
+            wait_for(partial(_stat_above, sim, "connects", connects), 10, what=f"reconnect #{n}")
         sim.client.set_faults(no_puback=False)
         wait_for(lambda: outbox_empty(base), 30, what="the outbox to drain")
         assert dead_letters(base) == []

@@ -1,4 +1,4 @@
-"""Provisioning (SPEC §2.4): success with saved 0600 credentials reused, NOT_FOUND and FAILURE
+"""Provisioning (docs/CONTRACT.md, section 5): success with saved 0600 credentials reused, NOT_FOUND and FAILURE
 reported clearly with a backoff while the bridge stays up, and refused credentials."""
 
 from __future__ import annotations
@@ -86,7 +86,7 @@ def _refused(tmp_path: Path, tb: Any, cfg: Path, word: str) -> None:
         got = notify.drain(3.0)
         statuses = [m for _, m in got if m.startswith("STATUS=")]
         assert any("provisioning failed" in m and word in m for m in statuses) or any(
-            "provisioning failed" in m for m in notify.messages if m.startswith("STATUS=")), statuses
+            "provisioning failed" in m for _, m in notify.messages if m.startswith("STATUS=")), statuses
         # stays up and keeps feeding the watchdog while it waits (waiting is not a stall)
         assert len([m for _, m in got if m == "WATCHDOG=1"]) >= 3
         assert bridge.proc is not None and bridge.proc.poll() is None

@@ -10,7 +10,8 @@ from typing import Any
 
 import pytest
 
-from gatewayd.bridge.publisher import packet_size
+from gatewayd import topics
+from gatewayd.packet import packet_size
 from gatewayd.store import queues
 from tests.helpers.brokers import free_port, start_simulator
 from tests.integration.test_bridge_support import (
@@ -137,7 +138,7 @@ def test_rows_waiting_with_nothing_in_flight_and_no_puback_stop_the_watchdog(tmp
         q = queues.open_queues(base / "state" / "queues.db")
         try:
             for i in range(5):
-                queues.enqueue(q, queues.KIND_ATTRIBUTES, queues.TOPIC_ATTRIBUTES, f'{{"a{i}":{i}}}',
+                queues.enqueue(q, queues.KIND_ATTRIBUTES, topics.TOPIC_ATTRIBUTES, f'{{"a{i}":{i}}}',
                                queues.PRIO_ATTRIBUTES)
         finally:
             q.close()

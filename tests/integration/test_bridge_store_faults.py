@@ -97,7 +97,7 @@ def ctl_status(cfg: Path) -> dict[str, Any]:
     out = subprocess.run([sys.executable, "-m", "gatewayd.ctl", "--config", str(cfg), "status", "--json"],
                          capture_output=True, text=True, timeout=60, cwd=str(REPO_ROOT),
                          env=dict(os.environ, PYTHONPATH=str(REPO_ROOT)))
-    return json.loads(out.stdout)  # type: ignore[no-any-return]
+    return json.loads(out.stdout)
 
 
 def test_a_full_disk_keeps_the_bridge_up_and_everything_is_delivered_once_space_returns(
@@ -228,6 +228,8 @@ def test_a_replaced_queues_db_is_followed_and_what_was_in_flight_touches_nothing
             os.kill(bridge.pid, signal.SIGCONT)
         bridge.wait_log("was replaced under the bridge", 10)
         wait_for(lambda: outbox_empty(base), 60, what="the new outbox drained")
+        # the simulator records what its broker delivers, a moment after the PUBACK
+        wait_for(lambda: set(new) <= set(captured_seqs(capture)), 15, what="the new rows captured")
         arrived = [s for s in captured_seqs(capture) if s >= new.start]
         assert set(arrived) == set(new), sorted(set(new) - set(arrived))[:20]
         c = counters(base)

@@ -10,11 +10,12 @@ import time
 from pathlib import Path
 from typing import Any
 
+from gatewayd import topics
 from gatewayd.store import queues
 from gatewayd.store.db import transaction
 from tests.helpers.daemons import Daemon, wait_for, write_config
 
-TOPIC = queues.TOPIC_TELEMETRY
+TOPIC = topics.TOPIC_TELEMETRY
 DEVICE = "bridge-dev"
 TOKEN = "bridge-token-1"
 

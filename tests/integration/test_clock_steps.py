@@ -78,6 +78,10 @@ class Gateway:
         if self.bridge is None:
             self.bridge = Daemon("bridge", cfg).start()
 
+    def running_forwarder(self) -> Daemon:
+        assert self.forwarder is not None, "start() first"
+        return self.forwarder
+
     def write(self, seqs: range, stamp: Any) -> dict[int, int]:
         """Rows the controller stamps with its (the system's) clock; {seq: ts}."""
         stamps = {s: stamp() for s in seqs}
@@ -132,7 +136,7 @@ def test_records_wait_for_the_clock_and_are_corrected_by_the_measured_step(gw: G
     gw.start()
     stamped_real = real_ms()
     stamps = gw.write(range(300), gw.clock.now)
-    gw.forwarder.wait_log("waiting for the system clock")  # type: ignore[union-attr]
+    gw.running_forwarder().wait_log("waiting for the system clock")
     time.sleep(1.5)
     assert controller_depth(gw.base) == 300 and counters(gw.base)["ingested"] == 0 and not gw.delivered()
     status = gw.ctl("status", "--json")
@@ -177,7 +181,7 @@ def test_after_the_longest_wait_records_flow_flagged_and_the_archive_is_correcte
     gw.write(range(100), gw.clock.now)
     got = wait_for(lambda: (d := gw.delivered()) and len(d) == 100 and d, 30, what="records flowing after the wait")
     assert all(ts < DAY for ts in got.values())  # ThingsBoard got what the clock said: documented
-    gw.forwarder.wait_log("waited 1 s for the clock")  # type: ignore[union-attr]
+    gw.running_forwarder().wait_log("waited 1 s for the clock")
     c = counters(gw.base)
     assert c["clock.unsynced"] == 100 and c.get("clock.corrected", 0) == 0
     # retention does not judge ages by an unsynchronised clock (they look 56 years old)
@@ -192,7 +196,7 @@ def test_after_the_longest_wait_records_flow_flagged_and_the_archive_is_correcte
     wait_for(lambda: {clock for _, clock in gw.archive().values()} == {1}, 20, what="the archive corrected")
     for seq, (ts, _) in gw.archive().items():
         assert abs(ts - (got[seq] - offset_1970)) <= 50, seq
-    gw.forwarder.wait_log("archive: corrected the timestamps of 100 records")
+    gw.running_forwarder().wait_log("archive: corrected the timestamps of 100 records")
     gw.forwarder.stop()
     gw.forwarder.start()  # a retention pass now, by a trusted clock: the corrected records are young
     time.sleep(1)
@@ -211,7 +215,7 @@ def test_a_reboot_before_the_clock_was_set_flags_that_boots_records_and_corrects
     assert gw.forwarder is not None
     gw.forwarder.stop()
     gw.start(wait_for_clock="set")                          # the same boot: now records wait
-    gw.forwarder.wait_log("waiting for the system clock")
+    gw.running_forwarder().wait_log("waiting for the system clock")
     gw.write(range(20, 60), gw.clock.now)
     wait_for(lambda: json.loads(gw.ctl("status", "--json").stdout)["clock"]["forwarder_waiting"], 10,
              what="the wait in the status")
@@ -221,7 +225,7 @@ def test_a_reboot_before_the_clock_was_set_flags_that_boots_records_and_corrects
     boot_b = {"boot_id": "boot-b", "boot_offset_ms": 60_000 - boot_ms()}
     at_1970(gw.clock, **boot_b)                             # 1970 again, the same wall times as boot A
     gw.start(wait_for_clock="set")
-    gw.forwarder.wait_log("waiting for the system clock")
+    gw.running_forwarder().wait_log("waiting for the system clock")
     stamped_real = real_ms()
     gw.write(range(60, 90), gw.clock.now)
     time.sleep(1)

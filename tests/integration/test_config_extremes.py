@@ -11,7 +11,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from gatewayd.config import MAX_INT, MAX_NUMBER, SCHEMA
+from gatewayd.config import MAX_INT, MAX_NUMBER
+from gatewayd.schema import SCHEMA
 from tests.helpers.daemons import ROOT, wait_for, write_config
 from tests.helpers.datapath import controller_db, writer
 from tests.helpers.gateway import gateway

@@ -5,6 +5,7 @@ ledger adding up), any value in `health_check` (status and /health stay readable
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import signal
@@ -121,6 +122,10 @@ def test_any_health_check_value_leaves_status_and_health_readable(tmp_path: Path
             check()
 
 
+def moved(base: Path, n: int) -> bool:
+    return controller_depth(base) == 0 and len(outbox_seqs(base)) >= n
+
+
 def test_a_sequence_that_is_not_an_integer_stops_nothing(tmp_path: Path, daemons: list[Daemon]) -> None:
     """`sqlite_sequence` is a table the controller can write like any other. Text in `seq` made
     every loop of the forwarder fail on `int()` (nothing moved again, a traceback per second);
@@ -137,14 +142,12 @@ def test_a_sequence_that_is_not_an_integer_stops_nothing(tmp_path: Path, daemons
             n += 3
             w.records(range(n, n + 3))
             n += 3
-            wait_for(lambda n=n: controller_depth(tmp_path) == 0 and len(outbox_seqs(tmp_path)) >= n, 30,
-                     what=f"records after seq = {value}")
+            wait_for(functools.partial(moved, tmp_path, n), 30, what=f"records after seq = {value}")
         fwd.stop()
         w.records(range(n, n + 3))   # read by a new start, which reconciles with that sequence
         n += 3
         fwd.start()
-        wait_for(lambda: controller_depth(tmp_path) == 0 and len(outbox_seqs(tmp_path)) >= n, 30,
-                 what="records after a restart")
+        wait_for(functools.partial(moved, tmp_path, n), 30, what="records after a restart")
     assert outbox_seqs(tmp_path) == list(range(n))
     c = counters(tmp_path)
     assert c["ingested"] == c["queued"] == n and balanced(c), c

@@ -21,11 +21,10 @@ from gatewayd.config import load
 from gatewayd.store import queues
 from tests.helpers.brokers import MOSQUITTO_BIN, thingsboard
 from tests.helpers.daemons import Daemon, wait_for, write_config
-from tests.helpers.docker_env import (  # noqa: F401 - docker_engine is a fixture
+from tests.helpers.docker_env import (
     build_image,
     container_state,
     docker,
-    docker_engine,
     import_image,
     remove_images,
 )
@@ -61,7 +60,7 @@ class World:
 
 
 @pytest.fixture
-def world(tmp_path: Path, docker_engine: Any) -> Iterator[World]:  # noqa: F811
+def world(tmp_path: Path, docker_engine: Any) -> Iterator[World]:
     if not os.path.exists(MOSQUITTO_BIN):
         pytest.skip("mosquitto is not installed")
     with controller_name("gwfirst") as name, thingsboard(tmp_path, devices={DEVICE: TOKEN}) as (_broker, sim):

@@ -81,8 +81,8 @@ def test_seed_controller_works_unchanged(tmp_path: Path, daemons: list[Daemon]) 
     ctrl = run_controller(tmp_path, 300, per_tx=1, pause=0.001)
     assert ctrl.wait(60) == 0
     wait_for(lambda: len(outbox_payloads(tmp_path)) == 800, 30, what="second stream")
-    c = counters(tmp_path)
-    assert c["ingested"] == c["archived"] == c["queued"] == 800 and balanced(c)
+    totals = counters(tmp_path)
+    assert totals["ingested"] == totals["archived"] == totals["queued"] == 800 and balanced(totals)
 
 
 def test_kill9_twenty_times_exactly_once_in_order(tmp_path: Path, daemons: list[Daemon]) -> None:

@@ -11,6 +11,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -79,9 +80,12 @@ def test_health_follows_the_bridge(gw: Gateway) -> None:
     assert set(st) == set(status)  # the same object as `gatewayctl status --json`
     # each daemon's STATUS= line, as stored by the runner (at most every 5 s)
     expected = {"bridge": "connected to", "forwarder": "idle", "supervisor": "controller disabled"}
+
+    def doing(d: str, start: str) -> bool:
+        return (gw.health()[1]["daemons"][d]["doing"] or "").startswith(start)
+
     for d, start in expected.items():
-        wait_for(lambda d=d, start=start: (gw.health()[1]["daemons"][d]["doing"] or "").startswith(start), 20,
-                 what=f"{d}'s STATUS= line stored")
+        wait_for(partial(doing, d, start), 20, what=f"{d}'s STATUS= line stored")
     daemons = gw.health()[1]["daemons"]
     assert all(daemons[d]["up"] and daemons[d]["last_error"] is None for d in expected)
 

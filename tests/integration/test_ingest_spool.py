@@ -7,6 +7,7 @@ import os
 import sqlite3
 import time
 from collections.abc import Iterator
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -116,9 +117,13 @@ def test_kill9_mid_file_neither_loses_nor_repeats_a_line(tmp_path: Path) -> None
     try:
         drop(s.dir, "big.jsonl", "".join(line(i) + "\n" for i in range(total)))
         done = 0
+
+        def more_than(before: int) -> int:
+            n = len(controller_rows(s.base))
+            return n if n > before else 0
+
         for _ in range(4):  # each kill after at least one more chunk was committed
-            done = wait_for(lambda before=done: (n := len(controller_rows(s.base))) > before and n, 20,
-                            interval=0.005, what="another chunk committed")
+            done = wait_for(partial(more_than, done), 20, interval=0.005, what="another chunk committed")
             if done >= total:
                 break
             s.ingest.kill9()

@@ -1,4 +1,4 @@
-"""The supervisor as a real process against a real Docker engine (offline images, see RECIPES.md).
+"""The supervisor as a real process against a real Docker engine (offline images built by `docker import`).
 
 Every test uses its own container and image names and removes them afterwards; the engine is
 started by the `docker_engine` fixture if it is not running (and stopped again only then).
@@ -20,13 +20,12 @@ import pytest
 
 from gatewayd.store import controller as controller_store
 from tests.helpers.daemons import ROOT, wait_for
-from tests.helpers.docker_env import (  # noqa: F401 - docker_engine is a fixture
+from tests.helpers.docker_env import (
     BridgeSide,
     NotifySocket,
     build_image,
     container_state,
     docker,
-    docker_engine,
     remove_images,
 )
 from tests.helpers.supervisor_env import (
@@ -75,7 +74,7 @@ class Sup(SupervisorEnv):
 
 
 @pytest.fixture
-def names(docker_engine: Any) -> Iterator[str]:  # noqa: F811
+def names(docker_engine: Any) -> Iterator[str]:
     with controller_name() as name:
         yield name
 

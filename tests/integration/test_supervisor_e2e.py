@@ -15,11 +15,10 @@ import pytest
 
 from tests.helpers.brokers import MOSQUITTO_BIN, start_mosquitto, start_simulator
 from tests.helpers.daemons import Daemon, wait_for, write_config
-from tests.helpers.docker_env import (  # noqa: F401 - docker_engine is a fixture
+from tests.helpers.docker_env import (
     build_image,
     container_state,
     docker,
-    docker_engine,
     remove_images,
 )
 from tests.helpers.supervisor_env import controller_name, controller_section, dockerfile
@@ -31,7 +30,7 @@ TOKEN = "supervisor-e2e-token"
 
 
 @pytest.fixture
-def world(tmp_path: Path, docker_engine: Any) -> Iterator[dict[str, Any]]:  # noqa: F811
+def world(tmp_path: Path, docker_engine: Any) -> Iterator[dict[str, Any]]:
     if not os.path.exists(MOSQUITTO_BIN):
         pytest.skip("mosquitto is not installed")
     with controller_name() as name:

@@ -24,7 +24,7 @@ from tests.helpers.supervisor_env import SupervisorEnv, merge_sections
 
 pytestmark = pytest.mark.integration
 
-SPEC_METHODS = {"list", "ping", "status", "restart_controller", "reboot", "shutdown", "restart_gateway",
+CONTRACT_METHODS = {"list", "ping", "status", "restart_controller", "reboot", "shutdown", "restart_gateway",
                 "run_command", "init_files", "archive_republish_messages", "archive_discard_messages",
                 "controller_logs"}
 
@@ -69,7 +69,7 @@ def test_every_method_answers_with_a_json_object(env: Env) -> None:
     assert env.b.reply(1)["pong"] is True
     b.rpc(2, "list")
     methods = b.reply(2)["methods"]
-    assert set(methods) >= SPEC_METHODS
+    assert set(methods) >= CONTRACT_METHODS
     b.rpc(3, "status")
     st = b.reply(3)
     assert st["controller"] == {"enabled": False} and "queues" in st and "error" not in st

@@ -241,7 +241,7 @@ def provision(sim: SimulatorProcess, request: dict[str, Any]) -> dict[str, Any]:
         p.publish_json("/provision/request", request)
         msg = p.expect(timeout=5)
         assert msg.topic == "/provision/response"
-        return msg.json()  # type: ignore[no-any-return]
+        return msg.json()
 
 
 def test_provisioning(sim: SimulatorProcess) -> None:

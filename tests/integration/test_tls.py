@@ -25,11 +25,13 @@ import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from gatewayd import topics
 from gatewayd.store import queues
 from tests.helpers.brokers import LOOPBACK, MOSQUITTO_BIN, MqttDevice, free_port, start_mosquitto
 from tests.helpers.daemons import ROOT, Daemon, wait_for, write_config
@@ -41,7 +43,7 @@ TLS_RECORD_HANDSHAKE = 0x16
 MQTT_CONNECT = 0x10
 CLIENT_CN = "gw-x509-device"
 SERVER_DAYS, CLIENT_DAYS = 200, 20
-TELEMETRY = queues.TOPIC_TELEMETRY
+TELEMETRY = topics.TOPIC_TELEMETRY
 
 
 class Relay:
@@ -147,7 +149,7 @@ def broker(pki: Pki, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Broke
     b = start_mosquitto(work, extra_config=lines + ["log_type information"])
     try:
         for port in ports.values():
-            wait_for(lambda p=port: _port_open(p), 10, what=f"TLS listener {port}")
+            wait_for(partial(_port_open, port), 10, what=f"TLS listener {port}")
         yield Broker(b.port, ports, b)
     finally:
         b.stop()
@@ -213,7 +215,7 @@ def delivered(observer: MqttDevice, tag: str, timeout: float = 20) -> dict[str, 
         body = msg.json()
         for rec in body if isinstance(body, list) else [body]:
             if rec.get("values", {}).get("tag") == tag:
-                return rec  # type: ignore[no-any-return]
+                return rec
 
 
 def ctl_check(cfg: Path) -> tuple[int, dict[str, dict[str, str]]]:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import re
 import time
+from functools import partial
 from typing import Any
 
 from tests.system.nspawn import Container, wait_until
@@ -119,7 +120,7 @@ def send(c: Container, tag: str, seqs: range) -> None:
 def status(c: Container) -> dict[str, Any]:
     proc = c.run(["gatewayctl", "status", "--json"], check=False, timeout=60)
     assert proc.returncode in (0, 1), proc.stderr
-    return json.loads(proc.stdout)  # type: ignore[no-any-return]
+    return json.loads(proc.stdout)
 
 
 def wait_active(c: Container, unit: str, timeout: float = 60) -> None:
@@ -139,6 +140,10 @@ def drive_past_start_limit(c: Container, unit: str, timeout: float = 90) -> None
     systemd records start-limit-hit only over a successful result.)"""
     cur = cursor(c)
     deadline = time.monotonic() + timeout
+
+    def gone(pid: int) -> bool:
+        return c.main_pid(unit) != pid
+
     while True:
         props = c.show(unit, "ActiveState", "MainPID")
         if props["ActiveState"] == "failed":
@@ -147,7 +152,7 @@ def drive_past_start_limit(c: Container, unit: str, timeout: float = 90) -> None
         pid = int(props["MainPID"])
         if props["ActiveState"] == "active" and pid > 0:
             c.run(["kill", "-KILL", str(pid)], check=False)
-            wait_until(lambda p=pid: c.main_pid(unit) != p, 30, 0.1, f"{unit} main PID {pid} gone")
+            wait_until(partial(gone, pid), 30, 0.1, f"{unit} main PID {pid} gone")
         else:
             time.sleep(0.2)
     log = journal_after(c, cur, unit=unit)

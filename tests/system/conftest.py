@@ -59,7 +59,7 @@ def container(nspawn_rootfs: Path) -> Iterator[Container]:
             # Leave the evidence in the test output when something went wrong.
             try:
                 print(c.journal_text("-n", "300"))
-            except Exception:  # noqa: BLE001
+            except Exception:  # noqa: BLE001 - the journal is evidence only; the container goes anyway
                 pass
         c.destroy()
 
@@ -90,7 +90,7 @@ def installed(box: Container, deb_name: str) -> Container:
     proc = box.run(["apt-get", "install", "-y", "--no-install-recommends", f"{DEB_DIR}/{deb_name}"],
                    check=False, timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    box.install_output = proc.stdout + proc.stderr  # type: ignore[attr-defined]
+    box.install_output = proc.stdout + proc.stderr
     return box
 
 
@@ -103,6 +103,6 @@ def running(installed: Container) -> Container:
         c.write(f"/etc/systemd/system/{unit}.d/50-test.conf", TEST_DROPIN)
     c.run(["systemctl", "daemon-reload"])
     proc = c.run(["dpkg-reconfigure", "gatewayd"], check=False, timeout=180)
-    c.reconfigure_output = proc.stdout + proc.stderr  # type: ignore[attr-defined]
-    assert proc.returncode == 0, c.reconfigure_output  # type: ignore[attr-defined]
+    c.reconfigure_output = proc.stdout + proc.stderr
+    assert proc.returncode == 0, c.reconfigure_output
     return c

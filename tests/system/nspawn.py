@@ -78,6 +78,8 @@ class Container:
         self.nspawn: subprocess.Popen[bytes] | None = None
         self.pid1: int | None = None
         self.boots = 0
+        self.install_output = ""      # what installing the package printed (set by the system tests)
+        self.reconfigure_output = ""  # what dpkg-reconfigure printed
         if not self.root.exists():
             subprocess.run(["cp", "-a", "--reflink=auto", str(rootfs), str(self.root)], check=True,
                            timeout=300)

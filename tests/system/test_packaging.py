@@ -13,7 +13,8 @@ from typing import Any
 
 import pytest
 
-from gatewayd.config import SCHEMA, load
+from gatewayd.config import load
+from gatewayd.schema import SCHEMA
 
 pytestmark = pytest.mark.integration
 
@@ -22,9 +23,15 @@ SERVICES = ("gatewayd-bridge.service", "gatewayd-forwarder.service", "gatewayd-s
             "gatewayd-ingest.service")
 
 
+class UnitFile(configparser.RawConfigParser):
+    """A systemd unit file as sections and keys; key names keep their case."""
+
+    def optionxform(self, optionstr: str) -> str:
+        return optionstr
+
+
 def unit(name: str) -> configparser.RawConfigParser:
-    p = configparser.RawConfigParser(strict=False, interpolation=None)
-    p.optionxform = str  # type: ignore[assignment,method-assign]
+    p = UnitFile(strict=False, interpolation=None)
     p.read(ROOT / "units" / name)
     return p
 

@@ -29,8 +29,8 @@ def test_lintian_clean(gatewayd_deb: Path, tmp_path: Path) -> None:
 
 def test_install_without_configuration_stays_idle(installed: Container) -> None:
     c = installed
-    assert "NOT started" in c.install_output  # type: ignore[attr-defined]
-    assert "systemctl enable --now gatewayd.target" in c.install_output  # type: ignore[attr-defined]
+    assert "NOT started" in c.install_output
+    assert "systemctl enable --now gatewayd.target" in c.install_output
     for unit in [TARGET, *UNITS.values()]:
         assert c.run(["systemctl", "is-enabled", unit], check=False).stdout.strip() == "disabled"
         assert c.active_state(unit) == "inactive"

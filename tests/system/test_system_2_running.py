@@ -33,7 +33,7 @@ pytestmark = pytest.mark.system
 
 def test_configured_install_enables_and_starts_the_target(running: Container) -> None:
     c = running
-    assert "enabling and starting gatewayd.target" in c.reconfigure_output  # type: ignore[attr-defined]
+    assert "enabling and starting gatewayd.target" in c.reconfigure_output
     for unit in [TARGET, *UNITS.values()]:
         assert c.run(["systemctl", "is-enabled", unit], check=False).stdout.strip() == "enabled"
     wait_active(c, TARGET)

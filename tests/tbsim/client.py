@@ -44,7 +44,7 @@ class SimulatorClient:
         except urllib.error.HTTPError as exc:
             try:
                 msg = json.loads(exc.read()).get("error", "")
-            except Exception:  # noqa: BLE001
+            except (ValueError, AttributeError):  # not JSON, or not an object
                 msg = str(exc)
             raise SimulatorError(exc.code, msg) from None
 

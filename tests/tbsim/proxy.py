@@ -116,7 +116,7 @@ class Session:
                 if w is not None:
                     try:
                         await asyncio.wait_for(w.wait_closed(), 1.0)
-                    except Exception:  # noqa: BLE001
+                    except Exception:  # noqa: BLE001 - closing a broken transport
                         pass
 
     async def _handshake(self) -> bool:
@@ -223,7 +223,7 @@ class Session:
                     if out:
                         try:
                             await asyncio.wait_for(writer.drain(), 1.0)
-                        except Exception:  # noqa: BLE001
+                        except Exception:  # noqa: BLE001 - closing a broken transport
                             pass
                     return reason
                 if out:

@@ -18,6 +18,7 @@ import pytest
 
 from gatewayd.bridge import mqtt_compat
 from gatewayd.bridge.mqtt_compat import Connection, is_auth_failure
+from gatewayd.packet import packet_size, utf8_len
 
 
 def _read_exact(s: socket.socket, n: int) -> bytes:
@@ -30,16 +31,18 @@ def _read_exact(s: socket.socket, n: int) -> bytes:
     return buf
 
 
-def _read_packet(s: socket.socket) -> tuple[int, bytes]:
+def _read_packet(s: socket.socket) -> tuple[int, bytes, int]:
+    """(first byte, body, bytes of the fixed header)."""
     first = _read_exact(s, 1)[0]
-    mult, length = 1, 0
+    mult, length, header = 1, 0, 1
     while True:
         b = _read_exact(s, 1)[0]
+        header += 1
         length += (b & 0x7F) * mult
         mult *= 128
         if not b & 0x80:
             break
-    return first, _read_exact(s, length)
+    return first, _read_exact(s, length), header
 
 
 def _varlen(n: int) -> bytes:
@@ -66,6 +69,7 @@ class FakeBroker:
         self.client: socket.socket | None = None
         self.pubacks: list[int] = []
         self.published: list[tuple[str, bytes]] = []
+        self.sizes: list[tuple[int, int]] = []  # (fixed header, rest) of each PUBLISH as it came
         self.lock = threading.Lock()
         self.thread = threading.Thread(target=self._run, daemon=True)
         self.thread.start()
@@ -74,12 +78,12 @@ class FakeBroker:
         conn, _ = self.srv.accept()
         self.client = conn
         try:
-            _, body = _read_packet(conn)  # CONNECT
+            _, body, _ = _read_packet(conn)  # CONNECT
             self.v5 = body[6] == 5
             conn.sendall(b"\x20\x03\x00" + bytes([self.connack_rc]) + b"\x00" if self.v5
                          else b"\x20\x02\x00" + bytes([self.connack_rc]))
             while True:
-                first, body = _read_packet(conn)
+                first, body, header = _read_packet(conn)
                 kind = first >> 4
                 if kind == 3:  # PUBLISH (QoS 1)
                     tlen = struct.unpack("!H", body[:2])[0]
@@ -89,6 +93,7 @@ class FakeBroker:
                     if self.v5:
                         rest = rest[1 + rest[0]:]
                     self.published.append((topic, rest))
+                    self.sizes.append((header, len(body)))
                     if self.v5:
                         conn.sendall(b"\x40\x04" + struct.pack("!H", pid) + bytes([self.puback_rc, 0]))
                     else:
@@ -173,6 +178,36 @@ def test_publish_ack_and_inbound_before_puback(mqtt5: bool) -> None:
                 conn.loop(0.02)
         time.sleep(0.3)
         assert 43 not in broker.pubacks  # a failed store is never acknowledged
+    finally:
+        conn.close()
+        broker.close()
+
+
+@pytest.mark.parametrize("mqtt5", [False, True], ids=["mqtt311", "mqtt5"])
+def test_packet_size_bounds_what_paho_sends(mqtt5: bool) -> None:
+    """`packet.packet_size` is the worst case of the PUBLISH paho writes, exact when the remaining
+    length takes 4 bytes under MQTT 5; under 3.1.1 (no property length) one byte less at most."""
+    broker = FakeBroker()
+    conn = Connection("gatewayd-test", mqtt5, username="tok")
+    connack: list[int] = []
+    acks: list[int] = []
+    conn.on_connect = lambda code, text: connack.append(code)
+    conn.on_publish = lambda mid, rc: acks.append(mid)
+    topic = "v1/devices/me/telemetry/ü"
+    # payload sizes around each step of the remaining length's encoding (1, 2, 3, 4 bytes)
+    cases = [0, 1, 90, 127, 16_383 - 40, 16_383, 2_097_151 - 40, 2_097_151]
+    try:
+        conn.connect("127.0.0.1", broker.port, 30, socket.create_connection(("127.0.0.1", broker.port), 5))
+        _pump(conn, lambda: connack)
+        for i, n in enumerate(cases, 1):
+            payload = "é" * (n // 2) + "x" * (n % 2)
+            rc, _ = conn.publish(topic, payload)
+            assert rc == 0
+            _pump(conn, lambda i=i: len(acks) == len(broker.sizes) == i, 20.0)
+            header, rest = broker.sizes[-1]
+            bound = packet_size(utf8_len(topic), utf8_len(payload))
+            slack = (4 - (header - 1)) + (0 if mqtt5 else 1)  # remaining length shorter than 4; no properties
+            assert header + rest <= bound and bound - (header + rest) == slack, (n, header, rest, bound)
     finally:
         conn.close()
         broker.close()

@@ -24,11 +24,12 @@ from gatewayd.bridge.publisher import (
     PacketLimit,
     Publish,
     Row,
-    packet_size,
     plan,
 )
+from gatewayd.packet import packet_size
 from gatewayd.store import queues
-from gatewayd.store.queues import KIND_TELEMETRY, TOPIC_TELEMETRY
+from gatewayd.store.queues import KIND_TELEMETRY
+from gatewayd.topics import TOPIC_TELEMETRY
 
 T = TOPIC_TELEMETRY
 HARD = 65536

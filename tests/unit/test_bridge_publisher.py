@@ -13,12 +13,12 @@ from gatewayd.bridge.publisher import (
     TokenBucket,
     Window,
     datapoints,
-    packet_size,
     parse_rate_limits,
     plan,
-    utf8_len,
 )
-from gatewayd.store.queues import KIND_ATTRIBUTES, KIND_RAW, KIND_TELEMETRY, TOPIC_ATTRIBUTES, TOPIC_TELEMETRY
+from gatewayd.packet import packet_size, utf8_len
+from gatewayd.store.queues import KIND_ATTRIBUTES, KIND_RAW, KIND_TELEMETRY
+from gatewayd.topics import TOPIC_ATTRIBUTES, TOPIC_TELEMETRY
 
 T = TOPIC_TELEMETRY
 
@@ -112,10 +112,6 @@ def test_a_record_above_the_batch_limit_goes_alone_up_to_alone_max() -> None:
     attr = (11, 50, KIND_ATTRIBUTES, TOPIC_ATTRIBUTES, '{"a":"%s"}' % ("z" * 5000))
     p = plan([attr], 0, 4096, alone_max=8192)
     assert isinstance(p, Publish) and p.count == 1 and not p.telemetry
-
-
-def test_mqtt5_framing_is_one_byte_more() -> None:
-    assert packet_size(10, 100, mqtt5=True) == packet_size(10, 100) + 1
 
 
 def test_max_records_and_points() -> None:

@@ -13,12 +13,13 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from gatewayd import topics
 from gatewayd.bridge.limits import ServerLimits
 from gatewayd.bridge.sender import Sender
 from gatewayd.store import queues
 from gatewayd.store.db import transaction
 
-T = queues.TOPIC_TELEMETRY
+T = topics.TOPIC_TELEMETRY
 
 
 class Wire:
@@ -49,10 +50,9 @@ def fill(db: sqlite3.Connection, n: int, first: int = 0, prio: int = queues.PRIO
         queues.bump(db, {"ingested": n})
 
 
-def make(db: sqlite3.Connection, max_packet: int = 65536, inflight: int = 4,
-         mqtt5: bool = False) -> tuple[Sender, Wire, list[str]]:
+def make(db: sqlite3.Connection, max_packet: int = 65536, inflight: int = 4) -> tuple[Sender, Wire, list[str]]:
     errors: list[str] = []
-    sender = Sender(db, ServerLimits("tb:1883", max_packet, inflight, 0.0), mqtt5, errors.append)
+    sender = Sender(db, ServerLimits("tb:1883", max_packet, inflight, 0.0), errors.append)
     wire = Wire()
     sender.begin(wire.publish, 0.0)
     return sender, wire, errors
@@ -90,10 +90,10 @@ def test_rows_are_batched_and_deleted_only_after_their_puback(db: sqlite3.Connec
 
 def test_urgent_rows_go_first_and_alone(db: sqlite3.Connection) -> None:
     fill(db, 10)
-    fill(db, 1, 100, queues.PRIO_RPC_REPLY, queues.KIND_RPC_REPLY, queues.TOPIC_RPC_RESPONSE + "7")
+    fill(db, 1, 100, queues.PRIO_RPC_REPLY, queues.KIND_RPC_REPLY, topics.rpc_response("7"))
     sender, wire, _ = make(db)
     sender.fill(0.0)
-    assert wire.sent[1][0] == queues.TOPIC_RPC_RESPONSE + "7"
+    assert wire.sent[1][0] == topics.rpc_response("7")
     assert wire.sent[2][1].count('"seq"') == 10
 
 
@@ -126,7 +126,7 @@ def test_no_puback_for_the_stall_timeout_is_a_stall_whether_or_not_anything_is_i
 
 def test_a_refusal_is_no_progress(db: sqlite3.Connection) -> None:
     fill(db, 5)
-    sender, wire, errors = make(db, mqtt5=True)
+    sender, wire, errors = make(db)
     assert sender.stalled(0.5, 60.0) == 0.0
     sender.fill(1.0)
     sender.on_puback(1, 0x97)
@@ -137,7 +137,7 @@ def test_a_refusal_is_no_progress(db: sqlite3.Connection) -> None:
 def run_with_refusals(db: sqlite3.Connection, refuse: Callable[[str], int], steps: int = 3000,
                       accepted_any: bool = True) -> tuple[Sender, Wire]:
     """Drive a sender against a server that answers each publish at once with `refuse(payload)`."""
-    sender, wire, _ = make(db, max_packet=16384, inflight=20, mqtt5=True)
+    sender, wire, _ = make(db, max_packet=16384, inflight=20)
     now = 0.0
     for _ in range(steps):
         now += 0.1

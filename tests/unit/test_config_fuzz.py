@@ -17,7 +17,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from gatewayd.config import EX_CONFIG, MAX_FILE_BYTES, MAX_INT, MAX_NUMBER, SCHEMA, ConfigError, load, render_toml
+from gatewayd.config import EX_CONFIG, MAX_FILE_BYTES, MAX_INT, MAX_NUMBER, ConfigError, load, render_toml
+from gatewayd.schema import SCHEMA
 
 ROOT = Path(__file__).resolve().parents[2]
 KEYS = sorted((s, n) for s, keys in SCHEMA.items() for n in keys)

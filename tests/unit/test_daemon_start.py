@@ -8,6 +8,7 @@ import os
 import sqlite3
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -51,16 +52,16 @@ class FlakyStart:
         self.stops += 1
 
 
-def test_transient_start_faults_are_waited_out(tmp_path: Path) -> None:
+def test_transient_start_faults_are_waited_out(tmp_path: Path, notifier: Callable[..., Notifier]) -> None:
     s, path = notify_socket(tmp_path)
     locked = sqlite3.OperationalError("database is locked")
-    locked.sqlite_errorcode = 5  # type: ignore[attr-defined]
-    locked.sqlite_errorname = "SQLITE_BUSY"  # type: ignore[attr-defined]
+    locked.sqlite_errorcode = 5
+    locked.sqlite_errorname = "SQLITE_BUSY"
     svc = FlakyStart([locked, OSError(28, "No space left on device")])
     state = tmp_path / "state"
     state.mkdir()
     reserve_path(state).write_bytes(b"\0" * 4096)
-    runner = Runner(svc, tmp_path, Notifier(env={"NOTIFY_SOCKET": path, "WATCHDOG_USEC": "100000"}), state_dir=state)
+    runner = Runner(svc, tmp_path, notifier(NOTIFY_SOCKET=path, WATCHDOG_USEC="100000"), state_dir=state)
     t = threading.Thread(target=runner.run)
     t.start()
     msgs: list[str] = []
@@ -85,9 +86,9 @@ def test_transient_start_faults_are_waited_out(tmp_path: Path) -> None:
     assert read_runtime_status(tmp_path, "flaky") is None
 
 
-def test_a_bug_at_start_still_ends_the_process(tmp_path: Path) -> None:
+def test_a_bug_at_start_still_ends_the_process(tmp_path: Path, notifier: Callable[..., Notifier]) -> None:
     runner = Runner(FlakyStart([RuntimeError("schema version 9 is newer than this gatewayd")]), tmp_path,
-                    Notifier(env={}))
+                    notifier())
     with pytest.raises(RuntimeError):
         runner.run()
 
@@ -105,7 +106,8 @@ def test_gatewayctl_sees_faults_and_a_replaced_queues_db(tmp_path: Path) -> None
     assert got["faults"]["forwarder"] == "queues.db: disk full"
     assert got["faults"]["bridge"] is None and got["faults"]["supervisor"] is None
     assert got["stale_queues_db"] == ["bridge"]
-    assert os.getpid() == read_runtime_status(cfg.runtime_dir, "forwarder")["pid"]  # type: ignore[index]
+    status = read_runtime_status(cfg.runtime_dir, "forwarder")
+    assert status is not None and status["pid"] == os.getpid()
 
 
 def test_runtime_status_written_only_on_change(tmp_path: Path) -> None:

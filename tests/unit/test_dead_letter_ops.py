@@ -15,7 +15,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from gatewayd import dead_letters
+from gatewayd import dead_letters, topics
 from gatewayd.config import Config, load
 from gatewayd.forwarder.service import Forwarder
 from gatewayd.store import controller as controller_store
@@ -150,15 +150,15 @@ def _outbox_dead_letter(q: sqlite3.Connection, kind: str, topic: str, payload: s
 
 def test_requeue_of_what_the_bridge_refused_goes_back_to_the_outbox(world: World) -> None:
     q = world.q
-    _outbox_dead_letter(q, "telemetry", queues.TOPIC_TELEMETRY, GOOD, 1, queues.PRIO_TELEMETRY)
-    _outbox_dead_letter(q, "rpc_reply", queues.TOPIC_RPC_RESPONSE + "7", '{"ok":1}', 0, queues.PRIO_RPC_REPLY)
+    _outbox_dead_letter(q, "telemetry", topics.TOPIC_TELEMETRY, GOOD, 1, queues.PRIO_TELEMETRY)
+    _outbox_dead_letter(q, "rpc_reply", topics.rpc_response("7"), '{"ok":1}', 0, queues.PRIO_RPC_REPLY)
     c = world.counters()
     assert balanced(c) and c["dead_lettered"] == 1 and c["outbox_rows"] == 0
     out = dead_letters.requeue(world.cfg, None)
     assert (out["requeued"], out["to_outbox"]) == (2, 2)
     rows = {(r.kind, r.topic, r.payload, r.priority, r.counted) for r in queues.peek(q, 10)}
-    assert rows == {("telemetry", queues.TOPIC_TELEMETRY, GOOD, 0, 1),
-                    ("rpc_reply", queues.TOPIC_RPC_RESPONSE + "7", '{"ok":1}', queues.PRIO_RPC_REPLY, 0)}
+    assert rows == {("telemetry", topics.TOPIC_TELEMETRY, GOOD, 0, 1),
+                    ("rpc_reply", topics.rpc_response("7"), '{"ok":1}', queues.PRIO_RPC_REPLY, 0)}
     c = world.counters()
     assert balanced(c) and (c["dead_lettered"], c["queued"], c["outbox_rows"]) == (0, 1, 2)
 
@@ -186,7 +186,7 @@ def test_requeue_of_a_thingsboard_message_goes_back_to_inbound(world: World) -> 
 def test_purge_counts_ledger_records_as_dropped(world: World) -> None:
     world.insert(*[m for m in BAD if m is not None], GOOD)
     world.forward()
-    _outbox_dead_letter(world.q, "rpc_reply", queues.TOPIC_RPC_RESPONSE + "1", "{}", 0, queues.PRIO_RPC_REPLY)
+    _outbox_dead_letter(world.q, "rpc_reply", topics.rpc_response("1"), "{}", 0, queues.PRIO_RPC_REPLY)
     dead = world.dead()
     assert len(dead) == 5
     out = dead_letters.purge(world.cfg, [dead[0].id, 12345])

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from gatewayd import topics
 from gatewayd.store import figures, queues
 from gatewayd.store.db import transaction
 
@@ -11,7 +12,7 @@ from gatewayd.store.db import transaction
 def test_telemetry_figures_add_up_and_match_the_ledger(tmp_path: Path) -> None:
     conn = queues.open_queues(tmp_path / "queues.db")
     try:
-        rows = [(queues.PRIO_TELEMETRY, queues.KIND_TELEMETRY, queues.TOPIC_TELEMETRY, f'{{"ts":{i},"values":{{}}}}',
+        rows = [(queues.PRIO_TELEMETRY, queues.KIND_TELEMETRY, topics.TOPIC_TELEMETRY, f'{{"ts":{i},"values":{{}}}}',
                  i, 1) for i in range(10)]
         with transaction(conn):
             queues.append(conn, rows, created_ms=1_000)

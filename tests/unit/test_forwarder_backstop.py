@@ -13,7 +13,8 @@ import pytest
 from gatewayd import records
 from gatewayd.config import load
 from gatewayd.forwarder import service
-from gatewayd.forwarder.service import Forwarder, id_ranges
+from gatewayd.forwarder.rows import id_ranges
+from gatewayd.forwarder.service import Forwarder
 from gatewayd.store import archive as archive_store
 from gatewayd.store import queues
 from gatewayd.store.db import transaction

@@ -55,6 +55,7 @@ def test_replay_after_crash(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, cra
     state = tmp_path / "state"
     assert seqs(state / "queues.db", "outbox", "payload") == list(range(25))
     assert seqs(state / "archive.db", "archive", "message") == list(range(25))
-    c = queues.counters(g.queues)  # type: ignore[arg-type]
+    assert g.queues is not None
+    c = queues.counters(g.queues)
     assert c["ingested"] == c["queued"] == c["archived"] == 25
     g.stop()

@@ -18,7 +18,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from gatewayd import log as gwlog
-from gatewayd import redact
+from gatewayd import redact, topics
 from gatewayd.log import JsonFormatter, journald_stderr
 from gatewayd.logforward import (
     MAX_MESSAGE_BYTES,
@@ -70,7 +70,7 @@ def log_rows(conn: sqlite3.Connection) -> list[dict[str, Any]]:
                         (queues.PRIO_LOG,)).fetchall()
     out = []
     for prio, kind, topic, payload, counted in rows:
-        assert (prio, kind, topic, counted) == (queues.PRIO_LOG, queues.KIND_TELEMETRY, queues.TOPIC_TELEMETRY, 0)
+        assert (prio, kind, topic, counted) == (queues.PRIO_LOG, queues.KIND_TELEMETRY, topics.TOPIC_TELEMETRY, 0)
         doc = json.loads(payload)
         out.append({"ts": doc["ts"], **doc["values"]})
     return out
@@ -78,6 +78,17 @@ def log_rows(conn: sqlite3.Connection) -> list[dict[str, Any]]:
 
 def line(text: str, level: int = WARN, logger: str = "gatewayd.forwarder", ms: int = 1_700_000_000_000) -> Line:
     return Line(ms, level, logger, text)
+
+
+class Collect(logging.Handler):
+    """Keeps the records it is given."""
+
+    def __init__(self, level: int) -> None:
+        super().__init__(level)
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
 
 
 def test_similar_lines_are_sent_once_then_summarised(conn: sqlite3.Connection) -> None:
@@ -157,7 +168,7 @@ def test_rate_limit_holds_for_all_daemons_together_and_is_reported(conn: sqlite3
 
 def test_log_rows_are_low_priority_and_outside_the_ledger(conn: sqlite3.Connection) -> None:
     with queues.transaction(conn):
-        queues.append(conn, [(queues.PRIO_TELEMETRY, queues.KIND_TELEMETRY, queues.TOPIC_TELEMETRY,
+        queues.append(conn, [(queues.PRIO_TELEMETRY, queues.KIND_TELEMETRY, topics.TOPIC_TELEMETRY,
                               '{"ts":1,"values":{"t":1}}', 1, 1)])
     before = queues.counters(conn)
     assert logs.queue_log_lines(conn, [(2, {"gw_log_message": "m"})], 10) == 1
@@ -243,9 +254,8 @@ def test_full_disk_holds_lines_backs_off_and_never_logs_into_itself(tmp_path: Pa
     handler = ForwardHandler(fwd, WARN)
     root = logging.getLogger()
     root.addHandler(handler)
-    seen: list[logging.LogRecord] = []
-    spy = logging.Handler(WARN)
-    spy.emit = seen.append  # type: ignore[method-assign]
+    spy = Collect(WARN)
+    seen = spy.records
     logging.getLogger("gatewayd.logforward").addHandler(spy)
     fwd.start()
     try:

@@ -5,6 +5,7 @@ import os
 import socket
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -31,16 +32,16 @@ def drain(s: socket.socket) -> list[str]:
             return out
 
 
-def test_notifier_without_socket_is_silent() -> None:
-    n = Notifier(env={})
+def test_notifier_without_socket_is_silent(notifier: Callable[..., Notifier]) -> None:
+    n = notifier()
     assert not n.enabled and n.watchdog_interval is None
     n.ready("x")
     n.watchdog()
 
 
-def test_notifier_sends_and_halves_watchdog(tmp_path: Path) -> None:
+def test_notifier_sends_and_halves_watchdog(tmp_path: Path, notifier: Callable[..., Notifier]) -> None:
     s, path = notify_socket(tmp_path)
-    n = Notifier(env={"NOTIFY_SOCKET": path, "WATCHDOG_USEC": "30000000", "WATCHDOG_PID": str(os.getpid())})
+    n = notifier(NOTIFY_SOCKET=path, WATCHDOG_USEC="30000000", WATCHDOG_PID=str(os.getpid()))
     assert n.watchdog_interval == 15.0
     n.ready("up")
     n.status("busy")
@@ -51,17 +52,37 @@ def test_notifier_sends_and_halves_watchdog(tmp_path: Path) -> None:
     assert msgs[1:] == ["STATUS=busy", "WATCHDOG=1"]
 
 
-def test_watchdog_for_other_pid_ignored() -> None:
-    assert Notifier(env={"WATCHDOG_USEC": "1000", "WATCHDOG_PID": "1"}).watchdog_interval is None
+def test_watchdog_for_other_pid_ignored(notifier: Callable[..., Notifier]) -> None:
+    assert notifier(WATCHDOG_USEC="1000", WATCHDOG_PID="1").watchdog_interval is None
 
 
-def test_abstract_socket(tmp_path: Path) -> None:
+def test_abstract_socket(tmp_path: Path, notifier: Callable[..., Notifier]) -> None:
     name = f"gatewayd-test-{os.getpid()}"
     s = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
     s.bind("\0" + name)
     s.settimeout(1)
-    Notifier(env={"NOTIFY_SOCKET": "@" + name}).watchdog()
+    notifier(NOTIFY_SOCKET="@" + name).watchdog()
     assert s.recv(100) == b"WATCHDOG=1"
+
+
+def test_status_in_any_script_arrives_as_utf8(tmp_path: Path, notifier: Callable[..., Notifier]) -> None:
+    s, path = notify_socket(tmp_path)
+    notifier(NOTIFY_SOCKET=path).status("waiting: disk „voll“ — 残り 0 B")
+    assert drain(s) == ["STATUS=waiting: disk „voll“ — 残り 0 B"]
+
+
+def test_pings_resume_after_systemd_replaced_its_socket(tmp_path: Path, notifier: Callable[..., Notifier]) -> None:
+    s, path = notify_socket(tmp_path)
+    n = notifier(NOTIFY_SOCKET=path)
+    n.watchdog()
+    assert drain(s) == ["WATCHDOG=1"]
+    s.close()
+    os.unlink(path)
+    n.watchdog()  # nobody listens: lost, and no exception
+    s, _ = notify_socket(tmp_path)  # systemd re-executed: a new socket at the same path
+    n.watchdog()
+    assert drain(s) == ["WATCHDOG=1"]
+    s.close()
 
 
 class FakeService:
@@ -93,10 +114,10 @@ class FakeService:
         self.stopped = True
 
 
-def test_runner_pings_only_while_progressing(tmp_path: Path) -> None:
+def test_runner_pings_only_while_progressing(tmp_path: Path, notifier: Callable[..., Notifier]) -> None:
     s, path = notify_socket(tmp_path)
     svc = FakeService()
-    runner = Runner(svc, tmp_path, Notifier(env={"NOTIFY_SOCKET": path, "WATCHDOG_USEC": "100000"}))
+    runner = Runner(svc, tmp_path, notifier(NOTIFY_SOCKET=path, WATCHDOG_USEC="100000"))
     t = threading.Thread(target=runner.run)
     t.start()
     try:

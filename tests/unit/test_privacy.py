@@ -90,7 +90,7 @@ def rule_st(draw: st.DrawFn) -> dict[str, Any]:
     match = draw(st.sampled_from(["gps_*", "serial", "*", "?", "[a-m]*", "*[!0-9]", "pin", "na*e", ""])
                  | keys.filter(bool) | glob_chars)
     action = draw(st.sampled_from(privacy.ACTIONS))
-    rule = {"match": match, "action": action}
+    rule: dict[str, Any] = {"match": match, "action": action}
     if action == "round":
         rule["digits"] = draw(st.integers(-15, 15))
     return rule
@@ -242,7 +242,8 @@ def test_every_record_is_forwarded_as_the_model_says_dropped_with_its_reason_or_
     assert after["ingested"] == after["delivered"] + after["queued"] + after["dead_lettered"] + after["dropped"]
 
 
-def test_privacy_drops_are_exactly_once_across_a_replayed_batch(tmp_path: Path) -> None:
+def test_privacy_drops_are_exactly_once_across_a_replayed_batch(tmp_path: Path,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
     """A batch committed to queues.db but not yet deleted from the controller (a crash) is read
     again: its privacy drops are not counted twice."""
     cfg = load(write_config(tmp_path, {"privacy": {"drop_record_if": ["debug"]}}), env={})
@@ -252,13 +253,14 @@ def test_privacy_drops_are_exactly_once_across_a_replayed_batch(tmp_path: Path) 
     with contextlib.closing(sqlite3.connect(cfg.controller_db)) as c, c:
         c.executemany("INSERT INTO messages(type, message) VALUES ('telemetry', ?)",
                       [(json.dumps({"ts": i, "values": {"debug": 1} if i % 2 else {"a": i}}),) for i in range(10)])
-    fwd._delete_moved = lambda ranges: None  # type: ignore[method-assign]  # the crash before step 3
+    monkeypatch.setattr(fwd, "_delete_moved", lambda ranges: None)  # the crash before step 3
     assert fwd.move_batch() == 10
     fwd.stop()
     again = Forwarder(cfg)
     again.start()
     for _ in range(5):
         again.step()
-    c2 = queues.counters(again.q.conn)  # type: ignore[arg-type]
+    assert again.q.conn is not None
+    c2 = queues.counters(again.q.conn)
     again.stop()
     assert c2["ingested"] == 10 and c2["dropped.privacy"] == c2["dropped"] == 5 and c2["queued"] == 5

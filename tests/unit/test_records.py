@@ -4,8 +4,10 @@ import json
 
 import pytest
 
-from gatewayd.records import Record, packet_size, parse
-from gatewayd.store.queues import KIND_ATTRIBUTES, KIND_TELEMETRY, PRIO_ATTRIBUTES, TOPIC_TELEMETRY
+from gatewayd.packet import packet_size, utf8_len
+from gatewayd.records import Record, parse
+from gatewayd.store.queues import KIND_ATTRIBUTES, KIND_TELEMETRY, PRIO_ATTRIBUTES
+from gatewayd.topics import TOPIC_TELEMETRY
 
 MAX = 65536
 
@@ -79,4 +81,4 @@ def test_size_counts_utf8_bytes() -> None:
     msg = json.dumps({"ts": 1, "values": {"s": "€" * 22000}}, ensure_ascii=False)
     assert isinstance(parse("telemetry", msg, MAX), str)
     small = ok("telemetry", json.dumps({"ts": 1, "values": {"s": "€" * 100}}, ensure_ascii=False))
-    assert packet_size(small.topic, small.payload) < 400
+    assert packet_size(utf8_len(small.topic), utf8_len(small.payload)) < 400

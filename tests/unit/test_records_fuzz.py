@@ -9,7 +9,8 @@ from typing import Any
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from gatewayd.records import INT_MAX, INT_MIN, MAX_JSON_DEPTH, Record, packet_size, parse, plain_prefix, type_name
+from gatewayd.packet import packet_size, utf8_len
+from gatewayd.records import INT_MAX, INT_MIN, MAX_JSON_DEPTH, Record, parse, plain_prefix, type_name
 from tests.helpers.controller_values import messages, types, valid_records
 
 MAX = 65536
@@ -47,7 +48,7 @@ def test_any_row_is_a_publishable_record_or_a_reason(type_: tuple[Any, Any], mes
     obj = json.loads(result.payload, parse_constant=_reject)
     assert depth_and_numbers_ok(obj)
     assert INT_MIN <= result.ts <= INT_MAX
-    assert packet_size(result.topic, result.payload) <= MAX
+    assert packet_size(utf8_len(result.topic), utf8_len(result.payload)) <= MAX
 
 
 @SETTINGS

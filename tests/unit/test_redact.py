@@ -8,7 +8,7 @@ import json
 import logging
 import socket
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -81,7 +81,9 @@ def test_log_lines_and_tracebacks_are_masked_for_every_handler() -> None:
     extra.setFormatter(logging.Formatter("%(message)s"))
     logging.getLogger().addHandler(extra)
     stderr = io.StringIO()
-    logging.getLogger().handlers[0].setStream(stderr)  # type: ignore[attr-defined]
+    own = logging.getLogger().handlers[0]
+    assert isinstance(own, logging.StreamHandler)  # what log.setup installs
+    own.setStream(stderr)
     try:
         logger.error("refused %s", SECRET)
         try:
@@ -90,21 +92,21 @@ def test_log_lines_and_tracebacks_are_masked_for_every_handler() -> None:
             logger.exception("failed")
     finally:
         logging.getLogger().removeHandler(extra)
-        logging.getLogger().handlers[0].setStream(sys.stderr)  # type: ignore[attr-defined]
+        own.setStream(sys.stderr)
     assert SECRET not in stderr.getvalue() and MASK in stderr.getvalue()
     assert "ValueError: bad token " + MASK in stderr.getvalue()
     assert SECRET not in other.getvalue() and "refused " + MASK in other.getvalue()
     assert "ValueError: bad token " + MASK in other.getvalue()
 
 
-def test_sd_notify_status_is_masked(tmp_path: Path) -> None:
+def test_sd_notify_status_is_masked(tmp_path: Path, notifier: Callable[..., Notifier]) -> None:
     redact.register([SECRET])
     path = tmp_path / "notify"
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
     sock.bind(str(path))
     sock.settimeout(5)
     try:
-        n = Notifier({"NOTIFY_SOCKET": str(path)})
+        n = notifier(NOTIFY_SOCKET=str(path))
         n.status(f"refused {SECRET}")
         got = sock.recv(4096).decode()
     finally:

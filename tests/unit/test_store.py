@@ -10,6 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from gatewayd import topics
 from gatewayd.store import archive as archive_store
 from gatewayd.store import controller as controller_store
 from gatewayd.store import queues
@@ -50,7 +51,7 @@ def test_concurrent_openers_migrate_once(tmp_path: Path) -> None:
     def opener() -> None:
         try:
             queues.open_queues(tmp_path / "queues.db").close()
-        except BaseException as e:  # noqa: BLE001
+        except BaseException as e:  # noqa: BLE001 - collected, and asserted to be none below
             errors.append(e)
 
     threads = [threading.Thread(target=opener) for _ in range(6)]
@@ -108,7 +109,7 @@ def test_outbox_priority_then_age(tmp_path: Path) -> None:
     conn = qconn(tmp_path)
     with transaction(conn):
         queues.append(conn, [(0, "telemetry", "t", "t1", 1, 1), (0, "telemetry", "t", "t2", 2, 1)])
-    queues.enqueue(conn, queues.KIND_RPC_REPLY, queues.TOPIC_RPC_RESPONSE + "7", '{"ok":1}', queues.PRIO_RPC_REPLY)
+    queues.enqueue(conn, queues.KIND_RPC_REPLY, topics.rpc_response("7"), '{"ok":1}', queues.PRIO_RPC_REPLY)
     with transaction(conn):
         queues.append(conn, [(queues.PRIO_ATTRIBUTES, "attributes", "a", "a1", 3, 1)])
     rows = queues.peek(conn, 10)

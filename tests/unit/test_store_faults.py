@@ -162,8 +162,8 @@ def test_fault_state_reports_once_backs_off_within_bounds_and_records_late(tmp_p
                         lambda: usable[0] if usable else None, initial=0.25, maximum=2.0)
     reserve_path(tmp_path).write_bytes(b"\0" * 4096)
     full = sqlite3.OperationalError("database or disk is full")
-    full.sqlite_errorcode = 13  # type: ignore[attr-defined]
-    full.sqlite_errorname = "SQLITE_FULL"  # type: ignore[attr-defined]
+    full.sqlite_errorcode = 13
+    full.sqlite_errorname = "SQLITE_FULL"
     delays = [faults.failed(full, 100.0, "queues.db") for _ in range(6)]
     assert delays == [0.25, 0.5, 1.0, 2.0, 2.0, 2.0]            # doubling, bounded
     assert faults.waiting(101.0) and not faults.waiting(102.5)

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import sqlite3
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -18,13 +20,13 @@ from tests.helpers.daemons import write_config
 
 
 @pytest.fixture
-def q(tmp_path: Path):  # type: ignore[no-untyped-def]
+def q(tmp_path: Path) -> Iterator[sqlite3.Connection]:
     conn = queues.open_queues(tmp_path / "queues.db")
     yield conn
     conn.close()
 
 
-def test_rpc_reply_is_queued_once_with_the_inbound_row_deleted(q) -> None:  # type: ignore[no-untyped-def]
+def test_rpc_reply_is_queued_once_with_the_inbound_row_deleted(q: sqlite3.Connection) -> None:
     queues.put_inbound(q, "v1/devices/me/rpc/request/5", b'{"method":"ping"}')
     rid = q.execute("SELECT id FROM inbound").fetchone()[0]
     dig = ledger.digest(b'{"method":"ping"}')
@@ -53,7 +55,7 @@ def test_rpc_reply_is_queued_once_with_the_inbound_row_deleted(q) -> None:  # ty
     assert ledger.purge_orphans(q) == 1  # inbound row 99 does not exist
 
 
-def test_dead_letter_inbound_keeps_binary_payloads(q) -> None:  # type: ignore[no-untyped-def]
+def test_dead_letter_inbound_keeps_binary_payloads(q: sqlite3.Connection) -> None:
     queues.put_inbound(q, "x/y", b"\xff\x00")
     rid = q.execute("SELECT id FROM inbound").fetchone()[0]
     ledger.dead_letter_inbound(q, rid, "x/y", b"\xff\x00", "no handler")
@@ -203,4 +205,5 @@ def test_describe_device() -> None:
                  "links": ["/dev/serial/by-id/usb-x"]}
     assert describe_device(FakeDev("tty", "/dev/tty3", {})) is None  # a virtual console
     assert describe_device(FakeDev("usb", None, {}, "usb_interface")) is None
-    assert describe_device(usb)["id"] == "0403:6001"  # type: ignore[index]
+    described = describe_device(usb)
+    assert described is not None and described["id"] == "0403:6001"

@@ -111,7 +111,7 @@ def env(tmp_path: Path) -> tuple[ControllerManager, FakeDocker, Clock]:
         "health_check_max_age_s": 30, "mounts": ["/srv/a:/a:ro", "bad-mount"]}}), env={})
     clock = Clock()
     fake = FakeDocker(clock)
-    mgr = ControllerManager(cfg, docker=fake, clock=clock.monotonic, wall_ms=clock.wall_ms)  # type: ignore[arg-type]
+    mgr = ControllerManager(cfg, docker=fake, clock=clock.monotonic, wall_ms=clock.wall_ms)
     return mgr, fake, clock
 
 

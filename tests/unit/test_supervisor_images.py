@@ -8,6 +8,8 @@ import tarfile
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from gatewayd.supervisor.images import (
     LABEL_COMMIT,
     LABEL_OWNER,
@@ -148,7 +150,7 @@ def test_cleanup_after_update_protects_running_and_previous_and_delays_the_next(
     assert jobs.names[-1] == "prepare version v3"
 
 
-def test_cleanup_after_failure_waits_for_the_rollback(tmp_path: Path) -> None:
+def test_cleanup_after_failure_waits_for_the_rollback(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     um, ctl, tel, _, _ = make_manager(tmp_path, {"prepare": CURRENT})
     jobs = PendingCleanupJobs({"prepare": CURRENT})
     um.jobs = jobs
@@ -164,7 +166,7 @@ def test_cleanup_after_failure_waits_for_the_rollback(tmp_path: Path) -> None:
         ctl.targets.append(t)
         return rollback
 
-    ctl.set_target = set_target  # type: ignore[method-assign]
+    monkeypatch.setattr(ctl, "set_target", set_target)
     ctl.snap.update(failures_total=1, last_failure="exited with code 3")
     um.step()
     assert tel[-1]["sw_state"] == "FAILED" and um.phase == "cleanup"

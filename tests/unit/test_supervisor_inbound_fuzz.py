@@ -55,7 +55,7 @@ TOPICS = st.sampled_from(["rpc", "rpc", "rpc", "v1/devices/me/attributes", "v1/d
 def settle(sup: Supervisor, conn: Any) -> None:
     for _ in range(400):
         sup.step()
-        if not queues.depth(conn, "inbound") and not getattr(sup, "rpc", sup).pending:
+        if not queues.depth(conn, "inbound") and not sup.rpc.pending:
             return
         time.sleep(0.01)
     raise AssertionError("the supervisor did not consume its inbound rows")

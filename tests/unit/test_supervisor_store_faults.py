@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 
+from gatewayd import topics
 from gatewayd.config import load
 from gatewayd.store import queues
 from gatewayd.store.db import file_identity, transaction
@@ -110,7 +111,7 @@ def test_a_reply_that_cannot_be_stored_waits_and_is_never_turned_into_interrupte
     assert replies(bridge, 8)[0]["pong"] is True
     assert inbound_ids(bridge) == []
     telemetry = [json.loads(p) for (p,) in bridge.execute("SELECT payload FROM outbox WHERE topic = ?",
-                                                          (queues.TOPIC_TELEMETRY,))]
+                                                          (topics.TOPIC_TELEMETRY,))]
     assert any(t["values"] == {"during": 1} for t in telemetry)
     assert any(r.getMessage().startswith("recovered: queues.db: database is locked") for r in caplog.records)
     error = queues.get_state(bridge, "supervisor.last_error")["message"]

@@ -207,7 +207,7 @@ def make_manager(tmp_path: Path, results: dict[str, Any], **controller: Any
     telemetry: list[Any] = []
     state: dict[str, Any] = {}
     jobs = SyncJobs(results)
-    um = UpdateManager(cfg, ctl, jobs, state.get, state.__setitem__, telemetry.append,  # type: ignore[arg-type]
+    um = UpdateManager(cfg, ctl, jobs, state.get, state.__setitem__, telemetry.append,
                        lambda t, p: None)
     return um, ctl, telemetry, jobs, state
 

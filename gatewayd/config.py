@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import os
 import re
 import socket
+import stat
 import tomllib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -23,6 +25,14 @@ from gatewayd.schema import INGEST_TOPIC_KEYS, SCHEMA, Key
 
 DEFAULT_CONFIG_PATH = "/etc/gatewayd/gatewayd.toml"
 EX_CONFIG = 78
+# Bounds every number in a configuration must keep, whatever its key: an integer must fit
+# SQLite's INTEGER (it may become a query parameter), a number of seconds (or days) must be
+# finite and one that `time.sleep`, `select` and `threading` take (a billion seconds is 31
+# years). Larger values used to pass --check-config and then crash or wedge a daemon.
+MAX_INT = 2**63 - 1
+MAX_NUMBER = 1e9
+# A configuration file is read whole; anything larger is not a configuration.
+MAX_FILE_BYTES = 4 * 1024 * 1024
 
 
 class ConfigError(Exception):
@@ -200,6 +210,72 @@ def _check_type(value: Any, key: Key) -> bool:
     return isinstance(value, types)
 
 
+def _number_problem(value: Any, key: Key) -> str | None:
+    """Out of the range every number must keep (MAX_INT, MAX_NUMBER), or None."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    types = key.type if isinstance(key.type, tuple) else (key.type,)
+    if float in types:
+        if not math.isfinite(value) or abs(value) > MAX_NUMBER:
+            return f"must be a finite number between {-MAX_NUMBER:g} and {MAX_NUMBER:g}"
+    elif not -MAX_INT - 1 <= value <= MAX_INT:
+        return f"must be between {-MAX_INT - 1} and {MAX_INT}"
+    return None
+
+
+def _has_nul(value: Any) -> bool:
+    """A NUL character anywhere in a value: no path, host, topic or argument can hold one."""
+    if isinstance(value, str):
+        return "\0" in value
+    if isinstance(value, list):
+        return any(_has_nul(v) for v in value)
+    if isinstance(value, dict):
+        return any(_has_nul(k) or _has_nul(v) for k, v in value.items())
+    return False
+
+
+def _read_toml(f: Path) -> dict[str, Any]:
+    """Parse one file; OSError or ValueError (with the reason) for anything that is not a
+    regular UTF-8 TOML file of a sane size. Opened non-blocking: a FIFO never hangs start-up."""
+    fd = os.open(f, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    with os.fdopen(fd, "rb") as fh:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise ValueError("not a regular file")
+        data = fh.read(MAX_FILE_BYTES + 1)
+    if len(data) > MAX_FILE_BYTES:
+        raise ValueError(f"larger than {MAX_FILE_BYTES} bytes")
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"not valid UTF-8 (byte 0x{data[e.start]:02x} at offset {e.start})") from None
+    return tomllib.loads(text)
+
+
+def _drop_ins(confd: Path, problems: list[str], warnings: list[str]) -> list[Path]:
+    """`conf.d/*.toml` in lexical order. A conf.d that exists but cannot be listed is a problem:
+    skipping it silently ran a daemon (as its own user) with another configuration than the one
+    `--check-config` showed root."""
+    try:
+        entries = sorted((e for e in os.scandir(confd) if e.name.endswith(".toml")), key=lambda e: e.name)
+    except (FileNotFoundError, NotADirectoryError):
+        return []
+    except OSError as e:
+        problems.append(f"{confd}: cannot read: {e.strerror}")
+        return []
+    out = []
+    for entry in entries:
+        try:
+            regular = entry.is_file()
+        except OSError:
+            regular = False
+        if regular:
+            out.append(Path(entry.path))
+        else:
+            warnings.append(f"{entry.path}: not a regular file, ignored")
+    return out
+
+
 def load(path: str | Path | None = None, env: Mapping[str, str] | None = None) -> Config:
     """Resolve the configuration; raise ConfigError listing every problem found."""
     env = os.environ if env is None else env
@@ -210,23 +286,27 @@ def load(path: str | Path | None = None, env: Mapping[str, str] | None = None) -
     sources: list[str] = []
 
     files: list[Path] = []
-    if main.exists():
+    try:
+        os.stat(main)
         files.append(main)
-    elif path is not None or env.get("GATEWAYD_CONFIG"):
-        problems.append(f"{main}: config file not found")
-    confd = main.parent / "conf.d"
-    if confd.is_dir():
-        files.extend(sorted(p for p in confd.glob("*.toml") if p.is_file()))
+    except (FileNotFoundError, NotADirectoryError):
+        if path is not None or env.get("GATEWAYD_CONFIG"):
+            problems.append(f"{main}: config file not found")
+    except OSError as e:   # a directory this user may not enter: say so, like an unreadable file
+        problems.append(f"{main}: cannot read: {e.strerror}")
+    files.extend(_drop_ins(main.parent / "conf.d", problems, warnings))
 
     for f in files:
         try:
-            with open(f, "rb") as fh:
-                doc = tomllib.load(fh)
+            doc = _read_toml(f)
         except tomllib.TOMLDecodeError as e:
             problems.append(f"{f}: not valid TOML: {e}")
             continue
         except OSError as e:
             problems.append(f"{f}: cannot read: {e.strerror}")
+            continue
+        except ValueError as e:
+            problems.append(f"{f}: cannot read: {e}")
             continue
         sources.append(str(f))
         _merge(merged, _expand(doc, env, str(f), problems))
@@ -270,6 +350,13 @@ def load(path: str | Path | None = None, env: Mapping[str, str] | None = None) -
             shown = MASK if key.secret or (section, name) == ("controller", "environment") else repr(value)
             if not _check_type(value, key):
                 problems.append(f"[{section}] {name} = {shown}: must be {_type_name(key.type)}")
+                continue
+            out_of_range = _number_problem(value, key)
+            if out_of_range:
+                problems.append(f"[{section}] {name} = {shown}: {out_of_range}")
+                continue
+            if _has_nul(value):
+                problems.append(f"[{section}] {name} = {shown}: must not contain a NUL character (\\u0000)")
                 continue
             if isinstance(key.type, tuple) and float in key.type:
                 data[section][name] = value = float(value)

@@ -133,14 +133,25 @@ class Heartbeat:
 
     def __init__(self, runtime_dir: Path, name: str):
         self.path = runtime_dir / f"{name}.heartbeat"
+        self.written = False
 
     def beat(self) -> None:
+        """The first beat of a process writes its pid: a file left by one killed with SIGKILL
+        names a dead pid, and `gatewayctl status` (without systemd) took the daemon for down."""
         try:
-            os.utime(self.path)
+            if self.written:
+                os.utime(self.path)
+                return
         except FileNotFoundError:
+            pass
+        except OSError as e:
+            log.warning("cannot update heartbeat %s: %s", self.path, e)
+            return
+        try:
             tmp = self.path.with_suffix(".tmp")
             tmp.write_text(f"pid {os.getpid()}\n")
             os.replace(tmp, self.path)
+            self.written = True
         except OSError as e:
             log.warning("cannot update heartbeat %s: %s", self.path, e)
 

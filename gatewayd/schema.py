@@ -137,7 +137,7 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "provision_device_key": Key(str, "", secret=True),
         "provision_device_secret": Key(str, "", secret=True),
         "mqtt_version": Key(str, "3.1.1", _one_of("3.1.1", "5")),
-        "keepalive_s": Key(int, 60, _min(5)),
+        "keepalive_s": Key(int, 60, _range(5, 65535), doc="MQTT's keep-alive field holds 16 bits"),
         "connect_timeout_s": Key((int, float), 10.0, _positive,
                                  doc="DNS lookup, TCP connect and TLS handshake each give up after this long"),
         "reconnect_max_s": Key((int, float), 5.0, _positive),
@@ -294,7 +294,7 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "receive_maximum": Key(int, 1000, _range(1, 65535), doc="MQTT 5: unacknowledged messages in flight"),
         "session_expiry_s": Key(int, 604800, _range(1, 0xFFFFFFFF),
                                 doc="MQTT 5: how long the broker keeps the session while ingest is away"),
-        "keepalive_s": Key(int, 30, _min(5)),
+        "keepalive_s": Key(int, 30, _range(5, 65535)),
         "reconnect_max_s": Key((int, float), 5.0, _positive),
     },
     "ingest.http": {

@@ -52,6 +52,35 @@ def request_payload(device_name: str, key: str, secret: str) -> str:
                        "provisionDeviceSecret": secret}, separators=(",", ":"))
 
 
+MQTT_STRING_MAX = 65535
+
+
+def _mqtt_text(value: Any, what: str, optional: bool = False) -> str | None:
+    """`value` as an MQTT UTF-8 string (user name, password, client id), or ValueError: a value
+    paho cannot encode (a lone surrogate, a NUL, over 64 KiB, a JSON object) failed every
+    connect, for ever, once saved."""
+    if value is None and optional:
+        return None
+    if isinstance(value, int) and not isinstance(value, bool):
+        value = str(value)
+    if not isinstance(value, str):
+        raise ValueError(f"{what} is not a string")
+    try:
+        size = len(value.encode("utf-8"))
+    except UnicodeEncodeError:
+        raise ValueError(f"{what} is not valid Unicode text") from None
+    if "\0" in value or size > MQTT_STRING_MAX:
+        raise ValueError(f"{what} cannot be sent over MQTT (a NUL character, or over {MQTT_STRING_MAX} bytes)")
+    return value
+
+
+def _basic(value: dict[str, Any], source: str) -> Credentials:
+    return Credentials(username=_mqtt_text(value.get("userName"), "userName") or "",
+                       password=_mqtt_text(value.get("password"), "password", optional=True),
+                       client_id=_mqtt_text(value.get("clientId") or None, "clientId", optional=True),
+                       source=source)
+
+
 def parse_response(payload: bytes) -> Credentials:
     """Credentials from a SUCCESS answer; ProvisioningError with a clear reason otherwise."""
     try:
@@ -66,13 +95,13 @@ def parse_response(payload: bytes) -> Credentials:
         raise ProvisioningError(f"provisioning refused by the server: {status or 'no status'}: {msg}")
     ctype = data.get("credentialsType", "ACCESS_TOKEN")
     value = data.get("credentialsValue")
-    if ctype == "ACCESS_TOKEN" and isinstance(value, str) and value:
-        return Credentials(username=value, source="provisioned")
-    if ctype == "MQTT_BASIC" and isinstance(value, dict) and value.get("userName"):
-        return Credentials(username=str(value["userName"]),
-                           password=str(value["password"]) if value.get("password") is not None else None,
-                           client_id=str(value["clientId"]) if value.get("clientId") else None,
-                           source="provisioned")
+    try:
+        if ctype == "ACCESS_TOKEN" and isinstance(value, str) and value:
+            return Credentials(username=_mqtt_text(value, "the access token") or "", source="provisioned")
+        if ctype == "MQTT_BASIC" and isinstance(value, dict) and value.get("userName"):
+            return _basic(value, "provisioned")
+    except ValueError as e:
+        raise ProvisioningError(f"provisioning answer has unusable credentials: {e}") from None
     raise ProvisioningError(f"provisioning answer has unsupported credentials: type {ctype!r}")
 
 
@@ -114,11 +143,14 @@ def load(path: Path) -> Credentials | None:
         raise ValueError(f"{path}: not valid JSON ({e})") from None
     if not isinstance(data, dict):
         raise ValueError(f"{path}: not a JSON object")
-    if data.get("credentialsType") == "MQTT_BASIC" and data.get("userName"):
-        return Credentials(str(data["userName"]), data.get("password"), data.get("clientId") or None, "file")
-    token = data.get("accessToken")
-    if isinstance(token, str) and token:
-        return Credentials(token, source="file")
+    try:
+        if data.get("credentialsType") == "MQTT_BASIC" and data.get("userName"):
+            return _basic(data, "file")
+        token = data.get("accessToken")
+        if isinstance(token, str) and token:
+            return Credentials(_mqtt_text(token, "accessToken") or "", source="file")
+    except ValueError as e:
+        raise ValueError(f"{path}: {e}") from None
     raise ValueError(f"{path}: no accessToken in it")
 
 

@@ -27,7 +27,7 @@ from gatewayd.config import Config
 from gatewayd.forwarder.clockgate import ClockGate, Good
 from gatewayd.forwarder.clocktrack import CLOCK_CORRECTED, CLOCK_OK, CLOCK_UNSYNCED
 from gatewayd.forwarder.files import ARCHIVE, CONTROLLER, QUEUES, Paused, StoreFault, on
-from gatewayd.forwarder.resume import BATCH_STATE, MARK, resume_point
+from gatewayd.forwarder.resume import BATCH_STATE, MARK, fingerprint, resume_point
 from gatewayd.forwarder.rows import dead_letter, examine, id_ranges
 from gatewayd.inotify import DirectoryWatch
 from gatewayd.records import Record, parse, plain_prefix
@@ -81,6 +81,7 @@ class Forwarder:
         self.mark = 0
         self.archive_mark = 0
         self.schema = -1
+        self.batch_print = ""  # fingerprint() of the last row of the batch being stored
         self.pending: list[list[int]] = []   # controller id ranges moved but not yet deleted there
         self.draining = False                # the controller file was replaced: empty the old one first
         self.reconcile = False
@@ -242,6 +243,11 @@ class Forwarder:
         if version == self.seen_version and not self.draining:
             # The event is the WAL write; the commit shows in data_version only a moment later.
             return True, self.poll_s if self.woken else idle_wait
+        if self.mark > 0 and not self.pending and not self.draining:
+            with on(CONTROLLER):
+                stranded = controller_store.has_rows_upto(ctrl, self.mark)
+            if stranded:   # everything up to the mark was moved and deleted: these ids were reused
+                self._reconcile()
         if self.headroom.low():
             raise Paused(f"only {self.headroom.free()} bytes free under {self.cfg.state_dir} (keeping "
                          f"{self.headroom.min_free} for the ledger and replies): controller records wait in "
@@ -333,7 +339,7 @@ class Forwarder:
         """Decide where reading resumes (`resume.resume_point`), here and in the archive."""
         ctrl, q = self.c.conn, self.q.conn
         assert ctrl is not None and q is not None
-        self.epoch, self.mark, self.schema = resume_point(ctrl, q, self.cfg.controller_db)
+        self.epoch, self.mark, self.schema = resume_point(ctrl, q, self.cfg.controller_db, self.max_message)
         self.pending = []
         self.archive_mark = 0
         if self.archive is not None:
@@ -413,6 +419,7 @@ class Forwarder:
         # 2. outbox, dead letters, ledger, mark and the ids to delete, in one transaction
         first = rows[0][0]
         ranges = [[first, last]] if last - first + 1 == len(rows) else id_ranges([r[0] for r in rows])
+        self.batch_print = fingerprint(rows[-1])
         with on(QUEUES):
             self._commit_queues(good, bad, dropped, untrusted, last, schema, [] if self.draining else ranges)
         self.mark = last
@@ -525,7 +532,8 @@ class Forwarder:
                                             else flags.count(CLOCK_UNSYNCED))
             queues.bump(q, counts)
             set_mark(q, MARK, self.epoch, last)
-            queues.set_state(q, BATCH_STATE, {"epoch": self.epoch, "schema": schema, "delete": ranges})
+            queues.set_state(q, BATCH_STATE, {"epoch": self.epoch, "schema": schema, "delete": ranges,
+                                              "last": self.batch_print})
         self.dead_total += len(new_bad)
         self.privacy_total += new_dropped
 

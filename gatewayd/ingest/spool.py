@@ -72,6 +72,7 @@ class Current:
     offset: int
     mtime_ms: int
     type_: str
+    skipping: bool = False  # inside a line over MAX_LINE_BYTES, whose start was queued cut short
 
 
 class SpoolAdapter:
@@ -234,6 +235,9 @@ class SpoolAdapter:
                 continue
             fh.seek(offset)
             self.current = Current(name, fh, ident, offset, st.st_mtime_ns // 1_000_000, formats.spool_type(name))
+            # Lines are committed whole, except the start of one too long: resuming elsewhere
+            # than after a newline is resuming inside such a line, whose rest is skipped.
+            self.current.skipping = offset > 0 and name.endswith(".jsonl") and os.pread(fd, 1, offset - 1) != b"\n"
             return self.current
         return None
 
@@ -251,16 +255,22 @@ class SpoolAdapter:
         size = 0
         fh = cur.fh
         while len(rows) < CHUNK_LINES and size < CHUNK_BYTES:
+            if cur.skipping:   # at most CHUNK_BYTES per round: a line of gigabytes never stops the loop
+                rest = fh.readline(MAX_LINE_BYTES)
+                if not rest:
+                    return rows, fh.tell(), True
+                size += len(rest)
+                cur.skipping = not rest.endswith(b"\n")
+                continue
             line = fh.readline(MAX_LINE_BYTES + 1)
             if not line:
                 return rows, fh.tell(), True
             size += len(line)
             if len(line) > MAX_LINE_BYTES and not line.endswith(b"\n"):
-                while (rest := fh.readline(MAX_LINE_BYTES)) and not rest.endswith(b"\n"):
-                    pass
                 log.warning("spool: %s: a line over %d bytes at byte %d is queued cut short (it will be "
-                            "dead-lettered)", cur.name, MAX_LINE_BYTES, fh.tell())
+                            "dead-lettered)", cur.name, MAX_LINE_BYTES, fh.tell() - len(line))
                 rows.append((cur.type_, line))
+                cur.skipping = True
                 continue
             line = line.strip()
             if line:

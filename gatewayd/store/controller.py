@@ -101,8 +101,12 @@ def new_epoch(conn: sqlite3.Connection) -> str:
 
 
 def sequence(conn: sqlite3.Connection) -> int | None:
-    """The AUTOINCREMENT high-water mark of `messages` (None: no row was ever inserted in this table)."""
-    row = conn.execute("SELECT seq FROM sqlite_sequence WHERE name = 'messages'").fetchone()
+    """The AUTOINCREMENT high-water mark of `messages` (None: no row was ever inserted in this table).
+
+    `sqlite_sequence` is an ordinary table a controller can write; for a value that is not an
+    integer, SQLite's next id follows the largest one present, and so does this."""
+    row = conn.execute("SELECT CASE WHEN typeof(seq) = 'integer' THEN seq ELSE (SELECT max(id) FROM messages) END "
+                       "FROM sqlite_sequence WHERE name = 'messages'").fetchone()
     return int(row[0]) if row and row[0] is not None else None
 
 
@@ -204,14 +208,17 @@ def enqueue(conn: sqlite3.Connection, type_: str, message: str) -> int:
 
 
 def last_health_check_ms(conn: sqlite3.Connection) -> int | None:
-    """Row 1 of `health_check` in epoch ms; None when missing or not a number (the controller writes it)."""
+    """Row 1 of `health_check` in epoch ms; None when missing or not a number that fits 64 bits
+    (the controller writes it: `9e999`, or a 400-digit text INTEGER affinity turns into one, is
+    infinity)."""
     row = conn.execute("SELECT timestamp_ms FROM health_check WHERE id = 1").fetchone()
     if not row or row[0] is None:
         return None
     try:
-        return int(row[0])
-    except (TypeError, ValueError):
+        value = int(row[0])   # text and blobs of digits too; an infinite REAL raises OverflowError
+    except (TypeError, ValueError, OverflowError):
         return None
+    return value if -(2**63) <= value < 2**63 else None
 
 
 def _read_file(path: Path, read: Callable[[sqlite3.Connection], T], missing: T | None,

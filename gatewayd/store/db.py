@@ -44,6 +44,31 @@ class NotADatabase(sqlite3.DatabaseError):
     sqlite_errorname = "SQLITE_NOTADB"
 
 
+class NotAFile(sqlite3.OperationalError):
+    """A database path (or its -wal/-shm) that is a FIFO, a directory or a device: SQLite would
+    block opening a FIFO for reading, for ever. Classified like SQLITE_CANTOPEN: a fault of the
+    moment, reported and retried (a controller container can put anything at its paths)."""
+
+    sqlite_errorcode = 14
+    sqlite_errorname = "SQLITE_CANTOPEN"
+
+
+def _require_files(path: Path) -> None:
+    """Raise NotAFile unless `path` and its side files, where present, are regular files.
+
+    One lstat each (stat for the database itself: a controller may link it); without O_NONBLOCK
+    nothing here or in SQLite could wait on a FIFO."""
+    for p, look in ((path, os.stat), *((Path(str(path) + ext), os.lstat) for ext in SIDE_FILES)):
+        try:
+            mode = look(p).st_mode
+        except FileNotFoundError:
+            continue
+        except OSError as e:
+            raise NotAFile(f"unable to open database file {p}: {e.strerror}") from None
+        if not stat.S_ISREG(mode):
+            raise NotAFile(f"unable to open database file {p}: not a regular file")
+
+
 def _connect(path: Path, busy_timeout_ms: int) -> sqlite3.Connection:
     conn = sqlite3.connect(str(path), timeout=busy_timeout_ms / 1000, isolation_level=None,
                            check_same_thread=False)
@@ -60,6 +85,7 @@ def open_readonly(path: Path, busy_timeout_ms: int = BUSY_TIMEOUT_MS) -> sqlite3
     """
     if not path.exists():
         raise sqlite3.OperationalError(f"unable to open database file {path}: it does not exist")
+    _require_files(path)
     extra = "" if Path(str(path) + "-wal").exists() else "&immutable=1"
     conn = sqlite3.connect(f"file:{urllib.parse.quote(str(path))}?mode=ro{extra}", uri=True,
                            timeout=busy_timeout_ms / 1000, isolation_level=None, check_same_thread=False)
@@ -111,6 +137,7 @@ def check_header(path: Path) -> None:
 
     Costs one read of 16 bytes, so it can run before READY whatever the file size.
     """
+    _require_files(path)
     try:
         with open(path, "rb") as f:
             head = f.read(len(SQLITE_HEADER))

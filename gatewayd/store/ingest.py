@@ -8,6 +8,7 @@ transaction as the file's rows, so a crash neither loses nor repeats a line.
 
 from __future__ import annotations
 
+import os
 import sqlite3
 from collections.abc import Iterable, Sequence
 
@@ -43,19 +44,30 @@ def depth_estimate(conn: sqlite3.Connection) -> int:
     return int(row[0] or 0)
 
 
+def _key(name: str) -> str | bytes:
+    """A file name as stored: text when it is UTF-8, else its bytes (a BLOB), so that a name
+    some writer made in Latin-1 (`os.scandir` gives it lone surrogates) can be marked too."""
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        return os.fsencode(name)
+    return name
+
+
 def set_spool_marks(conn: sqlite3.Connection, marks: Iterable[SpoolMark]) -> None:
     """The caller holds the transaction that inserts the marked rows."""
     conn.executemany(
         "INSERT INTO gatewayd_ingest_spool(name, ident, offset, done) VALUES (?,?,?,?) "
         "ON CONFLICT(name) DO UPDATE SET ident = excluded.ident, offset = excluded.offset, done = excluded.done",
-        [(name, ident, offset, int(done)) for name, ident, offset, done in marks])
+        [(_key(name), ident, offset, int(done)) for name, ident, offset, done in marks])
 
 
 def spool_marks(conn: sqlite3.Connection) -> dict[str, tuple[str, int, bool]]:
     rows = conn.execute("SELECT name, ident, offset, done FROM gatewayd_ingest_spool")
-    return {name: (ident, int(offset), bool(done)) for name, ident, offset, done in rows}
+    return {os.fsdecode(name) if isinstance(name, bytes) else name: (ident, int(offset), bool(done))
+            for name, ident, offset, done in rows}
 
 
 def delete_spool_marks(conn: sqlite3.Connection, names: Iterable[str]) -> None:
     with transaction(conn):
-        conn.executemany("DELETE FROM gatewayd_ingest_spool WHERE name = ?", [(n,) for n in names])
+        conn.executemany("DELETE FROM gatewayd_ingest_spool WHERE name = ?", [(_key(n),) for n in names])

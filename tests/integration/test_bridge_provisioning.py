@@ -125,3 +125,28 @@ def test_refused_access_token_backs_off_and_says_why(tmp_path: Path, tb: Any) ->
         assert log.count("refused the configured access token") == 1
     finally:
         bridge.stop()
+
+
+@pytest.mark.parametrize("saved", [
+    {"credentialsType": "ACCESS_TOKEN", "accessToken": "tok\ud800en"},
+    {"credentialsType": "ACCESS_TOKEN", "accessToken": "x" * 70000},
+    {"credentialsType": "MQTT_BASIC", "userName": "u", "password": {"not": "text"}},
+    {"credentialsType": "MQTT_BASIC", "userName": "u", "password": "p", "clientId": "c\u0000d"},
+])
+def test_unusable_saved_credentials_are_replaced_by_provisioning(tmp_path: Path, tb: Any,
+                                                                 saved: dict[str, Any]) -> None:
+    """Credentials paho cannot put in a CONNECT (a lone surrogate, a NUL, over 64 KiB, not text),
+    as a server's answer or a damaged file left them, failed every connect for ever (a traceback
+    per attempt, the watchdog starved): the device was lost until someone deleted the file."""
+    base = tmp_path / "gw"
+    creds = base / "state" / "credentials.json"
+    creds.parent.mkdir(parents=True)
+    creds.write_text(json.dumps(saved))
+    fill(base, range(5))
+    bridge = start_bridge(_config(base, tb.port))
+    try:
+        wait_for(lambda: len(captured_seqs(tb.capture_path, NAME)) >= 5, 30, what="records delivered")
+        assert json.loads(creds.read_text())["accessToken"] == tb.client.token(NAME)
+        assert "saved credentials unusable" in bridge.log() and "Traceback" not in bridge.log()
+    finally:
+        bridge.stop()

@@ -5,8 +5,11 @@ from __future__ import annotations
 import json
 import stat
 from pathlib import Path
+from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from gatewayd.bridge import provisioning
 from gatewayd.bridge.provisioning import Credentials, ProvisioningError
@@ -64,3 +67,26 @@ def test_load_missing_and_bad(tmp_path: Path) -> None:
     bad.write_text("{}")
     with pytest.raises(ValueError):
         provisioning.load(bad)
+
+
+ANSWER_VALUES = st.recursive(st.none() | st.booleans() | st.integers() | st.floats()
+                             | st.text(st.characters(), max_size=8) | st.sampled_from(["\0", "\ud800", "x" * 70000]),
+                             lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=8), inner,
+                                                                                        max_size=3), max_leaves=8)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.sampled_from(["ACCESS_TOKEN", "MQTT_BASIC", "X509_CERTIFICATE", None, 5]),
+       ANSWER_VALUES | st.fixed_dictionaries({"userName": ANSWER_VALUES, "password": ANSWER_VALUES,
+                                              "clientId": ANSWER_VALUES}))
+def test_any_provisioning_answer_gives_sendable_credentials_or_a_refusal(ctype: Any, value: Any) -> None:
+    """Whatever the server answers: credentials paho can put in a CONNECT, or ProvisioningError."""
+    payload = json.dumps({"status": "SUCCESS", "credentialsType": ctype, "credentialsValue": value}).encode()
+    try:
+        creds = provisioning.parse_response(payload)
+    except ProvisioningError:
+        return
+    for text in (creds.username, creds.password, creds.client_id):
+        if text is not None:
+            assert isinstance(text, str) and "\0" not in text and len(text.encode("utf-8")) <= 65535
+    assert creds.username

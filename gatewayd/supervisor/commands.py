@@ -399,6 +399,13 @@ def m_dead_letters_list(ctx: Context, params: Any) -> Result:
     limit = _int(p, "limit", required=False, default=20, lo=1, hi=DEAD_LETTER_LIST_MAX)
     out = dead_letters.listing(ctx.cfg, limit)
     rows = out["dead_letters"]
+    if ctx.cfg["privacy"]["rules"] or ctx.cfg["privacy"]["drop_record_if"]:
+        # A dead letter is the raw record, before the policy: a reply to ThingsBoard would carry
+        # what the policy keeps from it. `gatewayctl dead-letters show` on the device still shows it.
+        for r in rows:
+            if r.get("message") is not None:
+                r["message"] = None
+                r["message_withheld"] = "privacy policy: see gatewayctl dead-letters show on the device"
     # the newest that fit in one reply
     while rows and len(json.dumps(out, default=str)) > ctx.reply_budget - 100:
         rows.pop(0)

@@ -9,7 +9,7 @@ import json
 import sqlite3
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -23,6 +23,8 @@ from gatewayd.store import dead_letters as dl_store
 from gatewayd.store import queues
 from gatewayd.store import rpc as rpc_store
 from gatewayd.store.db import open_db, transaction
+from gatewayd.supervisor import commands
+from gatewayd.supervisor.jobs import Jobs
 from tests.helpers.daemons import write_config
 
 GOOD = json.dumps({"ts": 1_700_000_000_000, "values": {"t": 1}})
@@ -229,6 +231,32 @@ def test_listing_and_show_cut_long_messages(world: World) -> None:
     shown = dead_letters.show(world.cfg, row["id"])
     assert shown is not None and shown["message"] == "x" * 5000 and shown["ledger_record"] is True
     assert dead_letters.show(world.cfg, 99999) is None
+
+
+def _rpc_context(cfg: Config) -> commands.Context:
+    def unused() -> Any:
+        raise AssertionError("dead_letters_list needs only the config")
+    return commands.Context(cfg=cfg, jobs=cast(Jobs, None), controller=None, uptime_s=unused,
+                            status_report=unused, sw_report=unused, init_files=unused, devices=unused,
+                            reply_budget=16_384)
+
+
+def test_rpc_listing_withholds_raw_records_under_a_privacy_policy(world: World, tmp_path: Path) -> None:
+    """A dead letter is the record before the policy: the RPC reply (to ThingsBoard) must not carry
+    it once a policy is configured; the device's own gatewayctl still shows it."""
+    world.insert('{"ts": 1, "values": {"operator": "Jane Doe"}, "extra": ')
+    world.forward()
+    plain = commands.m_dead_letters_list(_rpc_context(world.cfg), {})
+    assert isinstance(plain, dict) and "Jane Doe" in plain["dead_letters"][0]["message"]
+    for policy in ({"rules": [{"match": "operator", "action": "drop"}]}, {"drop_record_if": ["operator"]}):
+        cfg = load(write_config(tmp_path, {"forwarder": {"batch_size": 50}, "privacy": policy}), env={})
+        out = commands.m_dead_letters_list(_rpc_context(cfg), {"limit": 5})
+        assert isinstance(out, dict) and out["total"] == 1
+        (row,) = out["dead_letters"]
+        assert row["message"] is None and "privacy" in row["message_withheld"], row
+        assert "Jane Doe" not in json.dumps(out) and row["reason"]
+        shown = dead_letters.show(cfg, row["id"])
+        assert shown is not None and "Jane Doe" in shown["message"]
 
 
 def test_migration_keeps_old_dead_letters_and_their_ledger(tmp_path: Path) -> None:

@@ -11,6 +11,7 @@ import sqlite3
 from dataclasses import dataclass
 from typing import Any
 
+from gatewayd.store import dead_letters as dl_store
 from gatewayd.store import queues
 
 
@@ -19,6 +20,7 @@ class Reading:
     counters: dict[str, int]
     inbound: int
     dead_letters: int
+    dead_letters_unacknowledged: int
     oldest_created_ms: int | None
 
     def telemetry(self, controller: int | None, now_ms: int) -> dict[str, Any]:
@@ -26,7 +28,8 @@ class Reading:
         values: dict[str, Any] = {f"gw_{k}": v for k, v in queues.ledger(self.counters).items() if k != "balanced"}
         values.update({f"gw_dropped_{reason}": n for reason, n in queues.dropped_by_reason(self.counters).items()})
         values.update(gw_queue_outbox=self.counters.get("outbox_rows", 0), gw_queue_inbound=self.inbound,
-                      gw_queue_dead_letters=self.dead_letters)
+                      gw_queue_dead_letters=self.dead_letters,
+                      gw_queue_dead_letters_unacknowledged=self.dead_letters_unacknowledged)
         if controller is not None:
             values["gw_queue_controller"] = controller
         oldest = self.oldest_created_ms
@@ -35,10 +38,12 @@ class Reading:
 
 
 def read(conn: sqlite3.Connection) -> Reading:
-    """Counters, inbound and dead-letter depths and the oldest outbox row, as of one moment."""
+    """Counters, inbound and dead-letter depths (all, and not yet acknowledged) and the oldest outbox row,
+    as of one moment."""
     conn.execute("BEGIN")
     try:
-        return Reading(queues.counters(conn), queues.depth(conn, "inbound"), queues.depth(conn, "dead_letters"),
+        dead = dl_store.summary(conn)
+        return Reading(queues.counters(conn), queues.depth(conn, "inbound"), dead["total"], dead["unacknowledged"],
                        queues.oldest_created_ms(conn))
     finally:
         conn.execute("COMMIT")

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from gatewayd import topics
+from gatewayd.store import dead_letters as dl_store
 from gatewayd.store import figures, queues
 from gatewayd.store.db import transaction
 
@@ -30,7 +31,24 @@ def test_telemetry_figures_add_up_and_match_the_ledger(tmp_path: Path) -> None:
     t = r.telemetry(controller=7, now_ms=31_000)
     assert t == {"gw_ingested": 11, "gw_delivered": 4, "gw_queued": 5, "gw_dead_lettered": 1, "gw_dropped": 1,
                  "gw_archived": 0, "gw_queue_outbox": 6, "gw_queue_inbound": 1, "gw_queue_dead_letters": 1,
+                 "gw_queue_dead_letters_unacknowledged": 1,
                  "gw_queue_controller": 7, "gw_oldest_queued_age_s": 30.0, "gw_dropped_outbox_cap": 1}
     assert t["gw_ingested"] == t["gw_delivered"] + t["gw_queued"] + t["gw_dead_lettered"] + t["gw_dropped"]
     assert ledger["balanced"] and all(t[f"gw_{k}"] == v for k, v in ledger.items() if k != "balanced")
     assert "gw_queue_controller" not in r.telemetry(controller=None, now_ms=31_000)
+
+
+def test_acknowledged_dead_letters_are_no_longer_counted_as_unacknowledged(tmp_path: Path) -> None:
+    conn = queues.open_queues(tmp_path / "queues.db")
+    try:
+        with transaction(conn):
+            queues.add_dead_letters(conn, "forwarder", [(1, "telemetry", "x", "not JSON"), (2, "telemetry", "y", "no")])
+        first = figures.read(conn).telemetry(controller=None, now_ms=0)
+        dl_store.ack(conn)
+        with transaction(conn):
+            queues.add_dead_letters(conn, "forwarder", [(3, "telemetry", "z", "not JSON")])
+        later = figures.read(conn).telemetry(controller=None, now_ms=0)
+    finally:
+        conn.close()
+    assert (first["gw_queue_dead_letters"], first["gw_queue_dead_letters_unacknowledged"]) == (2, 2)
+    assert (later["gw_queue_dead_letters"], later["gw_queue_dead_letters_unacknowledged"]) == (3, 1)

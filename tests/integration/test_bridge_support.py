@@ -105,7 +105,9 @@ def captured_seqs(capture: Path, device: str = DEVICE) -> list[int]:
     out: list[int] = []
     if not capture.exists():
         return out
-    for line in capture.read_text().splitlines():
+    data = capture.read_bytes()
+    # The simulator may be writing as we read: a last line without its newline is not complete yet.
+    for line in data[:data.rfind(b"\n") + 1].decode("utf-8").splitlines():
         if not line.strip():
             continue
         rec = json.loads(line)

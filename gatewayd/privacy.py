@@ -260,11 +260,15 @@ class Policy:
         return out or None
 
 
+def configured(section: Mapping[str, Any]) -> bool:
+    """Whether a `[privacy]` section has anything to do: rules or whole-record drops."""
+    return bool(section.get("rules") or section.get("drop_record_if"))
+
+
 def compile_policy(section: Mapping[str, Any]) -> Policy | None:
     """The policy of a validated `[privacy]` section; None when it has nothing to do (the
     forwarder's fast path)."""
-    rules = list(section.get("rules") or [])
-    drop_if = list(section.get("drop_record_if") or [])
-    if not rules and not drop_if:
+    if not configured(section):
         return None
-    return Policy(rules, drop_if, section.get("hash_key") or "")
+    return Policy(list(section.get("rules") or []), list(section.get("drop_record_if") or []),
+                  section.get("hash_key") or "")

@@ -13,7 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from gatewayd import __version__, dead_letters, topics
+from gatewayd import __version__, dead_letters, privacy, topics
 from gatewayd.clock import now_ms
 from gatewayd.config import Config
 from gatewayd.packet import packet_size, utf8_len
@@ -399,7 +399,7 @@ def m_dead_letters_list(ctx: Context, params: Any) -> Result:
     limit = _int(p, "limit", required=False, default=20, lo=1, hi=DEAD_LETTER_LIST_MAX)
     out = dead_letters.listing(ctx.cfg, limit)
     rows = out["dead_letters"]
-    if ctx.cfg["privacy"]["rules"] or ctx.cfg["privacy"]["drop_record_if"]:
+    if privacy.configured(ctx.cfg["privacy"]):
         # A dead letter is the raw record, before the policy: a reply to ThingsBoard would carry
         # what the policy keeps from it. `gatewayctl dead-letters show` on the device still shows it.
         for r in rows:
